@@ -1,0 +1,737 @@
+#!/usr/bin/env python3
+"""Local stack without Docker: Kafka (KRaft), OpenSearch, PostgreSQL and Redis on 127.0.0.1.
+
+Standard library only, so it runs before the project's virtualenv exists.
+
+    python3 infra/stack.py up [SERVICE...]     idempotent; exits non-zero with the log tail on failure
+    python3 infra/stack.py down [SERVICE...]   stops only what this stack started (pid files)
+    python3 infra/stack.py status              one line per service; non-zero if any is down
+    python3 infra/stack.py logs [SERVICE] [-n N]
+    python3 infra/stack.py env                 prints the connection settings as shell exports
+
+Downloads are cached (Kafka jars and the OpenSearch zip in the local Maven repository,
+unpacked runtimes under STACK_CACHE), so a second `up` on the same machine takes seconds.
+Data and logs live under STACK_DIR (default: `.stack/` in the repository, git-ignored).
+Every port, version and heap size can be overridden by the environment variable
+named in `Config` below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+INFRA = REPO / "infra"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _default_cache() -> Path:
+    # Services that refuse root (OpenSearch, PostgreSQL) must read the unpacked runtimes,
+    # so a root user's cache lives in a world-readable system folder.
+    if os.geteuid() == 0:
+        return Path("/var/cache/kafka-cqrs-stack")
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kafka-cqrs-stack"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every knob of the stack, read from the environment with working defaults."""
+
+    stack_dir: Path = field(default_factory=lambda: Path(_env("STACK_DIR", str(REPO / ".stack"))))
+    cache_dir: Path = field(default_factory=lambda: Path(_env("STACK_CACHE", str(_default_cache()))))
+    host: str = "127.0.0.1"
+    kafka_version: str = field(default_factory=lambda: _env("KAFKA_VERSION", "3.9.1"))
+    kafka_port: int = field(default_factory=lambda: int(_env("KAFKA_PORT", "9092")))
+    kafka_controller_port: int = field(default_factory=lambda: int(_env("KAFKA_CONTROLLER_PORT", "9093")))
+    kafka_heap: str = field(default_factory=lambda: _env("KAFKA_HEAP", "512m"))
+    kafka_partitions: int = field(default_factory=lambda: int(_env("KAFKA_DEFAULT_PARTITIONS", "6")))
+    opensearch_version: str = field(default_factory=lambda: _env("OPENSEARCH_VERSION", "2.19.3"))
+    opensearch_port: int = field(default_factory=lambda: int(_env("OPENSEARCH_PORT", "9200")))
+    opensearch_transport_port: int = field(
+        default_factory=lambda: int(_env("OPENSEARCH_TRANSPORT_PORT", "9300"))
+    )
+    opensearch_heap: str = field(default_factory=lambda: _env("OPENSEARCH_HEAP", "512m"))
+    opensearch_user: str = field(default_factory=lambda: _env("OPENSEARCH_USER", "opensearch"))
+    postgres_version: str = field(default_factory=lambda: _env("POSTGRES_VERSION", "15"))
+    postgres_port: int = field(default_factory=lambda: int(_env("POSTGRES_PORT", "5432")))
+    postgres_user: str = field(default_factory=lambda: _env("POSTGRES_USER", "app"))
+    postgres_password: str = field(default_factory=lambda: _env("POSTGRES_PASSWORD", "app"))
+    postgres_db: str = field(default_factory=lambda: _env("POSTGRES_DB", "app"))
+    redis_port: int = field(default_factory=lambda: int(_env("REDIS_PORT", "6379")))
+    start_timeout: float = field(default_factory=lambda: float(_env("STACK_START_TIMEOUT", "180")))
+
+
+class StackError(RuntimeError):
+    """A service could not be installed or started; the message says what to look at."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def log(msg: str) -> None:
+    print(f"[stack] {msg}", flush=True)
+
+
+def run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=True, text=True, **kw)  # type: ignore[call-overload,no-any-return]
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    if not path.exists():
+        return f"(no log at {path})"
+    with path.open("rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 64 * 1024))
+        data = f.read().decode("utf-8", "replace").splitlines()
+    return "\n".join(data[-lines:])
+
+
+def read_pid(pidfile: Path) -> int | None:
+    try:
+        return int(pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pid_alive(pid: int, marker: str) -> bool:
+    """True when pid runs and its command line mentions `marker` (guards against pid reuse)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return False
+    return marker in cmdline
+
+
+def ensure_user(name: str) -> None:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        log(f"creating system user {name}")
+        run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name])
+
+
+def make_traversable(path: Path) -> None:
+    """Let unprivileged service users reach `path`: add o+x to ancestors that lack it.
+
+    A fresh clone made with `mktemp -d` sits below a 0700 folder; PostgreSQL and
+    OpenSearch refuse to run as root, so their users must be able to enter it.
+    """
+    for parent in [path, *path.parents]:
+        try:
+            mode = parent.stat().st_mode
+        except OSError:
+            continue
+        if not mode & 0o001:
+            os.chmod(parent, mode | 0o001)
+
+
+def apt_install(*packages: str) -> None:
+    if os.geteuid() != 0:
+        raise StackError(f"missing {' '.join(packages)}: install them (apt-get install) or run as root")
+    log(f"installing Debian packages: {' '.join(packages)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    # Keep package scripts from starting the distribution's own instances on our ports.
+    policy = Path("/usr/sbin/policy-rc.d")
+    created_policy = not policy.exists()
+    if created_policy:
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+    try:
+        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
+        run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages], env=env)
+    finally:
+        if created_policy:
+            policy.unlink(missing_ok=True)
+
+
+def wait_until(check: object, timeout: float, what: str, proc_alive: object = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        if proc_alive is not None and not proc_alive():  # type: ignore[operator]
+            raise StackError(f"{what} exited during start-up")
+        time.sleep(0.25)
+    raise StackError(f"{what} not ready after {timeout:.0f}s")
+
+
+def terminate(pid: int, marker: str, timeout: float = 30.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid, marker):
+            return
+        time.sleep(0.2)
+    log(f"pid {pid} did not stop in {timeout:.0f}s; killing it")
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def spawn(cmd: list[str], logfile: Path, pidfile: Path, env: dict[str, str] | None = None) -> int:
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with logfile.open("ab") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,  # survives the shell that ran `up`
+        )
+    pidfile.write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+# --------------------------------------------------------------------------- services
+
+
+class Service:
+    """One managed process: install, start, health check, stop."""
+
+    name = ""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.home = cfg.stack_dir / self.name
+        self.pidfile = self.home / f"{self.name}.pid"
+        self.logfile = self.home / f"{self.name}.log"
+
+    # The text that must appear in the process command line for the pid to be ours.
+    @property
+    def marker(self) -> str:
+        return str(self.home)
+
+    @property
+    def port(self) -> int:
+        raise NotImplementedError
+
+    def install(self) -> None: ...
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def healthy(self) -> bool:
+        raise NotImplementedError
+
+    def running_pid(self) -> int | None:
+        pid = read_pid(self.pidfile)
+        return pid if pid is not None and pid_alive(pid, self.marker) else None
+
+    def stop(self) -> None:
+        pid = self.running_pid()
+        if pid is None:
+            self.pidfile.unlink(missing_ok=True)
+            return
+        log(f"stopping {self.name} (pid {pid})")
+        terminate(pid, self.marker)
+        self.pidfile.unlink(missing_ok=True)
+
+    def url(self) -> str:
+        raise NotImplementedError
+
+    def up(self) -> None:
+        if self.running_pid() is not None:
+            if self.healthy():
+                log(f"{self.name} already running at {self.url()}")
+                return
+        elif port_open(self.cfg.host, self.port):
+            raise StackError(
+                f"port {self.port} is taken by a process this stack did not start; stop it "
+                f"or choose another port ({self.name.upper()}_PORT)"
+            )
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.install()
+        if self.running_pid() is None:
+            log(f"starting {self.name}")
+            t0 = time.monotonic()
+            try:
+                self.start()
+                wait_until(
+                    self.healthy,
+                    self.cfg.start_timeout,
+                    self.name,
+                    proc_alive=lambda: self.running_pid() is not None,
+                )
+            except (StackError, subprocess.CalledProcessError) as exc:
+                raise StackError(f"{self.name} failed to start: {exc}\n--- {self.logfile} ---\n{tail(self.logfile)}") from exc
+            log(f"{self.name} ready at {self.url()} in {time.monotonic() - t0:.1f}s")
+        else:
+            wait_until(self.healthy, self.cfg.start_timeout, self.name)
+
+
+class Redis(Service):
+    name = "redis"
+
+    @property
+    def port(self) -> int:
+        return self.cfg.redis_port
+
+    def url(self) -> str:
+        return f"redis://{self.cfg.host}:{self.port}/0"
+
+    def install(self) -> None:
+        if shutil.which("redis-server") is None:
+            apt_install("redis-server")
+
+    def start(self) -> None:
+        self.pidfile.unlink(missing_ok=True)
+        run(
+            [
+                "redis-server",
+                "--daemonize", "yes",
+                "--bind", self.cfg.host,
+                "--port", str(self.port),
+                "--dir", str(self.home),
+                "--pidfile", str(self.pidfile),
+                "--logfile", str(self.logfile),
+                "--save", "",
+                "--appendonly", "no",
+            ]
+        )
+        wait_until(self.pidfile.exists, 10, "redis pid file")
+
+    @property
+    def marker(self) -> str:
+        return f":{self.port}"
+
+    def healthy(self) -> bool:
+        try:
+            with socket.create_connection((self.cfg.host, self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+class Postgres(Service):
+    name = "postgres"
+
+    @property
+    def port(self) -> int:
+        return self.cfg.postgres_port
+
+    @property
+    def bindir(self) -> Path:
+        return Path(f"/usr/lib/postgresql/{self.cfg.postgres_version}/bin")
+
+    @property
+    def data(self) -> Path:
+        return self.home / "data"
+
+    def url(self) -> str:
+        c = self.cfg
+        return f"postgresql://{c.postgres_user}:{c.postgres_password}@{c.host}:{self.port}/{c.postgres_db}"
+
+    def _as_postgres(self, *cmd: str) -> subprocess.CompletedProcess[str]:
+        return run(["runuser", "-u", "postgres", "--", *cmd], capture_output=True)
+
+    def install(self) -> None:
+        if not (self.bindir / "postgres").exists():
+            apt_install(f"postgresql-{self.cfg.postgres_version}")
+        ensure_user("postgres")
+        make_traversable(self.home)
+        shutil.chown(self.home, "postgres", "postgres")
+        if (self.data / "PG_VERSION").exists():
+            return
+        log("initialising the PostgreSQL cluster")
+        pwfile = self.home / ".pw"
+        pwfile.write_text(self.cfg.postgres_password + "\n")
+        shutil.chown(pwfile, "postgres", "postgres")
+        try:
+            self._as_postgres(
+                str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres",
+                "--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}",
+                "-E", "UTF8", "--locale=C.UTF-8",
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        with (self.data / "postgresql.conf").open("a") as f:
+            f.write(
+                "\n# kafka-cqrs local stack\n"
+                f"listen_addresses = '{self.cfg.host}'\n"
+                f"port = {self.port}\n"
+                f"unix_socket_directories = '{self.home}'\n"
+                "wal_level = logical\n"
+                "max_connections = 200\n"
+                "shared_buffers = 256MB\n"
+                "max_wal_size = 2GB\n"
+            )
+        self._start_pg()
+        self._bootstrap_role()
+
+    def _start_pg(self) -> None:
+        self._as_postgres(
+            str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "60", "start"
+        )
+
+    def _bootstrap_role(self) -> None:
+        c = self.cfg
+        psql = [str(self.bindir / "psql"), "-h", str(self.home), "-p", str(self.port), "-U", "postgres", "-v", "ON_ERROR_STOP=1"]
+        pw = c.postgres_password.replace("'", "''")
+        self._as_postgres(*psql, "-c", f"CREATE ROLE \"{c.postgres_user}\" LOGIN CREATEDB PASSWORD '{pw}'")
+        self._as_postgres(*psql, "-c", f"CREATE DATABASE \"{c.postgres_db}\" OWNER \"{c.postgres_user}\"")
+        # Logical replication (the CDC job) needs this attribute on the role.
+        self._as_postgres(*psql, "-c", f"ALTER ROLE \"{c.postgres_user}\" REPLICATION")
+
+    def start(self) -> None:
+        if self.running_pid() is None:
+            self._start_pg()
+
+    @property
+    def pidfile_path(self) -> Path:
+        return self.data / "postmaster.pid"
+
+    def running_pid(self) -> int | None:
+        pid = read_pid(self.data / "postmaster.pid")
+        return pid if pid is not None and pid_alive(pid, str(self.data)) else None
+
+    def stop(self) -> None:
+        if self.running_pid() is None:
+            return
+        log("stopping postgres")
+        self._as_postgres(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def healthy(self) -> bool:
+        isready = self.bindir / "pg_isready"
+        res = subprocess.run(
+            [str(isready), "-q", "-h", self.cfg.host, "-p", str(self.port), "-d", self.cfg.postgres_db, "-U", self.cfg.postgres_user],
+            check=False,
+        )
+        return res.returncode == 0
+
+
+class Kafka(Service):
+    name = "kafka"
+
+    @property
+    def port(self) -> int:
+        return self.cfg.kafka_port
+
+    @property
+    def libs(self) -> Path:
+        return self.cfg.cache_dir / f"kafka-{self.cfg.kafka_version}" / "libs"
+
+    def url(self) -> str:
+        return f"{self.cfg.host}:{self.port}"
+
+    def install(self) -> None:
+        if not (self.libs / ".complete").exists():
+            if shutil.which("mvn") is None:
+                apt_install("maven")
+            log(f"resolving Kafka {self.cfg.kafka_version} jars from Maven Central")
+            tmp = self.libs.with_name("libs.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            run(
+                [
+                    "mvn", "-q", "-B", "-f", str(INFRA / "kafka" / "pom.xml"),
+                    "dependency:copy-dependencies", "-DincludeScope=runtime",
+                    f"-Dkafka.version={self.cfg.kafka_version}", f"-DoutputDirectory={tmp}",
+                ]
+            )
+            shutil.rmtree(self.libs, ignore_errors=True)
+            tmp.rename(self.libs)
+            (self.libs / ".complete").touch()
+        c = self.cfg
+        data = self.home / "data"
+        props = self.home / "server.properties"
+        props.write_text(
+            (INFRA / "kafka" / "server.properties")
+            .read_text()
+            .format(
+                host=c.host,
+                port=c.kafka_port,
+                controller_port=c.kafka_controller_port,
+                data=data,
+                partitions=c.kafka_partitions,
+            )
+        )
+        (self.home / "log4j.properties").write_text(
+            (INFRA / "kafka" / "log4j.properties").read_text().format(logdir=self.home)
+        )
+        if not (data / "meta.properties").exists():
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            log(f"formatting KRaft storage (cluster {cluster_id})")
+            run(
+                [*self._java(), "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+                capture_output=True,
+            )
+
+    def _java(self) -> list[str]:
+        return [
+            "java", f"-Xms{min(256, _mb(self.cfg.kafka_heap))}m", f"-Xmx{self.cfg.kafka_heap}",
+            "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
+            f"-Dlog4j.configuration=file:{self.home / 'log4j.properties'}",
+            f"-Dkafka.logs.dir={self.home}",
+            "-cp", f"{self.libs}/*",
+        ]
+
+    def start(self) -> None:
+        spawn([*self._java(), "kafka.Kafka", str(self.home / "server.properties")], self.logfile, self.pidfile)
+
+    def healthy(self) -> bool:
+        return kafka_api_versions(self.cfg.host, self.port)
+
+
+class OpenSearch(Service):
+    name = "opensearch"
+
+    @property
+    def port(self) -> int:
+        return self.cfg.opensearch_port
+
+    @property
+    def dist(self) -> Path:
+        return self.cfg.cache_dir / f"opensearch-{self.cfg.opensearch_version}"
+
+    def url(self) -> str:
+        return f"http://{self.cfg.host}:{self.port}"
+
+    def install(self) -> None:
+        v = self.cfg.opensearch_version
+        if not (self.dist / ".complete").exists():
+            artifact = f"org.opensearch.distribution.integ-test-zip:opensearch:{v}:zip"
+            repo = Path.home() / ".m2" / "repository"
+            zpath = repo / f"org/opensearch/distribution/integ-test-zip/opensearch/{v}/opensearch-{v}.zip"
+            if not zpath.exists():
+                if shutil.which("mvn") is None:
+                    apt_install("maven")
+                log(f"downloading OpenSearch {v} from Maven Central")
+                run(["mvn", "-q", "-B", "dependency:get", f"-Dartifact={artifact}", "-Dtransitive=false"])
+            log(f"unpacking OpenSearch {v}")
+            tmp = self.dist.with_name(self.dist.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            _unzip(zpath, tmp)
+            inner = next(tmp.iterdir())  # the zip holds one top folder, opensearch-<v>
+            shutil.rmtree(self.dist, ignore_errors=True)
+            inner.rename(self.dist)
+            shutil.rmtree(tmp, ignore_errors=True)
+            (self.dist / ".complete").touch()
+        ensure_user(self.cfg.opensearch_user)
+        make_traversable(self.dist)
+        make_traversable(self.home)
+        conf = self.home / "config"
+        if not conf.exists():
+            shutil.copytree(self.dist / "config", conf)
+        # The launcher runs from the (read-only, shared) distribution folder: point the
+        # JVM's relative log paths at our own logs folder, and set the heap here.
+        opts = (self.dist / "config" / "jvm.options").read_text()
+        opts = opts.replace("logs/", f"{self.home / 'logs'}/")
+        opts = opts.replace("-Xms1g", f"-Xms{self.cfg.opensearch_heap}").replace("-Xmx1g", f"-Xmx{self.cfg.opensearch_heap}")
+        (conf / "jvm.options").write_text(opts)
+        for sub in ("data", "logs"):
+            (self.home / sub).mkdir(exist_ok=True)
+        for p in [self.home, *self.home.rglob("*")]:
+            shutil.chown(p, self.cfg.opensearch_user, self.cfg.opensearch_user)
+
+    def start(self) -> None:
+        c = self.cfg
+        java_home = Path(os.path.realpath(shutil.which("java") or "/usr/bin/java")).parent.parent
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "OPENSEARCH_JAVA_HOME": str(java_home),
+            "JAVA_HOME": str(java_home),
+            "OPENSEARCH_PATH_CONF": str(self.home / "config"),
+        }
+        self.pidfile.unlink(missing_ok=True)
+        cmd = [
+            "runuser", "-u", c.opensearch_user, "--", "env", *[f"{k}={v}" for k, v in env.items()],
+            str(self.dist / "bin" / "opensearch"), "-d", "-p", str(self.pidfile),
+            "-Ediscovery.type=single-node",
+            f"-Enetwork.host={c.host}",
+            f"-Ehttp.port={c.opensearch_port}",
+            f"-Etransport.port={c.opensearch_transport_port}",
+            f"-Epath.data={self.home / 'data'}",
+            f"-Epath.logs={self.home / 'logs'}",
+            "-Ecluster.routing.allocation.disk.threshold_enabled=false",
+            "-Eaction.auto_create_index=false",
+        ]
+        with self.logfile.open("ab") as out:
+            subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_until(self.pidfile.exists, 60, "opensearch pid file")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url()}/_cluster/health", timeout=2) as resp:
+                return json.load(resp).get("status") in ("green", "yellow")
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+
+    @property
+    def logs_hint(self) -> Path:
+        return self.home / "logs" / "opensearch.log"
+
+
+def _mb(size: str) -> int:
+    s = size.lower()
+    n = int(s.rstrip("mg"))
+    return n * 1024 if s.endswith("g") else n
+
+
+def _unzip(zpath: Path, dest: Path) -> None:
+    with zipfile.ZipFile(zpath) as z:
+        for info in z.infolist():
+            target = Path(z.extract(info, dest))
+            mode = info.external_attr >> 16
+            if mode:
+                target.chmod(mode & 0o7777)
+
+
+def kafka_api_versions(host: str, port: int) -> bool:
+    """Ask the broker for its API versions over the wire: it answers once it serves clients."""
+    request = struct.pack(">hhih", 18, 0, 1, 5) + b"stack"  # ApiVersions v0, correlation 1, client "stack"
+    try:
+        with socket.create_connection((host, port), timeout=2) as s:
+            s.sendall(struct.pack(">i", len(request)) + request)
+            header = _recv_exact(s, 4)
+            (size,) = struct.unpack(">i", header)
+            body = _recv_exact(s, size)
+    except OSError:
+        return False
+    correlation, error = struct.unpack(">ih", body[:6])
+    return correlation == 1 and error == 0
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise OSError("connection closed")
+        buf += chunk
+    return buf
+
+
+SERVICES: dict[str, type[Service]] = {
+    # Start order: the light ones first, then one JVM at a time (CPU is the constraint).
+    "redis": Redis,
+    "postgres": Postgres,
+    "kafka": Kafka,
+    "opensearch": OpenSearch,
+}
+
+
+def services(cfg: Config, names: list[str]) -> list[Service]:
+    unknown = [n for n in names if n not in SERVICES]
+    if unknown:
+        raise StackError(f"unknown service(s): {', '.join(unknown)}; known: {', '.join(SERVICES)}")
+    return [SERVICES[n](cfg) for n in (names or list(SERVICES))]
+
+
+def connection_env(cfg: Config) -> dict[str, str]:
+    """The settings the application reads, pointing at this stack."""
+    c = cfg
+    return {
+        "APP_KAFKA_BOOTSTRAP": f"{c.host}:{c.kafka_port}",
+        "APP_POSTGRES_DSN": Postgres(c).url(),
+        "APP_OPENSEARCH_URL": f"http://{c.host}:{c.opensearch_port}",
+        "APP_REDIS_URL": f"redis://{c.host}:{c.redis_port}/0",
+    }
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_up(cfg: Config, names: list[str]) -> int:
+    cfg.stack_dir.mkdir(parents=True, exist_ok=True)
+    cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    for svc in services(cfg, names):
+        svc.up()
+    log(f"stack up in {time.monotonic() - t0:.1f}s")
+    return 0
+
+
+def cmd_down(cfg: Config, names: list[str]) -> int:
+    for svc in reversed(services(cfg, names)):
+        svc.stop()
+    return 0
+
+
+def cmd_status(cfg: Config, names: list[str], as_json: bool = False) -> int:
+    rows = []
+    for svc in services(cfg, names):
+        pid = svc.running_pid()
+        healthy = pid is not None and svc.healthy()
+        rows.append({"service": svc.name, "pid": pid, "healthy": healthy, "url": svc.url()})
+    if as_json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            state = "healthy" if r["healthy"] else ("unhealthy" if r["pid"] else "down")
+            print(f"{r['service']:<11} {state:<10} pid={r['pid'] or '-':<8} {r['url']}")
+    return 0 if all(r["healthy"] for r in rows) else 1
+
+
+def cmd_logs(cfg: Config, names: list[str], lines: int) -> int:
+    for svc in services(cfg, names):
+        path = svc.logs_hint if isinstance(svc, OpenSearch) else svc.logfile
+        print(f"==> {svc.name}: {path} <==")
+        print(tail(path, lines))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stack", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("up", "down", "status", "logs"):
+        p = sub.add_parser(name)
+        p.add_argument("services", nargs="*")
+        if name == "logs":
+            p.add_argument("-n", type=int, default=40)
+        if name == "status":
+            p.add_argument("--json", action="store_true")
+    sub.add_parser("env")
+    args = parser.parse_args(argv)
+    cfg = Config()
+    try:
+        if args.command == "up":
+            return cmd_up(cfg, args.services)
+        if args.command == "down":
+            return cmd_down(cfg, args.services)
+        if args.command == "status":
+            return cmd_status(cfg, args.services, args.json)
+        if args.command == "logs":
+            return cmd_logs(cfg, args.services, args.n)
+        for k, v in connection_env(cfg).items():
+            print(f"export {k}={v}")
+        return 0
+    except StackError as exc:
+        print(f"[stack] error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
