@@ -8,6 +8,8 @@ Standard library only, so it runs before the project's virtualenv exists.
     python3 infra/stack.py status              one line per service; non-zero if any is down
     python3 infra/stack.py logs [SERVICE] [-n N]
     python3 infra/stack.py env                 prints the connection settings as shell exports
+    python3 infra/stack.py up-apps | down-apps the application processes of infra/apps.toml
+    python3 infra/stack.py urls                where everything listens
 
 Downloads are cached (Kafka jars and the OpenSearch zip in the local Maven repository,
 unpacked runtimes under STACK_CACHE), so a second `up` on the same machine takes seconds.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import pwd
@@ -30,6 +33,7 @@ import struct
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 import uuid
@@ -194,10 +198,8 @@ def terminate(pid: int, marker: str, timeout: float = 30.0) -> None:
             return
         time.sleep(0.2)
     log(f"pid {pid} did not stop in {timeout:.0f}s; killing it")
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def spawn(cmd: list[str], logfile: Path, pidfile: Path, env: dict[str, str] | None = None) -> int:
@@ -286,7 +288,9 @@ class Service:
                     proc_alive=lambda: self.running_pid() is not None,
                 )
             except (StackError, subprocess.CalledProcessError) as exc:
-                raise StackError(f"{self.name} failed to start: {exc}\n--- {self.logfile} ---\n{tail(self.logfile)}") from exc
+                raise StackError(
+                    f"{self.name} failed to start: {exc}\n--- {self.logfile} ---\n{tail(self.logfile)}"
+                ) from exc
             log(f"{self.name} ready at {self.url()} in {time.monotonic() - t0:.1f}s")
         else:
             wait_until(self.healthy, self.cfg.start_timeout, self.name)
@@ -311,14 +315,22 @@ class Redis(Service):
         run(
             [
                 "redis-server",
-                "--daemonize", "yes",
-                "--bind", self.cfg.host,
-                "--port", str(self.port),
-                "--dir", str(self.home),
-                "--pidfile", str(self.pidfile),
-                "--logfile", str(self.logfile),
-                "--save", "",
-                "--appendonly", "no",
+                "--daemonize",
+                "yes",
+                "--bind",
+                self.cfg.host,
+                "--port",
+                str(self.port),
+                "--dir",
+                str(self.home),
+                "--pidfile",
+                str(self.pidfile),
+                "--logfile",
+                str(self.logfile),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
             ]
         )
         wait_until(self.pidfile.exists, 10, "redis pid file")
@@ -372,9 +384,17 @@ class Postgres(Service):
         shutil.chown(pwfile, "postgres", "postgres")
         try:
             self._as_postgres(
-                str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres",
-                "--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}",
-                "-E", "UTF8", "--locale=C.UTF-8",
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                f"--pwfile={pwfile}",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
             )
         finally:
             pwfile.unlink(missing_ok=True)
@@ -394,17 +414,35 @@ class Postgres(Service):
 
     def _start_pg(self) -> None:
         self._as_postgres(
-            str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "60", "start"
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.logfile),
+            "-w",
+            "-t",
+            "60",
+            "start",
         )
 
     def _bootstrap_role(self) -> None:
         c = self.cfg
-        psql = [str(self.bindir / "psql"), "-h", str(self.home), "-p", str(self.port), "-U", "postgres", "-v", "ON_ERROR_STOP=1"]
+        psql = [
+            str(self.bindir / "psql"),
+            "-h",
+            str(self.home),
+            "-p",
+            str(self.port),
+            "-U",
+            "postgres",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ]
         pw = c.postgres_password.replace("'", "''")
         self._as_postgres(*psql, "-c", f"CREATE ROLE \"{c.postgres_user}\" LOGIN CREATEDB PASSWORD '{pw}'")
-        self._as_postgres(*psql, "-c", f"CREATE DATABASE \"{c.postgres_db}\" OWNER \"{c.postgres_user}\"")
+        self._as_postgres(*psql, "-c", f'CREATE DATABASE "{c.postgres_db}" OWNER "{c.postgres_user}"')
         # Logical replication (the CDC job) needs this attribute on the role.
-        self._as_postgres(*psql, "-c", f"ALTER ROLE \"{c.postgres_user}\" REPLICATION")
+        self._as_postgres(*psql, "-c", f'ALTER ROLE "{c.postgres_user}" REPLICATION')
 
     def start(self) -> None:
         if self.running_pid() is None:
@@ -427,7 +465,18 @@ class Postgres(Service):
     def healthy(self) -> bool:
         isready = self.bindir / "pg_isready"
         res = subprocess.run(
-            [str(isready), "-q", "-h", self.cfg.host, "-p", str(self.port), "-d", self.cfg.postgres_db, "-U", self.cfg.postgres_user],
+            [
+                str(isready),
+                "-q",
+                "-h",
+                self.cfg.host,
+                "-p",
+                str(self.port),
+                "-d",
+                self.cfg.postgres_db,
+                "-U",
+                self.cfg.postgres_user,
+            ],
             check=False,
         )
         return res.returncode == 0
@@ -456,9 +505,15 @@ class Kafka(Service):
             shutil.rmtree(tmp, ignore_errors=True)
             run(
                 [
-                    "mvn", "-q", "-B", "-f", str(INFRA / "kafka" / "pom.xml"),
-                    "dependency:copy-dependencies", "-DincludeScope=runtime",
-                    f"-Dkafka.version={self.cfg.kafka_version}", f"-DoutputDirectory={tmp}",
+                    "mvn",
+                    "-q",
+                    "-B",
+                    "-f",
+                    str(INFRA / "kafka" / "pom.xml"),
+                    "dependency:copy-dependencies",
+                    "-DincludeScope=runtime",
+                    f"-Dkafka.version={self.cfg.kafka_version}",
+                    f"-DoutputDirectory={tmp}",
                 ]
             )
             shutil.rmtree(self.libs, ignore_errors=True)
@@ -491,15 +546,22 @@ class Kafka(Service):
 
     def _java(self) -> list[str]:
         return [
-            "java", f"-Xms{min(256, _mb(self.cfg.kafka_heap))}m", f"-Xmx{self.cfg.kafka_heap}",
-            "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
+            "java",
+            f"-Xms{min(256, _mb(self.cfg.kafka_heap))}m",
+            f"-Xmx{self.cfg.kafka_heap}",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-Djava.awt.headless=true",
             f"-Dlog4j.configuration=file:{self.home / 'log4j.properties'}",
             f"-Dkafka.logs.dir={self.home}",
-            "-cp", f"{self.libs}/*",
+            "-cp",
+            f"{self.libs}/*",
         ]
 
     def start(self) -> None:
-        spawn([*self._java(), "kafka.Kafka", str(self.home / "server.properties")], self.logfile, self.pidfile)
+        spawn(
+            [*self._java(), "kafka.Kafka", str(self.home / "server.properties")], self.logfile, self.pidfile
+        )
 
     def healthy(self) -> bool:
         return kafka_api_versions(self.cfg.host, self.port)
@@ -549,7 +611,9 @@ class OpenSearch(Service):
         # JVM's relative log paths at our own logs folder, and set the heap here.
         opts = (self.dist / "config" / "jvm.options").read_text()
         opts = opts.replace("logs/", f"{self.home / 'logs'}/")
-        opts = opts.replace("-Xms1g", f"-Xms{self.cfg.opensearch_heap}").replace("-Xmx1g", f"-Xmx{self.cfg.opensearch_heap}")
+        opts = opts.replace("-Xms1g", f"-Xms{self.cfg.opensearch_heap}").replace(
+            "-Xmx1g", f"-Xmx{self.cfg.opensearch_heap}"
+        )
         (conf / "jvm.options").write_text(opts)
         for sub in ("data", "logs"):
             (self.home / sub).mkdir(exist_ok=True)
@@ -567,8 +631,16 @@ class OpenSearch(Service):
         }
         self.pidfile.unlink(missing_ok=True)
         cmd = [
-            "runuser", "-u", c.opensearch_user, "--", "env", *[f"{k}={v}" for k, v in env.items()],
-            str(self.dist / "bin" / "opensearch"), "-d", "-p", str(self.pidfile),
+            "runuser",
+            "-u",
+            c.opensearch_user,
+            "--",
+            "env",
+            *[f"{k}={v}" for k, v in env.items()],
+            str(self.dist / "bin" / "opensearch"),
+            "-d",
+            "-p",
+            str(self.pidfile),
             "-Ediscovery.type=single-node",
             f"-Enetwork.host={c.host}",
             f"-Ehttp.port={c.opensearch_port}",
@@ -585,7 +657,7 @@ class OpenSearch(Service):
     def healthy(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.url()}/_cluster/health", timeout=2) as resp:
-                return json.load(resp).get("status") in ("green", "yellow")
+                return bool(json.load(resp).get("status") in ("green", "yellow"))
         except (OSError, urllib.error.URLError, ValueError):
             return False
 
@@ -621,7 +693,7 @@ def kafka_api_versions(host: str, port: int) -> bool:
     except OSError:
         return False
     correlation, error = struct.unpack(">ih", body[:6])
-    return correlation == 1 and error == 0
+    return bool(correlation == 1 and error == 0)
 
 
 def _recv_exact(s: socket.socket, n: int) -> bytes:
@@ -632,6 +704,73 @@ def _recv_exact(s: socket.socket, n: int) -> bytes:
             raise OSError("connection closed")
         buf += chunk
     return buf
+
+
+class App(Service):
+    """An application process of `infra/apps.toml`, run from the project's virtualenv."""
+
+    def __init__(self, cfg: Config, name: str, spec: dict[str, object]) -> None:
+        self.name = name
+        self.spec = spec
+        super().__init__(cfg)
+        self.home = cfg.stack_dir / "apps"
+        self.pidfile = self.home / f"{name}.pid"
+        self.logfile = self.home / f"{name}.log"
+
+    @property
+    def marker(self) -> str:
+        return str(self.spec["command"][-1])  # type: ignore[index]
+
+    @property
+    def port(self) -> int:
+        return int(str(self.spec.get("port", 0)))
+
+    def url(self) -> str:
+        return str(self.spec.get("url", "-"))
+
+    def start(self) -> None:
+        venv_bin = REPO / ".venv" / "bin"
+        command = [str(c) for c in self.spec["command"]]  # type: ignore[attr-defined]
+        command[0] = str(venv_bin / command[0])
+        env = {**os.environ, **connection_env(self.cfg), "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
+        spawn(command, self.logfile, self.pidfile, env=env)
+
+    def healthy(self) -> bool:
+        health = self.spec.get("health")
+        if not health:
+            return self.running_pid() is not None
+        try:
+            with urllib.request.urlopen(str(health), timeout=2) as resp:
+                return bool(resp.status == 200)
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def up(self) -> None:
+        if not (REPO / ".venv" / "bin" / str(self.spec["command"][0])).exists():  # type: ignore[index]
+            raise StackError("the virtualenv is missing: run `make up` (it installs the project first)")
+        if self.port and self.running_pid() is None and port_open(self.cfg.host, self.port):
+            raise StackError(
+                f"port {self.port} for {self.name} is taken by a process this stack did not start"
+            )
+        self.home.mkdir(parents=True, exist_ok=True)
+        if self.running_pid() is None:
+            log(f"starting {self.name}")
+            self.start()
+        try:
+            wait_until(
+                self.healthy,
+                self.cfg.start_timeout,
+                self.name,
+                proc_alive=lambda: self.running_pid() is not None,
+            )
+        except StackError as exc:
+            raise StackError(f"{exc}\n--- {self.logfile} ---\n{tail(self.logfile)}") from exc
+        log(f"{self.name} running ({self.url()})")
+
+
+def apps(cfg: Config) -> list[App]:
+    spec = tomllib.loads((INFRA / "apps.toml").read_text())
+    return [App(cfg, name, entry) for name, entry in spec.items()]
 
 
 SERVICES: dict[str, type[Service]] = {
@@ -682,7 +821,7 @@ def cmd_down(cfg: Config, names: list[str]) -> int:
 
 def cmd_status(cfg: Config, names: list[str], as_json: bool = False) -> int:
     rows = []
-    for svc in services(cfg, names):
+    for svc in [*services(cfg, names), *(apps(cfg) if not names else [])]:
         pid = svc.running_pid()
         healthy = pid is not None and svc.healthy()
         rows.append({"service": svc.name, "pid": pid, "healthy": healthy, "url": svc.url()})
@@ -692,11 +831,33 @@ def cmd_status(cfg: Config, names: list[str], as_json: bool = False) -> int:
         for r in rows:
             state = "healthy" if r["healthy"] else ("unhealthy" if r["pid"] else "down")
             print(f"{r['service']:<11} {state:<10} pid={r['pid'] or '-':<8} {r['url']}")
-    return 0 if all(r["healthy"] for r in rows) else 1
+    # Application processes are optional (`make up` starts them, tests do not).
+    required = [r for r in rows if r["service"] in SERVICES or r["pid"]]
+    return 0 if all(r["healthy"] for r in required) else 1
+
+
+def cmd_up_apps(cfg: Config) -> int:
+    for app in apps(cfg):
+        app.up()
+    return 0
+
+
+def cmd_down_apps(cfg: Config) -> int:
+    for app in reversed(apps(cfg)):
+        app.stop()
+    return 0
+
+
+def cmd_urls(cfg: Config) -> int:
+    for svc in [*services(cfg, []), *apps(cfg)]:
+        print(f"  {svc.name:<20} {svc.url()}")
+    return 0
 
 
 def cmd_logs(cfg: Config, names: list[str], lines: int) -> int:
-    for svc in services(cfg, names):
+    chosen = services(cfg, [n for n in names if n in SERVICES]) if names else services(cfg, [])
+    chosen += [a for a in apps(cfg) if not names or a.name in names]
+    for svc in chosen:
         path = svc.logs_hint if isinstance(svc, OpenSearch) else svc.logfile
         print(f"==> {svc.name}: {path} <==")
         print(tail(path, lines))
@@ -713,7 +874,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("-n", type=int, default=40)
         if name == "status":
             p.add_argument("--json", action="store_true")
-    sub.add_parser("env")
+    for name in ("env", "up-apps", "down-apps", "urls"):
+        sub.add_parser(name)
     args = parser.parse_args(argv)
     cfg = Config()
     try:
@@ -725,6 +887,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_status(cfg, args.services, args.json)
         if args.command == "logs":
             return cmd_logs(cfg, args.services, args.n)
+        if args.command == "up-apps":
+            return cmd_up_apps(cfg)
+        if args.command == "down-apps":
+            return cmd_down_apps(cfg)
+        if args.command == "urls":
+            return cmd_urls(cfg)
         for k, v in connection_env(cfg).items():
             print(f"export {k}={v}")
         return 0

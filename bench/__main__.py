@@ -1,0 +1,31 @@
+"""`python -m bench [SCENARIO...]`: run the benchmarks (all by default)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from bench import s0_calibration
+from shared_kernel.settings import Settings
+
+SCENARIOS: dict[str, Callable[[Settings], Coroutine[Any, Any, dict[str, Any]]]] = {
+    "S0": s0_calibration.run,
+}
+
+
+def main(argv: list[str]) -> int:
+    chosen = [a.upper() for a in argv] or list(SCENARIOS)
+    unknown = [c for c in chosen if c not in SCENARIOS]
+    if unknown:
+        print(f"unknown scenario(s) {unknown}; known: {list(SCENARIOS)}", file=sys.stderr)
+        return 2
+    settings = Settings()
+    for scenario in chosen:
+        asyncio.run(SCENARIOS[scenario](settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

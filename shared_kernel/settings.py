@@ -1,0 +1,64 @@
+"""Application settings, read from `APP_*` environment variables.
+
+The defaults point at the local stack (`infra/stack.py`), so a newcomer needs no
+configuration. In production (`APP_ENVIRONMENT=production`) the unsafe defaults
+(the local database password, loopback addresses) are refused at start-up.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Field `foo_bar` is read from `APP_FOO_BAR`."""
+
+    model_config = SettingsConfigDict(env_prefix="APP_", env_file=None, extra="ignore", frozen=True)
+
+    environment: Literal["dev", "test", "production"] = "dev"
+    service_name: str = "kafka-cqrs"
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    topic_prefix: str = "app"
+    partitions: int = Field(default=6, ge=1, le=1024)
+    replication_factor: int = Field(default=1, ge=1)
+
+    postgres_dsn: str = "postgresql://app:app@127.0.0.1:5432/app"
+    opensearch_url: str = "http://127.0.0.1:9200"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # Write side.
+    command_timeout_s: float = Field(default=10.0, gt=0, description="how long the API waits for a result")
+    command_batch_window_ms: int = Field(default=5, ge=0, description="processor batch window")
+    command_batch_max: int = Field(default=500, ge=1)
+    result_ttl_s: int = Field(default=7 * 24 * 3600, ge=60, description="how long command results are kept")
+    retry_after_s: int = Field(default=1, ge=1)
+
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production_defaults(self) -> Settings:
+        if self.environment != "production":
+            return self
+        problems = []
+        if "app:app@" in self.postgres_dsn:
+            problems.append("APP_POSTGRES_DSN uses the local stack's password")
+        for name in ("kafka_bootstrap", "postgres_dsn", "opensearch_url", "redis_url"):
+            if "127.0.0.1" in getattr(self, name) or "localhost" in getattr(self, name):
+                problems.append(f"APP_{name.upper()} points at loopback")
+        if self.replication_factor < 3:
+            problems.append("APP_REPLICATION_FACTOR below 3")
+        if problems:
+            raise ValueError("unsafe production settings: " + "; ".join(problems))
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
