@@ -1,0 +1,204 @@
+"""The Dataset aggregate: decides on commands, changes only by applying its events.
+
+Public methods validate (the `_check_*` guards) and then trigger exactly one event;
+the `@event` methods are the evolve functions and re-run on replay, so they hold no
+validation and read no clock.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+from uuid import UUID
+
+import orjson
+from eventsourcing.domain import event
+
+from shared_kernel.domain import AggregateRoot, InvalidCommand, InvariantViolation, NotFound
+
+COMPARATORS = {
+    ">=": lambda v, t: v >= t,
+    ">": lambda v, t: v > t,
+    "<=": lambda v, t: v <= t,
+    "<": lambda v, t: v < t,
+    "==": lambda v, t: v == t,
+}
+_SEMVER = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+)
+MAX_TAGS = 50
+
+
+def semver_key(version: str) -> tuple[Any, ...]:
+    """Sort key of a semantic version (2.0.0 precedence rules; build metadata ignored)."""
+    m = _SEMVER.match(version)
+    if m is None:
+        raise InvalidCommand(f"{version!r} is not a semantic version (MAJOR.MINOR.PATCH)", field="version")
+    major, minor, patch, pre, _build = m.groups()
+    release = (int(major), int(minor), int(patch))
+    if pre is None:
+        return (*release, 1, ())
+    ids = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split("."))
+    return (*release, 0, ids)
+
+
+def _normalise_tags(tags: list[str]) -> list[str]:
+    seen: dict[str, None] = {}
+    for tag in tags:
+        t = tag.strip().lower()
+        if not t:
+            raise InvalidCommand("tags must not be blank", field="tags")
+        seen[t] = None
+    if len(seen) > MAX_TAGS:
+        raise InvalidCommand(f"at most {MAX_TAGS} tags", field="tags")
+    return list(seen)
+
+
+def _json_text(value: Any, field: str) -> str:
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError as exc:
+        raise InvalidCommand(f"{field} is not JSON: {exc}", field=field) from exc
+
+
+def _required(value: str, field: str) -> str:
+    text = value.strip()
+    if not text:
+        raise InvalidCommand(f"{field} must not be blank", field=field)
+    return text
+
+
+class Dataset(AggregateRoot):
+    """A registered dataset: descriptive data, metadata entries, versions, quality checks."""
+
+    # ---- decide -------------------------------------------------------------
+
+    @classmethod
+    def register(
+        cls,
+        dataset_id: UUID,
+        name: str,
+        description: str,
+        owner: str,
+        tags: list[str],
+        metadata: dict[str, Any],
+    ) -> Dataset:
+        entries = {_required(k, "metadata"): _json_text(v, f"metadata.{k}") for k, v in metadata.items()}
+        return cls(
+            id=dataset_id,
+            name=_required(name, "name"),
+            description=description.strip(),
+            owner=owner.strip(),
+            tags=_normalise_tags(tags),
+            metadata=entries,
+        )
+
+    def describe(self, name: str | None, description: str | None) -> None:
+        self._check_active()
+        if name is None and description is None:
+            raise InvalidCommand("give a new name, a new description, or both", field="name")
+        self._described(
+            name=self.name if name is None else _required(name, "name"),
+            description=self.description if description is None else description.strip(),
+        )
+
+    def set_metadata(self, key: str, value: Any) -> None:
+        self._check_active()
+        self._metadata_set(key=_required(key, "key"), value_json=_json_text(value, "value"))
+
+    def remove_metadata(self, key: str) -> None:
+        self._check_active()
+        if key not in self.metadata:
+            raise NotFound(f"dataset has no metadata entry {key!r}", key=key)
+        self._metadata_removed(key=key)
+
+    def publish_version(self, version: str, notes: str) -> None:
+        self._check_active()
+        new_key = semver_key(version.strip())
+        if self.latest_version is not None and new_key <= semver_key(self.latest_version):
+            raise InvariantViolation(
+                f"version {version} is not greater than the latest published version {self.latest_version}",
+                latest_version=self.latest_version,
+            )
+        self._version_published(version=version.strip(), notes=notes)
+
+    def record_quality_check(self, metric: str, value: float, threshold: float, comparator: str) -> None:
+        self._check_active()
+        if comparator not in COMPARATORS:
+            raise InvalidCommand(f"comparator must be one of {', '.join(COMPARATORS)}", field="comparator")
+        for name, number in (("value", value), ("threshold", threshold)):
+            if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+                raise InvalidCommand(f"{name} must be a finite number", field=name)
+        self._quality_check_recorded(
+            metric=_required(metric, "metric"),
+            value=float(value),
+            threshold=float(threshold),
+            comparator=comparator,
+            passed=COMPARATORS[comparator](value, threshold),
+        )
+
+    def archive(self, reason: str) -> None:
+        self._check_active()
+        self._archived(reason=reason.strip())
+
+    def _check_active(self) -> None:
+        if self.status == "archived":
+            raise InvariantViolation("the dataset is archived and accepts no change")
+
+    # ---- evolve -------------------------------------------------------------
+
+    @event("DatasetRegistered")
+    def __init__(
+        self,
+        id: UUID,
+        name: str,
+        description: str,
+        owner: str,
+        tags: list[str],
+        metadata: dict[str, str],
+    ) -> None:
+        self.name = name
+        self.description = description
+        self.owner = owner
+        self.tags = list(tags)
+        self.metadata = dict(metadata)
+        self.status = "active"
+        self.latest_version: str | None = None
+        self.quality: dict[str, dict[str, Any]] = {}
+        self.archived_reason = ""
+
+    @event("DatasetDescribed")
+    def _described(self, name: str, description: str) -> None:
+        self.name = name
+        self.description = description
+
+    @event("MetadataSet")
+    def _metadata_set(self, key: str, value_json: str) -> None:
+        self.metadata[key] = value_json
+
+    @event("MetadataRemoved")
+    def _metadata_removed(self, key: str) -> None:
+        self.metadata.pop(key, None)
+
+    @event("VersionPublished")
+    def _version_published(self, version: str, notes: str) -> None:
+        self.latest_version = version
+
+    @event("QualityCheckRecorded")
+    def _quality_check_recorded(
+        self, metric: str, value: float, threshold: float, comparator: str, passed: bool
+    ) -> None:
+        self.quality[metric] = {
+            "value": value,
+            "threshold": threshold,
+            "comparator": comparator,
+            "passed": passed,
+        }
+
+    @event("DatasetArchived")
+    def _archived(self, reason: str) -> None:
+        self.status = "archived"
+        self.archived_reason = reason
