@@ -1,16 +1,119 @@
-"""`cqrs`: the composition root's command line (Typer)."""
+"""`cqrs`: one console script for every process and admin task.
+
+    cqrs serve api                 the HTTP API (uvicorn)
+    cqrs run command-processor     the write side's single writer per partition
+    cqrs topics create             create the contract topics (idempotent)
+    cqrs schemas check             every event has a schema; every schema reads its history
+"""
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import sys
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.table import Table
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+from shared_kernel.settings import get_settings
+from shared_kernel.telemetry import configure_logging
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Kafka-native event-sourced CQRS backend.")
+serve = typer.Typer(no_args_is_help=True, help="Serve HTTP.")
+run = typer.Typer(no_args_is_help=True, help="Run a long-lived processor.")
+topics = typer.Typer(no_args_is_help=True, help="Kafka topics of the contract.")
+schemas = typer.Typer(no_args_is_help=True, help="Avro schemas.")
+app.add_typer(serve, name="serve")
+app.add_typer(run, name="run")
+app.add_typer(topics, name="topics")
+app.add_typer(schemas, name="schemas")
+console = Console(stderr=True)
 
 
-@app.callback()
-def _root() -> None:
-    """Kafka-native event-sourced CQRS backend."""
+def _logging() -> None:
+    s = get_settings()
+    configure_logging(s.log_level, s.log_json)
+
+
+async def _until_signalled(main: object) -> None:
+    """Run `main(stop)` until SIGINT/SIGTERM sets `stop`."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await main(stop)  # type: ignore[operator]
+
+
+@serve.command("api")
+def serve_api(
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+) -> None:
+    """Serve the HTTP API."""
+    import uvicorn
+
+    _logging()
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+    )
+
+
+@run.command("command-processor")
+def run_command_processor() -> None:
+    """Decide commands and append their events, exactly once (Ctrl-C to stop)."""
+    from commands.processor import CommandProcessor
+
+    _logging()
+    processor = CommandProcessor(get_settings())
+    asyncio.run(_until_signalled(processor.run))
+
+
+@topics.command("create")
+def topics_create() -> None:
+    """Create the topics of the contract with their configurations (existing ones are kept)."""
+    from commands import CONTEXTS
+    from commands.processor import CONSUMER_NAME
+    from shared_kernel.topics import contract_topics, ensure_topics
+
+    settings = get_settings()
+    wanted = contract_topics(settings, [c.name for c in CONTEXTS], [CONSUMER_NAME])
+    created = asyncio.run(ensure_topics(settings, wanted))
+    table = Table("topic", "partitions", "config", "state")
+    for t in wanted:
+        config = ", ".join(f"{k}={v}" for k, v in (t.topic_configs or {}).items())
+        table.add_row(t.name, str(t.num_partitions), config, "created" if t.name in created else "exists")
+    Console().print(table)
+
+
+@schemas.command("check")
+def schemas_check() -> None:
+    """Check the schemas: every event type has one, every older version is readable."""
+    from commands import CONTEXTS
+    from shared_kernel.avro import AvroCodec, SchemaError
+    from shared_kernel.schema_check import check
+
+    try:
+        codec = AvroCodec.from_directory()
+    except SchemaError as exc:
+        console.print(f"[red]schema error:[/] {exc}")
+        raise typer.Exit(1) from exc
+    problems = check(codec, {name for ctx in CONTEXTS for name in ctx.events})
+    for p in problems:
+        console.print(f"[red]✗[/] {p}")
+    if problems:
+        raise typer.Exit(1)
+    console.print(f"[green]✓[/] {len(codec.type_names)} event types, {len(codec.versions)} schema versions")
 
 
 def main() -> None:
-    app()
+    sys.exit(app())

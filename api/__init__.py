@@ -1,0 +1,1 @@
+"""The HTTP edge: FastAPI routes that translate requests into commands and queries."""

@@ -1,0 +1,76 @@
+"""The FastAPI application: the composition root of the HTTP process.
+
+Clients are created in the lifespan, never at import. The API starts even when Kafka
+is down: commands then get 503 with Retry-After until the producer connects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiokafka.errors import KafkaError
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from api import errors, health
+from api.datasets import commands as dataset_commands
+from api.incidents import commands as incident_commands
+from commands.bus import CommandBus
+from shared_kernel import kafka
+from shared_kernel.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+async def _connect_producer(bus: CommandBus) -> None:
+    delay = 0.5
+    while True:
+        try:
+            await bus.producer.start()
+            bus.producer_ready.set()
+            log.info("connected to Kafka")
+            return
+        except KafkaError as exc:
+            log.warning("Kafka unreachable; retrying", extra={"error": repr(exc), "retry_in_s": delay})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        producer = kafka.producer(
+            settings, request_timeout_ms=int(settings.command_timeout_s * 1000), linger_ms=1
+        )
+        redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        bus = CommandBus(settings, producer, redis)
+        app.state.bus = bus
+        await bus.start()
+        connecting = asyncio.create_task(_connect_producer(bus))
+        try:
+            yield
+        finally:
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
+            await bus.stop()
+            if bus.producer_ready.is_set():
+                await producer.stop()
+            await redis.aclose()
+
+    app = FastAPI(
+        title="kafka-cqrs",
+        version="0.1.0",
+        summary="Event-sourced CQRS on Kafka: commands, queries, subscriptions.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(dataset_commands.router)
+    app.include_router(incident_commands.router)
+    return app

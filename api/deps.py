@@ -1,0 +1,77 @@
+"""Request dependencies: the bus, and the command metadata taken from headers."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from api.errors import RequestProblem
+from commands.bus import CommandBus
+
+_ETAG = re.compile(r'^(?:W/)?"?(\d{1,18})"?$')
+
+
+def get_bus(request: Request) -> CommandBus:
+    bus: CommandBus = request.app.state.bus
+    return bus
+
+
+BusDep = Annotated[CommandBus, Depends(get_bus)]
+
+
+@dataclass(frozen=True)
+class CommandMeta:
+    command_id: str
+    expected_version: int | None
+    actor: str
+    tenant: str
+    correlation_id: str
+    traceparent: str
+
+
+def command_meta(
+    idempotency_key: Annotated[
+        str | None, Header(description="Command id: a retry with the same key gets the same answer.")
+    ] = None,
+    if_match: Annotated[str | None, Header(description="Expected aggregate version (the ETag).")] = None,
+    x_actor: Annotated[str | None, Header(description="Who issues the command.")] = None,
+    x_tenant: Annotated[str | None, Header(description="Tenant of the caller.")] = None,
+    x_correlation_id: Annotated[str | None, Header()] = None,
+    traceparent: Annotated[str | None, Header(description="W3C trace context.")] = None,
+) -> CommandMeta:
+    command_id = idempotency_key.strip() if idempotency_key else str(uuid.uuid4())
+    if not command_id or len(command_id) > 200:
+        raise RequestProblem(
+            422,
+            "invalid_header",
+            "Idempotency-Key must have 1 to 200 characters",
+            field="Idempotency-Key",
+            location="header",
+        )
+    expected: int | None = None
+    if if_match is not None and if_match.strip() != "*":
+        m = _ETAG.match(if_match.strip())
+        if m is None:
+            raise RequestProblem(
+                422,
+                "invalid_header",
+                'If-Match must be a version, e.g. "3"',
+                field="If-Match",
+                location="header",
+            )
+        expected = int(m.group(1))
+    return CommandMeta(
+        command_id=command_id,
+        expected_version=expected,
+        actor=(x_actor or "")[:200],
+        tenant=(x_tenant or "")[:200],
+        correlation_id=(x_correlation_id or command_id)[:200],
+        traceparent=(traceparent or "")[:55],
+    )
+
+
+CommandMetaDep = Annotated[CommandMeta, Depends(command_meta)]

@@ -1,0 +1,62 @@
+"""Send a command through the bus and turn its result into the HTTP answer."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+from uuid import UUID, uuid5
+
+import orjson
+from fastapi import Response
+
+from api.deps import CommandMeta
+from api.errors import CommandRejected, RequestProblem
+from api.schemas import CommandAccepted
+from commands.bus import CommandBus
+from commands.context import BoundedContext, command_payload
+from shared_kernel.envelope import CommandEnvelope
+
+NEW_AGGREGATE_NAMESPACE = UUID("0b5e6f8e-9d3c-4f7a-8e21-5c4d3b2a1f00")
+
+
+def new_aggregate_id(meta: CommandMeta) -> UUID:
+    """Ids of new aggregates derive from the command id: a retried create targets the same one."""
+    return uuid5(NEW_AGGREGATE_NAMESPACE, f"{meta.tenant}/{meta.command_id}")
+
+
+async def dispatch(
+    bus: CommandBus, context: BoundedContext, command: Any, meta: CommandMeta, response: Response
+) -> CommandAccepted:
+    command_type = context.command_type(command)
+    payload = command_payload(command)
+    aggregate_id = str(context.handler(command_type).aggregate_id(command))
+    fingerprint = hashlib.sha256(
+        orjson.dumps([command_type, payload, meta.expected_version], option=orjson.OPT_SORT_KEYS)
+    ).hexdigest()[:32]
+    envelope = CommandEnvelope(
+        command_id=meta.command_id,
+        command_type=command_type,
+        aggregate_id=aggregate_id,
+        payload=payload,
+        expected_version=meta.expected_version,
+        actor=meta.actor,
+        tenant=meta.tenant,
+        correlation_id=meta.correlation_id,
+        traceparent=meta.traceparent,
+        fingerprint=fingerprint,
+    )
+    result = await bus.send(envelope)
+    if result.fingerprint and result.fingerprint != fingerprint:
+        raise RequestProblem(
+            422,
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used for a different request",
+            field="Idempotency-Key",
+            location="header",
+        )
+    if not result.accepted:
+        raise CommandRejected(result)
+    if result.version is not None:
+        response.headers["ETag"] = f'"{result.version}"'
+    response.headers["X-Consistency-Token"] = result.position
+    return CommandAccepted(id=result.aggregate_id, version=result.version, position=result.position)

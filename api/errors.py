@@ -1,0 +1,78 @@
+"""Errors mapped to HTTP once, here: domain rejection codes and bus failures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from commands.bus import BusUnavailable, ResultTimeout
+from shared_kernel.envelope import CommandResult
+from shared_kernel.settings import get_settings
+
+STATUS_OF_CODE = {
+    "not_found": 404,
+    "already_exists": 409,
+    "version_conflict": 409,
+    "invariant_violation": 409,
+    "invalid_command": 422,
+    "idempotency_key_reused": 422,
+    "internal_error": 500,
+}
+
+
+class RequestProblem(Exception):
+    """An error answer with a status, a stable code and a message."""
+
+    def __init__(self, status: int, code: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.extra = status, code, detail, extra
+
+
+class CommandRejected(RequestProblem):
+    def __init__(self, result: CommandResult) -> None:
+        extra = {**result.details, "current_version": result.current_version}
+        super().__init__(STATUS_OF_CODE.get(result.code, 409), result.code, result.reason, **extra)
+
+
+def _body(problem: RequestProblem) -> dict[str, Any]:
+    extra = dict(problem.extra)
+    body: dict[str, Any] = {"error": problem.code, "detail": problem.detail}
+    for name in ("current_version", "field"):
+        if name in extra:
+            body[name] = extra.pop(name)
+    if problem.status == 422 and "field" in body:
+        # Same shape as FastAPI's own validation errors, so clients parse one format.
+        where = extra.pop("location", "body")
+        body["detail"] = [{"loc": [where, body["field"]], "msg": problem.detail, "type": problem.code}]
+    if extra:
+        body["extra"] = extra
+    return body
+
+
+def install(app: FastAPI) -> None:
+    retry_after = str(get_settings().retry_after_s)
+
+    @app.exception_handler(RequestProblem)
+    async def _problem(_: Request, exc: RequestProblem) -> JSONResponse:
+        return JSONResponse(_body(exc), status_code=exc.status)
+
+    @app.exception_handler(BusUnavailable)
+    async def _unavailable(_: Request, exc: BusUnavailable) -> JSONResponse:
+        return JSONResponse(
+            {"error": "unavailable", "detail": str(exc)},
+            status_code=503,
+            headers={"Retry-After": retry_after},
+        )
+
+    @app.exception_handler(ResultTimeout)
+    async def _timeout(_: Request, exc: ResultTimeout) -> JSONResponse:
+        return JSONResponse(
+            {
+                "error": "result_timeout",
+                "detail": f"{exc}; it may still apply: retry with the same Idempotency-Key",
+            },
+            status_code=503,
+            headers={"Retry-After": retry_after},
+        )

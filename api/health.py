@@ -1,0 +1,43 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", operation_id="health")
+async def health() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", operation_id="ready", responses={503: {"description": "A dependency is unreachable."}})
+async def ready(request: Request) -> JSONResponse:
+    """Kafka and Redis are reachable (503 with Retry-After when not)."""
+    checks: dict[str, Any] = {}
+    bus = request.app.state.bus
+    checks["kafka"] = bus.producer_ready.is_set() and await _kafka_answers(request)
+    try:
+        checks["redis"] = bool(await asyncio.wait_for(bus.redis.ping(), 2))
+    except Exception:  # any failure means not ready
+        checks["redis"] = False
+    ok = all(checks.values())
+    return JSONResponse(
+        {"status": "ready" if ok else "unavailable", "checks": checks},
+        status_code=200 if ok else 503,
+        headers={} if ok else {"Retry-After": "1"},
+    )
+
+
+async def _kafka_answers(request: Request) -> bool:
+    client = request.app.state.bus.producer.client
+    try:
+        return bool(await asyncio.wait_for(client.ready(client.get_random_node()), 2))
+    except Exception:  # any failure means not ready
+        return False

@@ -1,0 +1,1 @@
+"""HTTP routes of the incidents context."""

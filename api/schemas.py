@@ -1,0 +1,39 @@
+"""Response schemas shared by every context's routes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class CommandAccepted(BaseModel):
+    """A command was applied (or had been applied: the answer to a retry is the same)."""
+
+    id: str = Field(description="The aggregate id.")
+    version: int | None = Field(description="The aggregate version after the command (also in ETag).")
+    position: str = Field(description="Consistency token: pass it to a query to read your own write.")
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(
+        description="Stable error code, e.g. version_conflict, invariant_violation, not_found."
+    )
+    detail: str
+    current_version: int | None = None
+    field: str | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "Unknown aggregate (or entry)."},
+    409: {
+        "model": ErrorBody,
+        "description": "Version conflict or broken invariant; body has the current version.",
+    },
+    422: {"description": "Invalid input; names the field."},
+    503: {
+        "model": ErrorBody,
+        "description": "Kafka unreachable or no result in time; retry with the same Idempotency-Key.",
+    },
+}

@@ -1,0 +1,367 @@
+"""The command processor: the single writer of every aggregate of the partitions it owns.
+
+A consumer group on `<prefix>.commands`. For each owned partition there is one
+`PartitionWorker` with its own transactional producer (transactional id per input
+partition, so initialising it fences a stale owner) and the partition's aggregates
+restored from the state topics. A fetched batch is decided command by command, and
+its events, the new snapshots, dead letters and the consumed offset are committed in
+one Kafka transaction. On any failure the transaction is aborted, the partition's
+state is restored again and the partition re-read from its committed offset: a crash
+anywhere yields neither lost nor duplicated events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError, ProducerFenced
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from commands import CONTEXTS, replies
+from commands.context import BoundedContext
+from commands.decide import decide
+from commands.serialization import EventRecord, to_record
+from commands.snapshots import LoadedAggregate, dump, load
+from commands.state_store import Key, PartitionState, restore
+from shared_kernel import kafka
+from shared_kernel.avro import AvroCodec
+from shared_kernel.clock import fixed_clock, using_clock
+from shared_kernel.domain import DomainError
+from shared_kernel.envelope import CommandEnvelope, CommandResult, MalformedRecord
+from shared_kernel.position import Position, PositionToken
+from shared_kernel.settings import Settings
+from shared_kernel.topics import Topics, contract_topics, ensure_topics
+
+log = logging.getLogger(__name__)
+
+CONSUMER_NAME = "command-processor"
+
+
+@dataclass
+class _Accepted:
+    reply_to: str
+    command: CommandEnvelope
+    key: Key
+    events: list[EventRecord]
+
+
+@dataclass
+class _Batch:
+    """What one transaction will write, and the answers to give once it has committed."""
+
+    accepted: list[_Accepted] = field(default_factory=list)
+    answers: list[tuple[str, CommandResult]] = field(default_factory=list)  # ready (rejections, duplicates)
+    touched: dict[Key, LoadedAggregate] = field(default_factory=dict)
+    dead_letters: list[tuple[ConsumerRecord[bytes, bytes], str]] = field(default_factory=list)
+
+
+class PartitionWorker:
+    """Owns one partition of the commands topic."""
+
+    def __init__(self, processor: CommandProcessor, partition: int) -> None:
+        self.p = processor
+        self.partition = partition
+        self.tp = TopicPartition(processor.topics.commands, partition)
+        self.transactional_id = f"{processor.group_id}.{partition}"
+        self.producer = kafka.transactional_producer(
+            processor.settings, self.transactional_id, linger_ms=0, request_timeout_ms=30_000
+        )
+        self.state = PartitionState(processor.contexts)
+        self.next_offset = 0
+        self.fenced = False
+
+    async def start(self, consumer: AIOKafkaConsumer) -> None:
+        # Order matters: initialising the transactional id fences the previous owner and
+        # completes or aborts its open transaction; only then are the state topics and
+        # the committed offset final.
+        await self.producer.start()
+        self.state = await restore(self.p.settings, self.p.contexts, self.partition)
+        await self._rewind(consumer)
+
+    async def _rewind(self, consumer: AIOKafkaConsumer) -> None:
+        committed = await consumer.committed(self.tp)
+        self.next_offset = committed if committed is not None else 0
+        consumer.seek(self.tp, self.next_offset)
+
+    async def stop(self) -> None:
+        await self.producer.stop()
+
+    async def process(
+        self, consumer: AIOKafkaConsumer, records: Sequence[ConsumerRecord[bytes, bytes]]
+    ) -> None:
+        records = [r for r in records if r.offset >= self.next_offset]  # fetched before a rewind
+        if not records or self.fenced:
+            return
+        batch = self._decide(records)
+        try:
+            answers = await self._commit(batch, next_offset=records[-1].offset + 1)
+        except ProducerFenced:
+            log.warning(
+                "fenced: another processor owns this partition now", extra={"partition": self.partition}
+            )
+            self.fenced = True
+            return
+        except Exception:
+            log.exception("transaction failed; restoring the partition", extra={"partition": self.partition})
+            await self._recover(consumer)
+            return
+        self.next_offset = records[-1].offset + 1
+        await self.p.reply(answers)
+
+    def _decide(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> _Batch:
+        batch = _Batch()
+        for record in records:
+            try:
+                command = CommandEnvelope.from_bytes(record.value)
+            except MalformedRecord as exc:
+                batch.dead_letters.append((record, f"malformed command: {exc}"))
+                continue
+            context = self.p.contexts.get(command.command_type.partition(".")[0])
+            key: Key = (context.name if context else "", command.aggregate_id)
+            loaded = batch.touched.get(key) or (self.state.get(key) if context else None)
+            if loaded is not None and command.command_id in loaded.recent:
+                batch.answers.append((command.reply_to, loaded.recent[command.command_id]))
+                continue
+            if context is None:
+                batch.answers.append(
+                    (command.reply_to, _rejected(command, "invalid_command", "unknown command type"))
+                )
+                continue
+            rollback = dump(context, loaded) if loaded is not None else None
+            occurred = datetime.fromtimestamp(record.timestamp / 1000, UTC)
+            try:
+                with using_clock(fixed_clock(occurred)):
+                    aggregate, events = decide(
+                        context,
+                        loaded.aggregate if loaded else None,
+                        command.command_type,
+                        command.payload,
+                        command.expected_version,
+                    )
+            except DomainError as err:
+                current = loaded.version if loaded else None
+                result = _rejected(command, err.code, err.message, current, err.details)
+                if loaded is not None:
+                    loaded.remember(result)
+                    batch.touched[key] = loaded
+                batch.answers.append((command.reply_to, result))
+                continue
+            except Exception as exc:  # a bug or a poison command: dead-letter it, keep going
+                log.exception("command handler failed", extra={"command_id": command.command_id})
+                if rollback is not None:
+                    batch.touched[key] = load(context, command.aggregate_id, rollback)
+                batch.dead_letters.append((record, f"{type(exc).__name__}: {exc}"))
+                batch.answers.append(
+                    (command.reply_to, _rejected(command, "internal_error", "the command failed"))
+                )
+                continue
+            if loaded is None:
+                loaded = LoadedAggregate(aggregate)
+            batch.touched[key] = loaded
+            batch.accepted.append(
+                _Accepted(
+                    command.reply_to,
+                    command,
+                    key,
+                    [to_record(context, self.p.codec, e, command) for e in events],
+                )
+            )
+        return batch
+
+    async def _commit(self, batch: _Batch, next_offset: int) -> list[tuple[str, CommandResult]]:
+        topics = self.p.topics
+        producer = self.producer
+        answers = list(batch.answers)
+        async with producer.transaction():
+            sends = []
+            for acc in batch.accepted:
+                topic = topics.events(acc.key[0])
+                for ev in acc.events:
+                    sends.append(await producer.send(topic, ev.value, key=ev.key, headers=ev.headers))
+            metadata = iter(await asyncio.gather(*sends))
+            for acc in batch.accepted:
+                # events first: zip must not pull a record metadata that belongs to the next command
+                positions = [
+                    Position(m.topic, m.partition, m.offset)
+                    for _, m in zip(acc.events, metadata, strict=False)
+                ]
+                result = CommandResult(
+                    command_id=acc.command.command_id,
+                    status="accepted",
+                    aggregate_id=acc.command.aggregate_id,
+                    version=acc.events[-1].metadata.aggregate_version if acc.events else None,
+                    position=PositionToken.after(positions).encode(),
+                    events=len(acc.events),
+                    fingerprint=acc.command.fingerprint,
+                )
+                batch.touched[acc.key].remember(result)
+                answers.append((acc.reply_to, result))
+            snapshots = {}
+            for key, loaded in batch.touched.items():
+                data = dump(self.p.contexts[key[0]], loaded)
+                snapshots[key] = data
+                await producer.send(topics.state(key[0]), data, key=key[1].encode())
+            for record, error in batch.dead_letters:
+                await producer.send(
+                    topics.dlq(CONSUMER_NAME),
+                    record.value,
+                    key=record.key,
+                    headers=[
+                        *record.headers,
+                        ("dlq-error", error.encode()[:4000]),
+                        ("dlq-source", f"{record.topic}:{record.partition}:{record.offset}".encode()),
+                    ],
+                )
+            await producer.send_offsets_to_transaction({self.tp: next_offset}, self.p.group_id)
+        for key, data in snapshots.items():
+            self.state.commit(key, data, batch.touched[key])
+        if batch.dead_letters:
+            self.p.dead_lettered += len(batch.dead_letters)
+        self.p.processed += len(batch.accepted) + len(batch.answers)
+        return answers
+
+    async def _recover(self, consumer: AIOKafkaConsumer) -> None:
+        try:
+            self.state = await restore(self.p.settings, self.p.contexts, self.partition)
+            await self._rewind(consumer)
+        except KafkaError:
+            log.exception("recovery failed; the partition is paused until the next rebalance")
+            self.fenced = True
+
+
+def _rejected(
+    command: CommandEnvelope,
+    code: str,
+    reason: str,
+    current_version: int | None = None,
+    details: dict[str, Any] | None = None,
+) -> CommandResult:
+    safe = {
+        k: v
+        for k, v in (details or {}).items()
+        if isinstance(v, str | int | float | bool | list | type(None))
+    }
+    return CommandResult(
+        command_id=command.command_id,
+        status="rejected",
+        aggregate_id=command.aggregate_id,
+        code=code,
+        reason=reason,
+        current_version=current_version,
+        fingerprint=command.fingerprint,
+        details=safe,
+    )
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, processor: CommandProcessor) -> None:
+        self.p = processor
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        async with self.p.lock:  # waits for the batch in flight to commit or abort
+            for tp in revoked:
+                worker = self.p.workers.pop(tp.partition, None)
+                if worker is not None:
+                    await worker.stop()
+            if revoked:
+                log.info("partitions revoked", extra={"partitions": sorted(tp.partition for tp in revoked)})
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        async with self.p.lock:
+            consumer = self.p.consumer
+            assert consumer is not None
+            for tp in assigned:
+                if tp.partition in self.p.workers:
+                    continue
+                worker = PartitionWorker(self.p, tp.partition)
+                await worker.start(consumer)
+                self.p.workers[tp.partition] = worker
+            log.info("partitions assigned", extra={"partitions": sorted(tp.partition for tp in assigned)})
+
+
+class CommandProcessor:
+    """Runs the consumer loop and the partition workers until `stop` is set."""
+
+    def __init__(self, settings: Settings, contexts: Sequence[BoundedContext] = CONTEXTS) -> None:
+        self.settings = settings
+        self.contexts = {c.name: c for c in contexts}
+        self.codec = AvroCodec.from_directory()
+        self.topics = Topics(settings.topic_prefix)
+        self.group_id = f"{settings.topic_prefix}.{CONSUMER_NAME}"
+        self.workers: dict[int, PartitionWorker] = {}
+        self.lock = asyncio.Lock()
+        self.consumer: AIOKafkaConsumer | None = None
+        self.redis: Redis | None = None
+        self.processed = 0
+        self.dead_lettered = 0
+
+    async def reply(self, answers: list[tuple[str, CommandResult]]) -> None:
+        if not answers or self.redis is None:
+            return
+        try:
+            await replies.publish(self.redis, self.settings.topic_prefix, answers, self.settings.result_ttl_s)
+        except RedisError:
+            # The events are committed; a waiting client times out and retries with its
+            # Idempotency-Key, and the state topic answers the retry.
+            log.warning("could not publish command results", exc_info=True)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        settings = self.settings
+        await ensure_topics(settings, contract_topics(settings, self.contexts, [CONSUMER_NAME]))
+        self.redis = Redis.from_url(settings.redis_url)
+        self.consumer = kafka.consumer(
+            settings,
+            group_id=self.group_id,
+            isolation_level="read_committed",
+            max_poll_interval_ms=300_000,
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=1_000,
+        )
+        self.consumer.subscribe([self.topics.commands], listener=_Rebalance(self))
+        await self.consumer.start()
+        log.info("command processor started", extra={"group": self.group_id})
+        window = settings.command_batch_window_ms / 1000
+        last_report = time.monotonic()
+        try:
+            while not stop.is_set():
+                batches = await self.consumer.getmany(timeout_ms=200, max_records=settings.command_batch_max)
+                if not batches:
+                    continue
+                if window:
+                    await asyncio.sleep(window)  # let a burst gather into one transaction
+                    more = await self.consumer.getmany(timeout_ms=0, max_records=settings.command_batch_max)
+                    for tp, records in more.items():
+                        batches.setdefault(tp, []).extend(records)
+                async with self.lock:
+                    await asyncio.gather(
+                        *(
+                            w.process(self.consumer, records)
+                            for tp, records in batches.items()
+                            if (w := self.workers.get(tp.partition)) is not None
+                        )
+                    )
+                if time.monotonic() - last_report > 30:
+                    last_report = time.monotonic()
+                    log.info(
+                        "progress",
+                        extra={
+                            "processed": self.processed,
+                            "dead_lettered": self.dead_lettered,
+                            "partitions": sorted(self.workers),
+                        },
+                    )
+        finally:
+            await self.consumer.stop()  # runs on_partitions_revoked: workers stop cleanly
+            for worker in list(self.workers.values()):
+                await worker.stop()
+            self.workers.clear()
+            await self.redis.aclose()

@@ -1,0 +1,35 @@
+"""Where command results go: a Redis key per command id (the result cache, so a retried
+request gets the same answer) and the Redis channel of the API instance that waits."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from redis.asyncio import Redis
+
+from shared_kernel.envelope import CommandResult
+
+
+def result_key(prefix: str, command_id: str) -> str:
+    return f"{prefix}:result:{command_id}"
+
+
+def reply_channel(prefix: str, instance: str) -> str:
+    return f"{prefix}:replies:{instance}"
+
+
+async def publish(
+    redis: Redis, prefix: str, results: Iterable[tuple[str, CommandResult]], ttl_s: int
+) -> None:
+    """Cache every result and notify its waiting API instance, in one round trip."""
+    pipe = redis.pipeline(transaction=False)
+    count = 0
+    for reply_to, result in results:
+        data = result.to_bytes()
+        if result.code != "internal_error":  # a bug may be fixed: let a retry run again
+            pipe.set(result_key(prefix, result.command_id), data, ex=ttl_s)
+        if reply_to:
+            pipe.publish(reply_to, data)
+        count += 1
+    if count:
+        await pipe.execute()
