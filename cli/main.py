@@ -1,9 +1,9 @@
 """`cqrs`: one console script for every process and admin task.
 
-    cqrs serve api                 the HTTP API (uvicorn)
-    cqrs run command-processor     the write side's single writer per partition
-    cqrs topics create             create the contract topics (idempotent)
-    cqrs schemas check             every event has a schema; every schema reads its history
+cqrs serve api                 the HTTP API (uvicorn)
+cqrs run command-processor     the write side's single writer per partition
+cqrs topics create             create the contract topics (idempotent)
+cqrs schemas check             every event has a schema; every schema reads its history
 """
 
 from __future__ import annotations

@@ -60,6 +60,10 @@ class _Batch:
 
     accepted: list[_Accepted] = field(default_factory=list)
     answers: list[tuple[str, CommandResult]] = field(default_factory=list)  # ready (rejections, duplicates)
+    # Copies of a command accepted earlier in this batch (a client retried while the
+    # first copy was in flight): answered with the first copy's result after commit.
+    repeats: list[tuple[str, Key, str]] = field(default_factory=list)
+    accepted_ids: set[str] = field(default_factory=set)
     touched: dict[Key, LoadedAggregate] = field(default_factory=dict)
     dead_letters: list[tuple[ConsumerRecord[bytes, bytes], str]] = field(default_factory=list)
 
@@ -127,6 +131,9 @@ class PartitionWorker:
                 continue
             context = self.p.contexts.get(command.command_type.partition(".")[0])
             key: Key = (context.name if context else "", command.aggregate_id)
+            if command.command_id in batch.accepted_ids:
+                batch.repeats.append((command.reply_to, key, command.command_id))
+                continue
             loaded = batch.touched.get(key) or (self.state.get(key) if context else None)
             if loaded is not None and command.command_id in loaded.recent:
                 batch.answers.append((command.reply_to, loaded.recent[command.command_id]))
@@ -167,6 +174,7 @@ class PartitionWorker:
             if loaded is None:
                 loaded = LoadedAggregate(aggregate)
             batch.touched[key] = loaded
+            batch.accepted_ids.add(command.command_id)
             batch.accepted.append(
                 _Accepted(
                     command.reply_to,
@@ -205,6 +213,8 @@ class PartitionWorker:
                 )
                 batch.touched[acc.key].remember(result)
                 answers.append((acc.reply_to, result))
+            for reply_to, key, command_id in batch.repeats:
+                answers.append((reply_to, batch.touched[key].recent[command_id]))
             snapshots = {}
             for key, loaded in batch.touched.items():
                 data = dump(self.p.contexts[key[0]], loaded)

@@ -19,8 +19,16 @@ def sample(schema: Any) -> Any:
     if isinstance(schema, list):  # union: its first branch
         return sample(schema[0])
     if isinstance(schema, str):
-        return {"null": None, "boolean": True, "int": 1, "long": 1, "float": 1.0, "double": 1.0,
-                "bytes": b"x", "string": "x"}.get(schema, "x")
+        return {
+            "null": None,
+            "boolean": True,
+            "int": 1,
+            "long": 1,
+            "float": 1.0,
+            "double": 1.0,
+            "bytes": b"x",
+            "string": "x",
+        }.get(schema, "x")
     kind = schema.get("type")
     if schema.get("logicalType") == "uuid":
         return "00000000-0000-0000-0000-000000000001"

@@ -1,0 +1,161 @@
+"""Runs the real processes (`cqrs serve api`, `cqrs run command-processor`) against the
+real services, each test group under its own topic prefix, and reads back the log."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from aiokafka import TopicPartition
+
+from shared_kernel import kafka
+from shared_kernel.avro import AvroCodec
+from shared_kernel.envelope import EventMetadata
+from shared_kernel.settings import Settings
+from shared_kernel.topics import Topics
+
+CQRS = str(Path(sys.executable).parent / "cqrs")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def kill9(self) -> None:
+        self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait(10)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+
+@dataclass
+class WriteSide:
+    """One isolated write side: its own topics, processors and API."""
+
+    settings: Settings
+    workdir: Path
+    env: dict[str, str]
+    processors: list[Proc] = field(default_factory=list)
+    api: Proc | None = None
+    api_url: str = ""
+
+    @classmethod
+    def create(cls, base: Settings, workdir: Path, **overrides: Any) -> WriteSide:
+        prefix = f"t{uuid.uuid4().hex[:8]}"
+        settings = base.model_copy(update={"topic_prefix": prefix, "partitions": 3, **overrides})
+        env = {
+            **os.environ,
+            "APP_ENVIRONMENT": "test",
+            "APP_TOPIC_PREFIX": prefix,
+            "APP_PARTITIONS": str(settings.partitions),
+            "APP_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "APP_REDIS_URL": settings.redis_url,
+            "APP_POSTGRES_DSN": settings.postgres_dsn,
+            "APP_OPENSEARCH_URL": settings.opensearch_url,
+            "APP_COMMAND_TIMEOUT_S": str(settings.command_timeout_s),
+        }
+        return cls(settings=settings, workdir=workdir, env=env)
+
+    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
+        log = self.workdir / f"{name}.log"
+        out = log.open("ab")
+        popen = subprocess.Popen([CQRS, *args], stdout=out, stderr=subprocess.STDOUT, env=env or self.env)
+        return Proc(name, popen, log)
+
+    def start_processor(self) -> Proc:
+        proc = self._spawn(f"processor-{len(self.processors)}", "run", "command-processor")
+        self.processors.append(proc)
+        return proc
+
+    async def start_api(self, env: dict[str, str] | None = None, wait_ready: bool = True) -> None:
+        port = free_port()
+        self.api = self._spawn("api", "serve", "api", "--port", str(port), env=env)
+        self.api_url = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=self.api_url) as client:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    r = await client.get("/ready" if wait_ready else "/health")
+                    if r.status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.2)
+        raise AssertionError(f"API did not start; log:\n{self.api.log.read_text()[-3000:]}")
+
+    async def wait_until_commands_flow(self, client: httpx.AsyncClient) -> None:
+        """Send a probe command until the processor answers it (partitions assigned)."""
+        key = f"probe-{uuid.uuid4()}"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            r = await client.post(
+                "/api/v1/incidents", json={"title": "probe"}, headers={"Idempotency-Key": key}
+            )
+            if r.status_code == 201:
+                return
+            assert r.status_code == 503, r.text
+        logs = "\n".join(p.log.read_text()[-3000:] for p in self.processors)
+        raise AssertionError(f"commands do not flow; processor logs:\n{logs}")
+
+    def stop(self) -> None:
+        for p in [*self.processors, *([self.api] if self.api else [])]:
+            p.stop()
+
+
+async def read_events(settings: Settings, contexts: list[str]) -> list[dict[str, Any]]:
+    """Every committed event of the contexts' topics, decoded, with its headers."""
+    topics = Topics(settings.topic_prefix)
+    codec = AvroCodec.from_directory()
+    consumer = kafka.consumer(settings, isolation_level="read_committed")
+    await consumer.start()
+    events: list[dict[str, Any]] = []
+    try:
+        tps = [TopicPartition(topics.events(c), p) for c in contexts for p in range(settings.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        pending = {tp for tp in tps if ends[tp] > 0}
+        while pending:
+            batch = await consumer.getmany(*pending, timeout_ms=1000)
+            for tp, records in batch.items():
+                for r in records:
+                    type_name, payload = codec.decode(r.value)
+                    headers = {k: v.decode() for k, v in r.headers}
+                    events.append(
+                        {
+                            "type": type_name,
+                            "payload": payload,
+                            "headers": headers,
+                            "meta": EventMetadata.from_headers(r.headers),
+                            "partition": tp.partition,
+                            "offset": r.offset,
+                        }
+                    )
+            pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
+    finally:
+        await consumer.stop()
+    return events

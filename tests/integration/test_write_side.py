@@ -1,0 +1,332 @@
+"""The write side on real Kafka and Redis: HTTP in, events on the topic exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from commands.replies import result_key
+from shared_kernel.avro import AvroCodec
+from shared_kernel.settings import Settings
+from tests.integration.harness import WriteSide, free_port, read_events
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest.fixture(scope="module")
+async def side(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WriteSide]:
+    ws = WriteSide.create(settings, tmp_path_factory.mktemp("write-side"))
+    ws.start_processor()
+    await ws.start_api()
+    async with httpx.AsyncClient(base_url=ws.api_url, timeout=30) as client:
+        await ws.wait_until_commands_flow(client)
+    yield ws
+    ws.stop()
+
+
+@pytest.fixture
+async def client(side: WriteSide) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=side.api_url, timeout=30) as c:
+        yield c
+
+
+async def test_an_http_command_puts_its_event_on_the_topic_with_every_header(
+    side: WriteSide, client: httpx.AsyncClient
+) -> None:
+    key = str(uuid.uuid4())
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    r = await client.post(
+        "/api/v1/datasets",
+        json={"name": "Weather", "description": "Hourly obs", "owner": "climate", "tags": ["Weather"]},
+        headers={"Idempotency-Key": key, "X-Actor": "alice", "X-Tenant": "acme", "traceparent": trace},
+    )
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert r.headers["etag"] == '"1"'
+    assert body["version"] == 1
+    assert body["position"] == r.headers["x-consistency-token"]
+
+    events = [
+        e for e in await read_events(side.settings, ["datasets"]) if e["headers"]["causation-id"] == key
+    ]
+    assert len(events) == 1
+    ev = events[0]
+    assert ev["type"] == "datasets.DatasetRegistered"
+    assert ev["payload"] == {
+        "name": "Weather",
+        "description": "Hourly obs",
+        "owner": "climate",
+        "tags": ["weather"],
+        "metadata": {},
+    }
+    h = ev["headers"]
+    assert set(h) >= {
+        "event-id",
+        "event-type",
+        "aggregate-type",
+        "aggregate-id",
+        "aggregate-version",
+        "occurred-at",
+        "correlation-id",
+        "causation-id",
+        "actor",
+        "tenant",
+        "traceparent",
+        "content-type",
+    }
+    assert (h["event-type"], h["aggregate-type"], h["aggregate-id"], h["aggregate-version"]) == (
+        "datasets.DatasetRegistered",
+        "datasets.Dataset",
+        body["id"],
+        "1",
+    )
+    assert (h["actor"], h["tenant"], h["traceparent"]) == ("alice", "acme", trace)
+    # The value names its writer schema: decodable by fingerprint alone.
+    assert ev["type"] == AvroCodec.from_directory().current("datasets.DatasetRegistered").full_name
+
+
+async def test_twenty_concurrent_commands_with_the_same_if_match_give_one_success_and_nineteen_conflicts(
+    client: httpx.AsyncClient,
+) -> None:
+    r = await client.post("/api/v1/incidents", json={"title": "Disk full", "priority": "high"})
+    assert r.status_code == 201
+    incident = r.json()["id"]
+
+    async def assign(i: int) -> httpx.Response:
+        return await client.post(
+            f"/api/v1/incidents/{incident}/assign",
+            json={"assignee": f"agent-{i}"},
+            headers={"If-Match": '"1"'},
+        )
+
+    responses = await asyncio.gather(*(assign(i) for i in range(20)))
+    codes = Counter(r.status_code for r in responses)
+    assert codes == {200: 1, 409: 19}
+    conflicts = [r.json() for r in responses if r.status_code == 409]
+    assert all(c["error"] == "version_conflict" and c["current_version"] == 2 for c in conflicts)
+
+
+async def test_the_same_idempotency_key_gives_one_set_of_events_and_identical_answers_across_a_restart(
+    side: WriteSide, client: httpx.AsyncClient, settings: Settings
+) -> None:
+    r = await client.post("/api/v1/incidents", json={"title": "Latency", "priority": "low"})
+    incident = r.json()["id"]
+    key = str(uuid.uuid4())
+
+    async def comment() -> httpx.Response:
+        return await client.post(
+            f"/api/v1/incidents/{incident}/comments",
+            json={"author": "bob", "body": "looking"},
+            headers={"Idempotency-Key": key},
+        )
+
+    first, second = await comment(), await comment()
+    assert first.status_code == second.status_code == 200
+    assert first.json() == second.json()
+
+    # Restart the processor and forget the cached result: the answer must now come
+    # from the durable state topic, not from Redis.
+    for proc in side.processors:
+        proc.stop()
+    side.processors.clear()
+    redis = Redis.from_url(settings.redis_url)
+    assert await redis.delete(result_key(side.settings.topic_prefix, key)) == 1
+    await redis.aclose()
+    side.start_processor()
+    await side.wait_until_commands_flow(client)
+    third = await comment()
+    assert (third.status_code, third.json(), third.headers["etag"]) == (
+        200,
+        first.json(),
+        first.headers["etag"],
+    )
+
+    events = [
+        e for e in await read_events(side.settings, ["incidents"]) if e["headers"]["causation-id"] == key
+    ]
+    assert [e["type"] for e in events] == ["incidents.IncidentCommented"]
+
+
+async def test_unknown_aggregates_and_bad_input_get_clear_errors(client: httpx.AsyncClient) -> None:
+    missing = await client.post(f"/api/v1/incidents/{uuid.uuid4()}/assign", json={"assignee": "x"})
+    assert (missing.status_code, missing.json()["error"]) == (404, "not_found")
+    invalid = await client.post("/api/v1/incidents", json={"title": "x", "priority": "urgent"})
+    assert invalid.status_code == 422
+    assert invalid.json()["detail"][0]["loc"] == ["body", "priority"]
+    bad_header = await client.post(
+        f"/api/v1/incidents/{uuid.uuid4()}/assign", json={"assignee": "x"}, headers={"If-Match": "abc"}
+    )
+    assert (bad_header.status_code, bad_header.json()["field"]) == (422, "If-Match")
+
+
+async def _load(
+    api_url: str, incidents: list[str], commands: int, concurrency: int, on_progress: Any
+) -> dict[str, tuple[str, int]]:
+    """Comment commands from concurrent clients; each retried with its key until 2xx.
+
+    Returns command id -> (incident id, version) for every command that got a 2xx.
+    """
+    accepted: dict[str, tuple[str, int]] = {}
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(commands):
+        queue.put_nowait(i)
+
+    async def client_loop() -> None:
+        async with httpx.AsyncClient(base_url=api_url, timeout=60) as client:
+            while not queue.empty():
+                i = queue.get_nowait()
+                incident = random.choice(incidents)
+                key = f"load-{i}-{uuid.uuid4().hex[:6]}"
+                for _attempt in range(40):
+                    try:
+                        r = await client.post(
+                            f"/api/v1/incidents/{incident}/comments",
+                            json={"author": "load", "body": f"comment {i}"},
+                            headers={"Idempotency-Key": key},
+                        )
+                    except httpx.TransportError:
+                        await asyncio.sleep(0.5)
+                        continue
+                    if r.status_code == 200:
+                        accepted[key] = (incident, r.json()["version"])
+                        break
+                    assert r.status_code == 503, r.text  # never a 500: only "retry later"
+                    await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+                else:
+                    raise AssertionError(f"command {key} never accepted")
+                await on_progress(len(accepted))
+
+    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    return accepted
+
+
+async def _assert_exactly_once(
+    ws: WriteSide, accepted: dict[str, tuple[str, int]], creates: set[str]
+) -> None:
+    events = await read_events(ws.settings, ["incidents"])
+    by_cause = Counter(e["headers"]["causation-id"] for e in events)
+    # Every command that got a 2xx has its event exactly once...
+    assert {k: by_cause[k] for k in accepted if by_cause[k] != 1} == {}
+    # ...and no event exists without an accepted command.
+    assert set(by_cause) - set(accepted) - creates == set()
+    # Versions are contiguous per aggregate, and each answer named its event's version.
+    versions: dict[str, list[int]] = defaultdict(list)
+    for e in events:
+        versions[e["meta"].aggregate_id].append(e["meta"].aggregate_version)
+    for aggregate, vs in versions.items():
+        assert vs == list(range(1, len(vs) + 1)), aggregate
+    version_of = {e["headers"]["causation-id"]: e["meta"].aggregate_version for e in events}
+    assert {k: v for k, (_, v) in accepted.items() if version_of[k] != v} == {}
+
+
+async def _open_incidents(ws: WriteSide, n: int) -> tuple[list[str], set[str]]:
+    ids, keys = [], set()
+    async with httpx.AsyncClient(base_url=ws.api_url, timeout=30) as client:
+        await ws.wait_until_commands_flow(client)
+        for i in range(n):
+            key = f"create-{i}-{uuid.uuid4().hex[:6]}"
+            r = await client.post(
+                "/api/v1/incidents", json={"title": f"load {i}"}, headers={"Idempotency-Key": key}
+            )
+            assert r.status_code == 201
+            ids.append(r.json()["id"])
+            keys.add(key)
+    return ids, keys
+
+
+async def _probe_keys(ws: WriteSide) -> set[str]:
+    events = await read_events(ws.settings, ["incidents"])
+    return {e["headers"]["causation-id"] for e in events if e["headers"]["causation-id"].startswith("probe-")}
+
+
+async def test_kill_9_of_the_processor_under_load_loses_and_duplicates_nothing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    ws = WriteSide.create(settings, tmp_path, command_timeout_s=3.0)
+    ws.start_processor()
+    await ws.start_api()
+    try:
+        incidents, creates = await _open_incidents(ws, 40)
+        killed = asyncio.Event()
+
+        async def progress(done: int) -> None:
+            if done >= 500 and not killed.is_set():
+                killed.set()
+                ws.processors[0].kill9()
+                await asyncio.sleep(1)
+                ws.start_processor()
+
+        accepted = await _load(ws.api_url, incidents, 2000, 32, progress)
+        assert killed.is_set()
+        assert len(accepted) == 2000
+        await _assert_exactly_once(ws, accepted, creates | await _probe_keys(ws))
+    finally:
+        ws.stop()
+
+
+async def test_a_rebalance_to_a_second_processor_under_load_loses_and_duplicates_nothing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    ws = WriteSide.create(settings, tmp_path, command_timeout_s=3.0)
+    ws.start_processor()
+    await ws.start_api()
+    try:
+        incidents, creates = await _open_incidents(ws, 40)
+        joined = asyncio.Event()
+
+        async def progress(done: int) -> None:
+            if done >= 500 and not joined.is_set():
+                joined.set()
+                ws.start_processor()
+
+        accepted = await _load(ws.api_url, incidents, 2000, 32, progress)
+        assert joined.is_set()
+        assert len(accepted) == 2000
+        await _assert_exactly_once(ws, accepted, creates | await _probe_keys(ws))
+        second_log = ws.processors[1].log.read_text()
+        assert "partitions assigned" in second_log  # the second processor really took partitions over
+    finally:
+        ws.stop()
+
+
+async def test_commands_get_503_with_retry_after_when_kafka_is_unreachable(
+    settings: Settings, tmp_path: Path
+) -> None:
+    ws = WriteSide.create(
+        settings, tmp_path, kafka_bootstrap=f"127.0.0.1:{free_port()}", command_timeout_s=2.0
+    )
+    await ws.start_api(env={**ws.env, "APP_KAFKA_BOOTSTRAP": ws.settings.kafka_bootstrap}, wait_ready=False)
+    try:
+        async with httpx.AsyncClient(base_url=ws.api_url, timeout=30) as client:
+            r = await client.post("/api/v1/incidents", json={"title": "x"})
+            assert r.status_code == 503
+            assert r.headers["retry-after"] == "1"
+            ready = await client.get("/ready")
+            assert ready.status_code == 503
+            assert ready.json()["checks"]["kafka"] is False
+    finally:
+        ws.stop()
+
+
+async def test_a_result_that_does_not_arrive_in_time_is_a_503_not_a_500(
+    settings: Settings, tmp_path: Path
+) -> None:
+    ws = WriteSide.create(settings, tmp_path, command_timeout_s=1.0)
+    await ws.start_api()  # and no processor at all
+    try:
+        async with httpx.AsyncClient(base_url=ws.api_url, timeout=30) as client:
+            r = await client.post("/api/v1/incidents", json={"title": "x"})
+            assert r.status_code == 503
+            assert r.json()["error"] == "result_timeout"
+            assert "Retry-After" in r.headers
+    finally:
+        ws.stop()
