@@ -32,8 +32,9 @@ class RequestProblem(Exception):
 
 class CommandRejected(RequestProblem):
     def __init__(self, result: CommandResult) -> None:
-        extra = {**result.details, "current_version": result.current_version}
-        super().__init__(STATUS_OF_CODE.get(result.code, 409), result.code, result.reason, **extra)
+        super().__init__(STATUS_OF_CODE.get(result.code, 409), result.code, result.reason)
+        # Domain details may use any name (even "status"): never as keyword arguments.
+        self.extra = {**result.details, "current_version": result.current_version}
 
 
 def _body(problem: RequestProblem) -> dict[str, Any]:

@@ -733,7 +733,11 @@ class App(Service):
         command = [str(c) for c in self.spec["command"]]  # type: ignore[attr-defined]
         command[0] = str(venv_bin / command[0])
         env = {**os.environ, **connection_env(self.cfg), "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
-        spawn(command, self.logfile, self.pidfile, env=env)
+        pid = spawn(command, self.logfile, self.pidfile, env=env)
+        # Until the child has exec'd, its command line is still ours: wait for that.
+        wait_until(
+            lambda: pid_alive(pid, self.marker) or not Path(f"/proc/{pid}").exists(), 15, f"{self.name} exec"
+        )
 
     def healthy(self) -> bool:
         health = self.spec.get("health")

@@ -168,6 +168,17 @@ async def test_unknown_aggregates_and_bad_input_get_clear_errors(client: httpx.A
     assert (bad_header.status_code, bad_header.json()["field"]) == (422, "If-Match")
 
 
+async def test_an_invalid_transition_is_a_409_that_names_the_allowed_ones(client: httpx.AsyncClient) -> None:
+    r = await client.post("/api/v1/incidents", json={"title": "Nightly load failed", "priority": "high"})
+    incident = r.json()["id"]
+    refused = await client.post(f"/api/v1/incidents/{incident}/status", json={"status": "closed"})
+    assert refused.status_code == 409
+    body = refused.json()
+    assert (body["error"], body["current_version"]) == ("invariant_violation", 1)
+    assert body["extra"] == {"status": "open", "allowed": ["in_progress"]}
+    assert "in_progress" in body["detail"]
+
+
 async def _load(
     api_url: str, incidents: list[str], commands: int, concurrency: int, on_progress: Any
 ) -> dict[str, tuple[str, int]]:
