@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RequestBody(BaseModel):
+    """Base of every request body: unknown fields are a 422, not silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class CommandAccepted(BaseModel):

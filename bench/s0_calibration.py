@@ -21,6 +21,7 @@ from opensearchpy.helpers import async_bulk
 from bench.results import show, summary_ms, write
 from shared_kernel import kafka
 from shared_kernel.settings import Settings
+from shared_kernel.topics import ensure_topics
 
 MESSAGES = int(os.environ.get("BENCH_S0_MESSAGES", "50000"))
 PAYLOAD = orjson.dumps(
@@ -41,12 +42,7 @@ OS_CHUNK = 500
 
 async def _topic(settings: Settings, partitions: int = 6) -> str:
     name = f"bench.s0.{uuid.uuid4().hex[:8]}"
-    admin = kafka.admin(settings)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
-    finally:
-        await admin.close()
+    await ensure_topics(settings, [NewTopic(name, partitions, 1)])
     return name
 
 

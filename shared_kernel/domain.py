@@ -67,6 +67,14 @@ class AggregateRoot(Aggregate):
         pass
 
 
+def required_text(value: str, field: str) -> str:
+    """The stripped text, or an InvalidCommand naming the field when it is blank."""
+    text = value.strip()
+    if not text:
+        raise InvalidCommand(f"{field} must not be blank", field=field)
+    return text
+
+
 EVENT_ENVELOPE_FIELDS = frozenset({"originator_id", "originator_version", "timestamp", "originator_topic"})
 
 

@@ -15,7 +15,7 @@ from uuid import UUID
 import orjson
 from eventsourcing.domain import event
 
-from shared_kernel.domain import AggregateRoot, InvalidCommand, InvariantViolation, NotFound
+from shared_kernel.domain import AggregateRoot, InvalidCommand, InvariantViolation, NotFound, required_text
 
 COMPARATORS = {
     ">=": lambda v, t: v >= t,
@@ -64,13 +64,6 @@ def _json_text(value: Any, field: str) -> str:
         raise InvalidCommand(f"{field} is not JSON: {exc}", field=field) from exc
 
 
-def _required(value: str, field: str) -> str:
-    text = value.strip()
-    if not text:
-        raise InvalidCommand(f"{field} must not be blank", field=field)
-    return text
-
-
 class Dataset(AggregateRoot):
     """A registered dataset: descriptive data, metadata entries, versions, quality checks."""
 
@@ -86,10 +79,10 @@ class Dataset(AggregateRoot):
         tags: list[str],
         metadata: dict[str, Any],
     ) -> Dataset:
-        entries = {_required(k, "metadata"): _json_text(v, f"metadata.{k}") for k, v in metadata.items()}
+        entries = {required_text(k, "metadata"): _json_text(v, f"metadata.{k}") for k, v in metadata.items()}
         return cls(
             id=dataset_id,
-            name=_required(name, "name"),
+            name=required_text(name, "name"),
             description=description.strip(),
             owner=owner.strip(),
             tags=_normalise_tags(tags),
@@ -101,13 +94,13 @@ class Dataset(AggregateRoot):
         if name is None and description is None:
             raise InvalidCommand("give a new name, a new description, or both", field="name")
         self._described(
-            name=self.name if name is None else _required(name, "name"),
+            name=self.name if name is None else required_text(name, "name"),
             description=self.description if description is None else description.strip(),
         )
 
     def set_metadata(self, key: str, value: Any) -> None:
         self._check_active()
-        self._metadata_set(key=_required(key, "key"), value_json=_json_text(value, "value"))
+        self._metadata_set(key=required_text(key, "key"), value_json=_json_text(value, "value"))
 
     def remove_metadata(self, key: str) -> None:
         self._check_active()
@@ -133,7 +126,7 @@ class Dataset(AggregateRoot):
             if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
                 raise InvalidCommand(f"{name} must be a finite number", field=name)
         self._quality_check_recorded(
-            metric=_required(metric, "metric"),
+            metric=required_text(metric, "metric"),
             value=float(value),
             threshold=float(threshold),
             comparator=comparator,

@@ -13,7 +13,7 @@ from uuid import UUID
 
 from eventsourcing.domain import event
 
-from shared_kernel.domain import AggregateRoot, InvalidCommand, InvariantViolation
+from shared_kernel.domain import AggregateRoot, InvalidCommand, InvariantViolation, required_text
 
 PRIORITIES = ("low", "medium", "high", "critical")
 STATUSES = ("open", "in_progress", "resolved", "closed")
@@ -24,13 +24,6 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     "closed": (),
 }
 MAX_COMMENT = 10_000
-
-
-def _required(value: str, field: str) -> str:
-    text = value.strip()
-    if not text:
-        raise InvalidCommand(f"{field} must not be blank", field=field)
-    return text
 
 
 class Incident(AggregateRoot):
@@ -46,7 +39,7 @@ class Incident(AggregateRoot):
             raise InvalidCommand(f"priority must be one of {', '.join(PRIORITIES)}", field="priority")
         return cls(
             id=incident_id,
-            title=_required(title, "title"),
+            title=required_text(title, "title"),
             description=description.strip(),
             priority=priority,
             source=source.strip(),
@@ -55,7 +48,7 @@ class Incident(AggregateRoot):
 
     def assign(self, assignee: str) -> None:
         self._check_not_closed()
-        self._assigned(assignee=_required(assignee, "assignee"))
+        self._assigned(assignee=required_text(assignee, "assignee"))
 
     def change_status(self, status: str, reason: str) -> None:
         if status not in STATUSES:
@@ -81,10 +74,10 @@ class Incident(AggregateRoot):
 
     def comment(self, author: str, body: str) -> None:
         self._check_not_closed()
-        text = _required(body, "body")
+        text = required_text(body, "body")
         if len(text) > MAX_COMMENT:
             raise InvalidCommand(f"a comment has at most {MAX_COMMENT} characters", field="body")
-        self._commented(author=_required(author, "author"), body=text)
+        self._commented(author=required_text(author, "author"), body=text)
 
     def _check_not_closed(self) -> None:
         if self.status == "closed":

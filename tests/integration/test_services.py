@@ -13,18 +13,14 @@ from redis.asyncio import Redis
 
 from shared_kernel import kafka
 from shared_kernel.settings import Settings
+from shared_kernel.topics import ensure_topics
 
 pytestmark = pytest.mark.asyncio
 
 
 async def _new_topic(settings: Settings, partitions: int = 1) -> str:
     name = f"test.txn.{uuid.uuid4().hex[:10]}"
-    admin = kafka.admin(settings)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
-    finally:
-        await admin.close()
+    assert await ensure_topics(settings, [NewTopic(name, partitions, 1)]) == [name]
     return name
 
 

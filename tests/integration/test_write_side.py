@@ -259,27 +259,36 @@ async def _probe_keys(ws: WriteSide) -> set[str]:
     return {e["headers"]["causation-id"] for e in events if e["headers"]["causation-id"].startswith("probe-")}
 
 
+async def _load_with_disruption(ws: WriteSide, disrupt: Any) -> None:
+    """2,000 commands from 32 clients over 40 incidents; `disrupt()` runs once 500 are accepted."""
+    ws.start_processor()
+    await ws.start_api()
+    incidents, creates = await _open_incidents(ws, 40)
+    disrupted = asyncio.Event()
+
+    async def progress(done: int) -> None:
+        if done >= 500 and not disrupted.is_set():
+            disrupted.set()
+            await disrupt()
+
+    accepted = await _load(ws.api_url, incidents, 2000, 32, progress)
+    assert disrupted.is_set()
+    assert len(accepted) == 2000
+    await _assert_exactly_once(ws, accepted, creates | await _probe_keys(ws))
+
+
 async def test_kill_9_of_the_processor_under_load_loses_and_duplicates_nothing(
     settings: Settings, tmp_path: Path
 ) -> None:
     ws = WriteSide.create(settings, tmp_path, command_timeout_s=3.0)
-    ws.start_processor()
-    await ws.start_api()
+
+    async def kill_and_restart() -> None:
+        ws.processors[0].kill9()
+        await asyncio.sleep(1)
+        ws.start_processor()
+
     try:
-        incidents, creates = await _open_incidents(ws, 40)
-        killed = asyncio.Event()
-
-        async def progress(done: int) -> None:
-            if done >= 500 and not killed.is_set():
-                killed.set()
-                ws.processors[0].kill9()
-                await asyncio.sleep(1)
-                ws.start_processor()
-
-        accepted = await _load(ws.api_url, incidents, 2000, 32, progress)
-        assert killed.is_set()
-        assert len(accepted) == 2000
-        await _assert_exactly_once(ws, accepted, creates | await _probe_keys(ws))
+        await _load_with_disruption(ws, kill_and_restart)
     finally:
         ws.stop()
 
@@ -288,23 +297,14 @@ async def test_a_rebalance_to_a_second_processor_under_load_loses_and_duplicates
     settings: Settings, tmp_path: Path
 ) -> None:
     ws = WriteSide.create(settings, tmp_path, command_timeout_s=3.0)
-    ws.start_processor()
-    await ws.start_api()
+
+    async def second_processor_joins() -> None:
+        ws.start_processor()
+
     try:
-        incidents, creates = await _open_incidents(ws, 40)
-        joined = asyncio.Event()
-
-        async def progress(done: int) -> None:
-            if done >= 500 and not joined.is_set():
-                joined.set()
-                ws.start_processor()
-
-        accepted = await _load(ws.api_url, incidents, 2000, 32, progress)
-        assert joined.is_set()
-        assert len(accepted) == 2000
-        await _assert_exactly_once(ws, accepted, creates | await _probe_keys(ws))
-        second_log = ws.processors[1].log.read_text()
-        assert "partitions assigned" in second_log  # the second processor really took partitions over
+        await _load_with_disruption(ws, second_processor_joins)
+        # The second processor really took partitions over.
+        assert "partitions assigned" in ws.processors[1].log.read_text()
     finally:
         ws.stop()
 
