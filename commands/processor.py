@@ -143,7 +143,9 @@ class PartitionWorker:
                     (command.reply_to, _rejected(command, "invalid_command", "unknown command type"))
                 )
                 continue
-            rollback = dump(context, loaded) if loaded is not None else None
+            # Only an aggregate already changed in this batch differs from its committed
+            # snapshot; keep its current state in case the handler fails half-way.
+            rollback = dump(context, loaded) if loaded is not None and key in batch.touched else None
             occurred = datetime.fromtimestamp(record.timestamp / 1000, UTC)
             try:
                 with using_clock(fixed_clock(occurred)):
@@ -166,6 +168,8 @@ class PartitionWorker:
                 log.exception("command handler failed", extra={"command_id": command.command_id})
                 if rollback is not None:
                     batch.touched[key] = load(context, command.aggregate_id, rollback)
+                else:
+                    self.state.forget_live(key)  # next use decodes the committed snapshot again
                 batch.dead_letters.append((record, f"{type(exc).__name__}: {exc}"))
                 batch.answers.append(
                     (command.reply_to, _rejected(command, "internal_error", "the command failed"))

@@ -448,10 +448,6 @@ class Postgres(Service):
         if self.running_pid() is None:
             self._start_pg()
 
-    @property
-    def pidfile_path(self) -> Path:
-        return self.data / "postmaster.pid"
-
     def running_pid(self) -> int | None:
         pid = read_pid(self.data / "postmaster.pid")
         return pid if pid is not None and pid_alive(pid, str(self.data)) else None

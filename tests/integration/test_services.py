@@ -24,9 +24,11 @@ async def _new_topic(settings: Settings, partitions: int = 1) -> str:
     return name
 
 
-async def _read_to_end(settings: Settings, topic: str) -> list[bytes]:
-    """Everything a read_committed consumer sees in partition 0, up to the end of the log."""
-    consumer = kafka.consumer(settings, isolation_level="read_committed")
+async def _read_to_end(
+    settings: Settings, topic: str, isolation_level: str = "read_committed"
+) -> list[bytes]:
+    """Everything a consumer of that isolation level sees in partition 0, up to the end of the log."""
+    consumer = kafka.consumer(settings, isolation_level=isolation_level)
     await consumer.start()
     try:
         tp = TopicPartition(topic, 0)
@@ -73,16 +75,7 @@ async def test_read_uncommitted_consumer_does_see_the_aborted_record(settings: S
         await producer.abort_transaction()
     finally:
         await producer.stop()
-    consumer = kafka.consumer(settings, isolation_level="read_uncommitted")
-    await consumer.start()
-    try:
-        tp = TopicPartition(topic, 0)
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        batch = await consumer.getmany(tp, timeout_ms=5000)
-        assert [r.value for r in batch.get(tp, [])] == [b"aborted"]
-    finally:
-        await consumer.stop()
+    assert await _read_to_end(settings, topic, isolation_level="read_uncommitted") == [b"aborted"]
 
 
 async def test_postgres_round_trip_with_jsonb(settings: Settings) -> None:
