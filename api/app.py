@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         producer = kafka.producer(
-            settings, request_timeout_ms=int(settings.command_timeout_s * 1000), linger_ms=1
+            settings, request_timeout_ms=int(settings.command_timeout_s * 1000), linger_ms=0
         )
         redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
         bus = CommandBus(settings, producer, redis)

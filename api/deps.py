@@ -15,7 +15,7 @@ from commands.bus import CommandBus
 _ETAG = re.compile(r'^(?:W/)?"?(\d{1,18})"?$')
 
 
-def get_bus(request: Request) -> CommandBus:
+async def get_bus(request: Request) -> CommandBus:
     bus: CommandBus = request.app.state.bus
     return bus
 
@@ -33,7 +33,7 @@ class CommandMeta:
     traceparent: str
 
 
-def command_meta(
+async def command_meta(
     idempotency_key: Annotated[
         str | None, Header(description="Command id: a retry with the same key gets the same answer.")
     ] = None,

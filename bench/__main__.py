@@ -7,11 +7,14 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from bench import s0_calibration
+import uvloop
+
+from bench import s0_calibration, s1_commands
 from shared_kernel.settings import Settings
 
 SCENARIOS: dict[str, Callable[[Settings], Coroutine[Any, Any, dict[str, Any]]]] = {
     "S0": s0_calibration.run,
+    "S1": s1_commands.run,
 }
 
 
@@ -23,7 +26,10 @@ def main(argv: list[str]) -> int:
         return 2
     settings = Settings()
     for scenario in chosen:
-        asyncio.run(SCENARIOS[scenario](settings))
+        # the same event loop as the services (uvicorn and the processor run on uvloop),
+        # so the raw-client limits measured here are not handicapped
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(SCENARIOS[scenario](settings))
     return 0
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from typing import Annotated
+from collections.abc import Coroutine
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -75,7 +76,7 @@ def run_command_processor() -> None:
 
     _logging()
     processor = CommandProcessor(get_settings())
-    asyncio.run(_until_signalled(processor.run))
+    _run_fast(_until_signalled(processor.run))
 
 
 @topics.command("create")
@@ -113,6 +114,15 @@ def schemas_check() -> None:
     if problems:
         raise typer.Exit(1)
     console.print(f"[green]✓[/] {len(codec.type_names)} event types, {len(codec.versions)} schema versions")
+
+
+def _run_fast(main: Coroutine[Any, Any, None]) -> None:
+    """Run a long-lived service on uvloop (as uvicorn does for the API): the processor's
+    transaction round trips are hops between tasks, and uvloop makes each hop cheaper."""
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
 
 
 def main() -> None:

@@ -80,8 +80,13 @@ class PartitionWorker:
             processor.settings, self.transactional_id, linger_ms=0, request_timeout_ms=30_000
         )
         self.state = PartitionState(processor.contexts)
-        self.next_offset = 0
+        self.next_offset = 0  # first offset not yet committed
+        self.queued_upto = 0  # first offset not yet handed to this worker
         self.fenced = False
+        self.stopping = False
+        self.pending: list[ConsumerRecord[bytes, bytes]] = []
+        self.wakeup = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
 
     async def start(self, consumer: AIOKafkaConsumer) -> None:
         # Order matters: initialising the transactional id fences the previous owner and
@@ -90,22 +95,61 @@ class PartitionWorker:
         await self.producer.start()
         self.state = await restore(self.p.settings, self.p.contexts, self.partition)
         await self._rewind(consumer)
+        self.task = asyncio.create_task(self._run(consumer), name=f"partition-{self.partition}")
 
     async def _rewind(self, consumer: AIOKafkaConsumer) -> None:
         committed = await consumer.committed(self.tp)
-        self.next_offset = committed if committed is not None else 0
+        self.next_offset = self.queued_upto = committed if committed is not None else 0
+        self.pending.clear()
         consumer.seek(self.tp, self.next_offset)
 
+    def offer(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> int:
+        """Queue fetched records (skipping any fetched before a rewind); returns the backlog."""
+        fresh = [r for r in records if r.offset >= self.queued_upto]
+        if fresh:
+            self.pending.extend(fresh)
+            self.queued_upto = fresh[-1].offset + 1
+            self.wakeup.set()
+        return len(self.pending)
+
     async def stop(self) -> None:
+        """Let the transaction in flight commit or abort, then stop."""
+        self.stopping = True
+        self.wakeup.set()
+        if self.task is not None:
+            await asyncio.gather(self.task, return_exceptions=True)
         await self.producer.stop()
+
+    async def _run(self, consumer: AIOKafkaConsumer) -> None:
+        """Group commit: whatever queued up while the last transaction was in flight
+        goes into the next one, so batches grow with the load and stay small when idle."""
+        settings = self.p.settings
+        window = settings.command_batch_window_ms / 1000
+        while not self.fenced:
+            await self.wakeup.wait()
+            if window and not self.stopping:
+                await asyncio.sleep(window)
+            if self.stopping:
+                return
+            self.wakeup.clear()
+            records = self.pending[: settings.command_batch_max]
+            del self.pending[: len(records)]
+            if self.pending:
+                self.wakeup.set()
+            if records:
+                await self.process(consumer, records)
+                if len(self.pending) < settings.command_batch_max:
+                    self.p.resume(self.tp)
 
     async def process(
         self, consumer: AIOKafkaConsumer, records: Sequence[ConsumerRecord[bytes, bytes]]
     ) -> None:
-        records = [r for r in records if r.offset >= self.next_offset]  # fetched before a rewind
+        records = [r for r in records if r.offset >= self.next_offset]
         if not records or self.fenced:
             return
+        t0 = time.perf_counter()
         batch = self._decide(records)
+        t1 = time.perf_counter()
         try:
             answers = await self._commit(batch, next_offset=records[-1].offset + 1)
         except ProducerFenced:
@@ -119,7 +163,19 @@ class PartitionWorker:
             await self._recover(consumer)
             return
         self.next_offset = records[-1].offset + 1
+        t2 = time.perf_counter()
         await self.p.reply(answers)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "batch committed",
+                extra={
+                    "partition": self.partition,
+                    "commands": len(records),
+                    "decide_ms": round((t1 - t0) * 1000, 2),
+                    "commit_ms": round((t2 - t1) * 1000, 2),
+                    "reply_ms": round((time.perf_counter() - t2) * 1000, 2),
+                },
+            )
 
     def _decide(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> _Batch:
         batch = _Batch()
@@ -194,6 +250,12 @@ class PartitionWorker:
         producer = self.producer
         answers = list(batch.answers)
         async with producer.transaction():
+            # The consumed offset is known up front: its two coordinator round trips
+            # (AddOffsetsToTxn, TxnOffsetCommit) overlap with the produce requests.
+            offsets = asyncio.ensure_future(
+                producer.send_offsets_to_transaction({self.tp: next_offset}, self.p.group_id)
+            )
+            offsets.add_done_callback(_retrieve)  # if the body fails first, the abort says why
             sends = []
             for acc in batch.accepted:
                 topic = topics.events(acc.key[0])
@@ -235,7 +297,7 @@ class PartitionWorker:
                         ("dlq-source", f"{record.topic}:{record.partition}:{record.offset}".encode()),
                     ],
                 )
-            await producer.send_offsets_to_transaction({self.tp: next_offset}, self.p.group_id)
+            await offsets
         for key, data in snapshots.items():
             self.state.commit(key, data, batch.touched[key])
         if batch.dead_letters:
@@ -250,6 +312,11 @@ class PartitionWorker:
         except KafkaError:
             log.exception("recovery failed; the partition is paused until the next rebalance")
             self.fenced = True
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _rejected(
@@ -318,6 +385,10 @@ class CommandProcessor:
         self.processed = 0
         self.dead_lettered = 0
 
+    def resume(self, tp: TopicPartition) -> None:
+        if self.consumer is not None and tp in self.consumer.paused():
+            self.consumer.resume(tp)
+
     async def reply(self, answers: list[tuple[str, CommandResult]]) -> None:
         if not answers or self.redis is None:
             return
@@ -343,26 +414,14 @@ class CommandProcessor:
         self.consumer.subscribe([self.topics.commands], listener=_Rebalance(self))
         await self.consumer.start()
         log.info("command processor started", extra={"group": self.group_id})
-        window = settings.command_batch_window_ms / 1000
         last_report = time.monotonic()
         try:
             while not stop.is_set():
                 batches = await self.consumer.getmany(timeout_ms=200, max_records=settings.command_batch_max)
-                if not batches:
-                    continue
-                if window:
-                    await asyncio.sleep(window)  # let a burst gather into one transaction
-                    more = await self.consumer.getmany(timeout_ms=0, max_records=settings.command_batch_max)
-                    for tp, records in more.items():
-                        batches.setdefault(tp, []).extend(records)
-                async with self.lock:
-                    await asyncio.gather(
-                        *(
-                            w.process(self.consumer, records)
-                            for tp, records in batches.items()
-                            if (w := self.workers.get(tp.partition)) is not None
-                        )
-                    )
+                for tp, records in batches.items():
+                    worker = self.workers.get(tp.partition)
+                    if worker is not None and worker.offer(records) >= 4 * settings.command_batch_max:
+                        self.consumer.pause(tp)  # backpressure: resumed when the worker catches up
                 if time.monotonic() - last_report > 30:
                     last_report = time.monotonic()
                     log.info(

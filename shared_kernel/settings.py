@@ -33,8 +33,25 @@ class Settings(BaseSettings):
 
     # Write side.
     command_timeout_s: float = Field(default=10.0, gt=0, description="how long the API waits for a result")
-    command_batch_window_ms: int = Field(default=5, ge=0, description="processor batch window")
+    command_batch_window_ms: int = Field(
+        default=0,
+        ge=0,
+        description="extra wait before a partition's next transaction; batches already grow "
+        "with the load (what queued while the last transaction committed goes into the next)",
+    )
     command_batch_max: int = Field(default=500, ge=1)
+    kafka_fetch_max_wait_ms: int = Field(
+        default=20,
+        ge=1,
+        le=500,
+        description="longest a consumer's fetch waits at the broker for new data (see kafka.consumer)",
+    )
+    kafka_txn_retry_backoff_ms: float = Field(
+        default=2.0,
+        gt=0,
+        le=100,
+        description="wait before retrying a transaction start the coordinator still finishes (KAFKA-5477)",
+    )
     result_ttl_s: int = Field(default=7 * 24 * 3600, ge=60, description="how long command results are kept")
     retry_after_s: int = Field(default=1, ge=1)
 

@@ -341,3 +341,47 @@ async def test_a_result_that_does_not_arrive_in_time_is_a_503_not_a_500(
             assert "Retry-After" in r.headers
     finally:
         ws.stop()
+
+
+async def test_a_poison_command_goes_to_the_dead_letter_topic_and_the_partition_keeps_flowing(
+    side: WriteSide, client: httpx.AsyncClient
+) -> None:
+    from aiokafka import TopicPartition
+
+    from shared_kernel import kafka
+    from shared_kernel.topics import Topics
+
+    topics = Topics(side.settings.topic_prefix)
+    dataset_id = str(uuid.uuid4())
+    poison = b"\x00not a command envelope"
+    producer = kafka.producer(side.settings)
+    await producer.start()
+    try:
+        sent = await producer.send_and_wait(topics.commands, poison, key=dataset_id.encode())
+    finally:
+        await producer.stop()
+
+    # The next command for the same aggregate lands in the same partition, after the poison.
+    r = await client.post("/api/v1/datasets", json={"id": dataset_id, "name": "after the poison"})
+    assert r.status_code == 201, r.text
+    assert r.json()["id"] == dataset_id
+
+    consumer = kafka.consumer(side.settings)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topics.dlq("command-processor"), p) for p in range(side.settings.partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        dead = []
+        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
+            for records in (await consumer.getmany(timeout_ms=1000)).values():
+                dead.extend(records)
+    finally:
+        await consumer.stop()
+    ours = [d for d in dead if d.key == dataset_id.encode()]
+    assert len(ours) == 1
+    assert ours[0].value == poison
+    headers = {k: v.decode() for k, v in ours[0].headers}
+    assert headers["dlq-error"].startswith("malformed command")
+    assert headers["dlq-source"] == f"{topics.commands}:{sent.partition}:{sent.offset}"

@@ -1,0 +1,454 @@
+"""S1, commands: HTTP command throughput and latency at 1, 16 and 64 concurrent clients.
+
+Three systems run the same workload, one after the other, in the same run:
+
+- **ours**: the real `cqrs serve api` and `cqrs run command-processor` processes; a
+  closed-loop HTTP client per simulated user (aiohttp).
+- **limit**: a raw aiokafka transactional produce loop with the same batching as the
+  processor (one transactional producer per partition, a batch window, up to
+  `command_batch_max` records per transaction), fed in process: no HTTP, no command
+  topic, no decision, no reply. It is what appending to Kafka exactly once costs.
+- **peer**: the `eventsourcing` library's Application on PostgreSQL (what a Python user
+  would pick instead) running the same aggregate code, called in process from one
+  thread per client: its best case, with no HTTP in front of it.
+
+Each client owns one dataset: it registers it (not timed), then cycles through
+set-metadata, publish-version, record-quality-check and describe until the level's
+time is up. Only successful commands are counted; any failure is reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import aiohttp
+import orjson
+from aiokafka.admin import NewTopic
+
+from bench.results import RESULTS, show, summary_ms, write
+from shared_kernel import kafka
+from shared_kernel.settings import Settings
+from shared_kernel.topics import ensure_topics
+
+LEVELS = [int(x) for x in os.environ.get("BENCH_S1_CLIENTS", "1,16,64").split(",")]
+SECONDS = float(os.environ.get("BENCH_S1_SECONDS", "10"))
+PROFILE = os.environ.get("BENCH_PROFILE", "") not in ("", "0")
+GOAL_LEVEL = 16
+GOAL_VS_LIMIT = 0.6
+GOAL_VS_PEER = 2.0
+
+
+# ---- the workload -------------------------------------------------------------
+
+
+def step(i: int) -> tuple[str, dict[str, Any]]:
+    """The i-th command (i >= 1) of a client's sequence, as (kind, arguments)."""
+    match i % 4:
+        case 1:
+            return "set_metadata", {"key": f"k{i % 20}", "value": {"rows": i * 1000, "ok": True}}
+        case 2:
+            return "publish_version", {"version": f"1.{i}.0", "notes": f"release {i}"}
+        case 3:
+            return "record_quality_check", {
+                "metric": "completeness",
+                "value": 0.9 + (i % 10) / 100,
+                "threshold": 0.95,
+                "comparator": ">=",
+            }
+        case _:
+            return "describe", {"name": None, "description": f"Hourly observations, revision {i}."}
+
+
+def registration(client: int) -> dict[str, Any]:
+    return {
+        "name": f"bench-dataset-{client}",
+        "description": "Hourly surface observations from 1,200 stations, quality controlled.",
+        "owner": "climate-team",
+        "tags": ["weather", "observations"],
+        "metadata": {"source": "stations", "licence": "CC-BY-4.0"},
+    }
+
+
+@dataclass
+class Level:
+    clients: int
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    first_error: str = ""
+    elapsed: float = 0.0
+
+    def failed(self, what: str) -> None:
+        self.errors += 1
+        self.first_error = self.first_error or what[:300]
+
+    def figures(self) -> dict[str, Any]:
+        done = len(self.latencies)
+        return {
+            "clients": self.clients,
+            "commands": done,
+            "commands_per_s": round(done / self.elapsed, 1) if self.elapsed else 0.0,
+            **{k: v for k, v in summary_ms(self.latencies).items() if k != "n"},
+            "errors": self.errors,
+            **({"first_error": self.first_error} if self.first_error else {}),
+        }
+
+
+async def closed_loop(
+    level: Level, prepare: Callable[[int], Awaitable[Any]], run: Callable[[Any, int], Awaitable[None]]
+) -> None:
+    """Each client prepares (untimed), then runs its steps back to back until time is up."""
+    handles = await asyncio.gather(*(prepare(c) for c in range(level.clients)))
+    deadline = time.perf_counter() + SECONDS
+
+    async def client(handle: Any) -> None:
+        i = 1
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            try:
+                await run(handle, i)
+            except Exception as exc:
+                level.failed(repr(exc))
+            else:
+                level.latencies.append(time.perf_counter() - t0)
+            i += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(h) for h in handles))
+    level.elapsed = time.perf_counter() - t0
+
+
+# ---- ours: the real processes over HTTP -----------------------------------------
+
+
+ROUTES: dict[str, tuple[str, Callable[[str, dict[str, Any]], tuple[str, dict[str, Any]]]]] = {
+    "set_metadata": (
+        "PUT",
+        lambda d, a: (f"/api/v1/datasets/{d}/metadata/{a['key']}", {"value": a["value"]}),
+    ),
+    "publish_version": ("POST", lambda d, a: (f"/api/v1/datasets/{d}/versions", a)),
+    "record_quality_check": ("POST", lambda d, a: (f"/api/v1/datasets/{d}/quality-checks", a)),
+    "describe": ("PATCH", lambda d, a: (f"/api/v1/datasets/{d}", {"description": a["description"]})),
+}
+
+
+async def run_ours(base_url: str, clients: int) -> Level:
+    level = Level(clients)
+    run_id = uuid.uuid4().hex[:6]
+    connector = aiohttp.TCPConnector(limit=clients + 4)
+    async with aiohttp.ClientSession(base_url, connector=connector) as http:
+
+        async def prepare(c: int) -> str:
+            key = f"s1-{run_id}-{c}"
+            async with http.post(
+                "/api/v1/datasets", json=registration(c), headers={"Idempotency-Key": key}
+            ) as r:
+                body = await r.json()
+                if r.status != 201:
+                    raise RuntimeError(f"register answered {r.status}: {body}")
+                return str(body["id"])
+
+        async def run(dataset_id: str, i: int) -> None:
+            kind, args = step(i)
+            method, route = ROUTES[kind]
+            path, body = route(dataset_id, args)
+            async with http.request(method, path, json=body) as r:
+                if r.status >= 300:
+                    raise RuntimeError(f"{kind} answered {r.status}: {await r.text()}")
+                await r.read()
+
+        await closed_loop(level, prepare, run)
+    return level
+
+
+# ---- limit: raw transactional produce with the same batching ---------------------
+
+
+class RawTransactionalAppender:
+    """One transactional producer and one batching loop per partition, nothing else."""
+
+    def __init__(self, settings: Settings, topic: str, partitions: int) -> None:
+        self.settings = settings
+        self.topic = topic
+        self.queues: list[asyncio.Queue[tuple[bytes, bytes, asyncio.Future[None]]]] = [
+            asyncio.Queue() for _ in range(partitions)
+        ]
+        self.producers = [
+            kafka.transactional_producer(settings, f"bench-s1-{uuid.uuid4().hex}", linger_ms=0)
+            for _ in range(partitions)
+        ]
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await asyncio.gather(*(p.start() for p in self.producers))
+        self.tasks = [asyncio.create_task(self._loop(p)) for p in range(len(self.producers))]
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*(p.stop() for p in self.producers))
+
+    async def append(self, partition: int, key: bytes, value: bytes) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.queues[partition].put_nowait((key, value, done))
+        await done
+
+    async def _loop(self, partition: int) -> None:
+        queue, producer = self.queues[partition], self.producers[partition]
+        window, most = self.settings.command_batch_window_ms / 1000, self.settings.command_batch_max
+        while True:
+            batch = [await queue.get()]
+            if window:
+                await asyncio.sleep(window)
+            while len(batch) < most and not queue.empty():
+                batch.append(queue.get_nowait())
+            try:
+                async with producer.transaction():
+                    for key, value, _ in batch:
+                        await producer.send(self.topic, value, key=key, partition=partition)
+            except Exception as exc:
+                for *_, done in batch:
+                    done.set_exception(exc)
+            else:
+                for *_, done in batch:
+                    done.set_result(None)
+
+
+async def run_limit(settings: Settings, clients: int) -> Level:
+    level = Level(clients)
+    topic = f"bench.s1.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(settings, [NewTopic(topic, settings.partitions, 1)])
+    appender = RawTransactionalAppender(settings, topic, settings.partitions)
+    await appender.start()
+    try:
+
+        async def prepare(c: int) -> tuple[int, bytes]:
+            key = uuid.uuid4().bytes
+            await appender.append(c % settings.partitions, key, orjson.dumps(registration(c)))
+            return c % settings.partitions, key
+
+        async def run(handle: tuple[int, bytes], i: int) -> None:
+            partition, key = handle
+            kind, args = step(i)
+            await appender.append(partition, key, orjson.dumps({"type": kind, **args}))
+
+        await closed_loop(level, prepare, run)
+    finally:
+        await appender.stop()
+        admin = kafka.admin(settings)
+        await admin.start()
+        try:
+            await admin.delete_topics([topic])
+        finally:
+            await admin.close()
+    return level
+
+
+# ---- peer: the eventsourcing Application on PostgreSQL -----------------------------
+
+
+def _peer_environment(settings: Settings, pool: int) -> dict[str, str]:
+    dsn = urlparse(settings.postgres_dsn)
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": dsn.path.lstrip("/"),
+        "POSTGRES_HOST": dsn.hostname or "127.0.0.1",
+        "POSTGRES_PORT": str(dsn.port or 5432),
+        "POSTGRES_USER": dsn.username or "",
+        "POSTGRES_PASSWORD": dsn.password or "",
+        "POSTGRES_POOL_SIZE": str(pool),
+        "POSTGRES_MAX_OVERFLOW": "4",
+        "CREATE_TABLE": "y",
+        # its recommended speed-up for a single writer process: cached aggregates,
+        # fast-forwarded from the database on every get (safe)
+        "AGGREGATE_CACHE_MAXSIZE": "100000",
+    }
+
+
+def run_peer(settings: Settings, clients: int) -> Level:
+    from eventsourcing.application import Application
+
+    from commands.datasets.aggregate import Dataset
+
+    class DatasetService(Application[uuid.UUID]):
+        """What the peer's user would write: one method per command."""
+
+        def register(self, dataset_id: uuid.UUID, args: dict[str, Any]) -> None:
+            self.save(Dataset.register(dataset_id, **args))
+
+        def handle(self, dataset_id: uuid.UUID, kind: str, args: dict[str, Any]) -> None:
+            dataset: Dataset = self.repository.get(dataset_id)
+            getattr(dataset, kind)(**args)
+            self.save(dataset)
+
+    name = f"benchpeer{uuid.uuid4().hex[:8]}"
+    DatasetService.name = name
+    app = DatasetService(env=_peer_environment(settings, clients))
+    level = Level(clients)
+    deadline_box: list[float] = []
+    lock = threading.Lock()
+
+    def client(c: int, start: threading.Barrier) -> None:
+        dataset_id = uuid.uuid4()
+        app.register(dataset_id, registration(c))
+        start.wait()
+        i = 1
+        while time.perf_counter() < deadline_box[0]:
+            kind, args = step(i)
+            t0 = time.perf_counter()
+            try:
+                app.handle(dataset_id, kind, args)
+            except Exception as exc:
+                with lock:
+                    level.failed(repr(exc))
+            else:
+                elapsed = time.perf_counter() - t0
+                with lock:
+                    level.latencies.append(elapsed)
+            i += 1
+
+    def timer() -> None:
+        deadline_box.append(time.perf_counter() + SECONDS)
+
+    barrier = threading.Barrier(clients, action=timer)
+    try:
+        with ThreadPoolExecutor(clients) as pool:
+            t0 = time.perf_counter()
+            for f in [pool.submit(client, c, barrier) for c in range(clients)]:
+                f.result()
+            level.elapsed = time.perf_counter() - t0 - _registration_time(deadline_box, t0)
+    finally:
+        app.close()
+        _drop_peer_tables(settings, name)
+    return level
+
+
+def _registration_time(deadline_box: list[float], t0: float) -> float:
+    return max(0.0, deadline_box[0] - SECONDS - t0) if deadline_box else 0.0
+
+
+def _drop_peer_tables(settings: Settings, name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(settings.postgres_dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE %s",
+            (f"{name}%",),
+        ).fetchall()
+        for (table,) in rows:
+            conn.execute(f'DROP TABLE IF EXISTS "{table}"')
+
+
+# ---- the run ------------------------------------------------------------------------
+
+
+async def _start_ours(settings: Settings, workdir: Path) -> Any:
+    from tests.integration.harness import WriteSide
+
+    side = WriteSide.create(settings, workdir, partitions=settings.partitions)
+    side.start_processor()
+    await side.start_api()
+    import httpx
+
+    async with httpx.AsyncClient(base_url=side.api_url, timeout=30) as client:
+        await side.wait_until_commands_flow(client)
+    return side
+
+
+def _profile(side: Any, workdir: Path) -> dict[str, str]:
+    """py-spy flame graphs of the processor and the API for one extra 16-client level."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    out: dict[str, str] = {}
+    procs = {"processor": side.processors[0].popen.pid, "api": side.api.popen.pid}
+    spies = []
+    for name, pid in procs.items():
+        target = RESULTS.parent / f"s1-{name}.speedscope.json"
+        spies.append(
+            subprocess.Popen(
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--duration",
+                    str(int(SECONDS)),
+                    "--format",
+                    "speedscope",
+                    "--output",
+                    str(target),
+                    "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        out[name] = str(target.relative_to(RESULTS.parent.parent.parent))
+    asyncio.run(run_ours(side.api_url, GOAL_LEVEL))
+    for s in spies:
+        s.wait(60)
+    return out
+
+
+async def run(settings: Settings) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-s1-"))
+    side = await _start_ours(settings, workdir)
+    try:
+        ours = [(await run_ours(side.api_url, n)).figures() for n in LEVELS]
+        profiles = await asyncio.to_thread(_profile, side, workdir) if PROFILE else {}
+    finally:
+        side.stop()
+    limit = [(await run_limit(settings, n)).figures() for n in LEVELS]
+    peer = [(await asyncio.to_thread(run_peer, settings, n)).figures() for n in LEVELS]
+
+    def at(rows: list[dict[str, Any]], n: int) -> dict[str, Any]:
+        return next((r for r in rows if r["clients"] == n), rows[-1])
+
+    goal_n = GOAL_LEVEL if GOAL_LEVEL in LEVELS else LEVELS[-1]
+    ratio_limit = at(ours, goal_n)["commands_per_s"] / max(at(limit, goal_n)["commands_per_s"], 1e-9)
+    ratio_peer = at(ours, goal_n)["commands_per_s"] / max(at(peer, goal_n)["commands_per_s"], 1e-9)
+    result: dict[str, Any] = {
+        "what": "HTTP command throughput and latency, closed loop, one dataset per client",
+        "seconds_per_level": SECONDS,
+        "partitions": settings.partitions,
+        "batch_window_ms": settings.command_batch_window_ms,
+        "ours": ours,
+        "limit_raw_transactional_produce": limit,
+        "peer_eventsourcing_postgres_in_process": peer,
+        "goal_level_clients": goal_n,
+        "ratio_vs_limit": round(ratio_limit, 3),
+        "ratio_vs_limit_goal": GOAL_VS_LIMIT,
+        "ratio_vs_peer": round(ratio_peer, 3),
+        "ratio_vs_peer_goal": GOAL_VS_PEER,
+        **({"profiles": profiles} if profiles else {}),
+    }
+    write("S1", result)
+    rows: list[tuple[str, str, str]] = []
+    for n in LEVELS:
+        o, lim, p = at(ours, n), at(limit, n), at(peer, n)
+        rows.append(
+            (
+                f"{n} clients: ours",
+                f"{o['commands_per_s']:,} cmd/s  p50 {o['p50_ms']} p99 {o['p99_ms']} ms",
+                f"limit {lim['commands_per_s']:,} cmd/s (p50 {lim['p50_ms']}); "
+                f"peer {p['commands_per_s']:,} cmd/s (p50 {p['p50_ms']})",
+            )
+        )
+    rows.append(("ratio_vs_limit", f"{ratio_limit:.2f}", f"goal >= {GOAL_VS_LIMIT} at {goal_n} clients"))
+    rows.append(("ratio_vs_peer", f"{ratio_peer:.2f}", f"goal >= {GOAL_VS_PEER} at {goal_n} clients"))
+    show("S1", "commands over HTTP", rows)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return result
