@@ -79,6 +79,21 @@ def run_command_processor() -> None:
     _run_fast(_until_signalled(processor.run))
 
 
+@run.command("projector")
+def run_projector(
+    name: Annotated[str, typer.Argument(help="the projection: datasets, quality_metrics, incidents, events")],
+) -> None:
+    """Keep one read model up to date from the events topics (a Faust worker)."""
+    from projections.postgres import PROJECTIONS
+    from streams.app import ProjectionApp
+
+    if name not in PROJECTIONS:
+        console.print(f"[red]unknown projection {name!r}[/]; known: {', '.join(PROJECTIONS)}")
+        raise typer.Exit(2)
+    _logging()
+    ProjectionApp(get_settings(), PROJECTIONS[name]).run()
+
+
 @topics.command("create")
 def topics_create() -> None:
     """Create the topics of the contract with their configurations (existing ones are kept)."""

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
         "with the load (what queued while the last transaction committed goes into the next)",
     )
     command_batch_max: int = Field(default=500, ge=1)
+    projection_batch_max: int = Field(default=1000, ge=1, description="events per projection transaction")
+    query_consistency_timeout_s: float = Field(
+        default=5.0, gt=0, description="how long a query waits for the position it was given (then 504)"
+    )
     kafka_fetch_max_wait_ms: int = Field(
         default=20,
         ge=1,

@@ -78,16 +78,18 @@ def contract_topics(
                 },
             )
         )
-    for consumer in dlq_consumers:
-        wanted.append(
-            NewTopic(
-                t.dlq(consumer),
-                n,
-                rf,
-                topic_configs={"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)},
-            )
-        )
+    wanted.extend(dlq_topic(settings, consumer) for consumer in dlq_consumers)
     return wanted
+
+
+def dlq_topic(settings: Settings, consumer: str) -> NewTopic:
+    """The dead-letter topic of one consumer (the command processor, a projection)."""
+    return NewTopic(
+        Topics(settings.topic_prefix).dlq(consumer),
+        settings.partitions,
+        settings.replication_factor,
+        topic_configs={"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)},
+    )
 
 
 async def ensure_topics(settings: Settings, topics: list[NewTopic]) -> list[str]:

@@ -1,0 +1,1 @@
+"""Read models: SQL migrations, the PostgreSQL projectors, positions and lag."""

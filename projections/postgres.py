@@ -1,0 +1,338 @@
+"""The PostgreSQL projections: each folds a batch of events into its table in one go.
+
+Applying is idempotent and order-safe. A row keeps the version of the last event it
+reflects; an event at or below it is skipped, so a batch delivered twice (after a crash
+between the database commit and the Kafka offset commit) changes nothing. Per batch a
+projection reads the rows the batch touches once, folds the events in memory, and
+writes the changed rows back with one statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+from uuid import UUID
+
+import asyncpg
+import orjson
+
+from projections.events import StoredEvent
+
+Row = dict[str, Any]
+
+
+class Projection:
+    """A read model fed by the events of some contexts."""
+
+    name: ClassVar[str]
+    contexts: ClassVar[tuple[str, ...]]
+    version: ClassVar[int] = 1
+
+    async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
+        raise NotImplementedError
+
+
+class FoldedRows(Projection):
+    """One row per aggregate, evolved by a pure function of (row, event)."""
+
+    table: ClassVar[str]
+    columns: ClassVar[tuple[str, ...]]  # the first is the key ("id"), "version" among them
+    evolvers: ClassVar[dict[str, Callable[[Row | None, StoredEvent], Row | None]]]
+
+    @property
+    def physical(self) -> str:
+        return f"{self.table}_v{self.version}"
+
+    async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
+        relevant = [e for e in events if e.name in self.evolvers]
+        if not relevant:
+            return
+        ids = list({UUID(e.meta.aggregate_id) for e in relevant})
+        cols = ", ".join(f'"{c}"' for c in self.columns)
+        rows: dict[UUID, Row] = {
+            r["id"]: dict(r)
+            for r in await conn.fetch(f"SELECT {cols} FROM {self.physical} WHERE id = ANY($1::uuid[])", ids)
+        }
+        changed: dict[UUID, Row] = {}
+        for e in relevant:
+            key = UUID(e.meta.aggregate_id)
+            row = rows.get(key)
+            if row is not None and e.version <= row["version"]:
+                continue  # already applied (redelivery)
+            new = self.evolvers[e.name](None if row is None else dict(row), e)
+            if new is None:
+                continue
+            new["version"] = e.version
+            rows[key] = changed[key] = new
+        if not changed:
+            return
+        placeholders = ", ".join(f"${i + 1}" for i in range(len(self.columns)))
+        updates = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in self.columns[1:])
+        await conn.executemany(
+            f"INSERT INTO {self.physical} ({cols}) VALUES ({placeholders}) "
+            f"ON CONFLICT (id) DO UPDATE SET {updates} WHERE {self.physical}.version < EXCLUDED.version",
+            [tuple(r[c] for c in self.columns) for r in changed.values()],
+        )
+
+
+# ---- datasets -------------------------------------------------------------------------
+
+
+def _dataset_registered(row: Row | None, e: StoredEvent) -> Row:
+    p = e.payload
+    return {
+        "id": UUID(e.meta.aggregate_id),
+        "name": p["name"],
+        "description": p["description"],
+        "owner": p["owner"],
+        "status": "active",
+        "tags": list(p["tags"]),
+        "metadata": {k: orjson.loads(v) for k, v in p["metadata"].items()},
+        "latest_version": None,
+        "versions": 0,
+        "quality": {"checks": 0, "passed": 0, "metrics": {}},
+        "archived_reason": None,
+        "created_at": e.meta.occurred_at,
+        "updated_at": e.meta.occurred_at,
+    }
+
+
+def _on_dataset(change: Callable[[Row, dict[str, Any], StoredEvent], None]) -> Callable[..., Row | None]:
+    def evolve(row: Row | None, e: StoredEvent) -> Row | None:
+        if row is None:
+            return None  # its registration is not projected yet (cannot happen in order)
+        change(row, e.payload, e)
+        row["updated_at"] = e.meta.occurred_at
+        return row
+
+    return evolve
+
+
+def _described(row: Row, p: dict[str, Any], e: StoredEvent) -> None:
+    row["name"], row["description"] = p["name"], p["description"]
+
+
+def _metadata_set(row: Row, p: dict[str, Any], e: StoredEvent) -> None:
+    row["metadata"] = {**row["metadata"], p["key"]: orjson.loads(p["value_json"])}
+
+
+def _metadata_removed(row: Row, p: dict[str, Any], e: StoredEvent) -> None:
+    row["metadata"] = {k: v for k, v in row["metadata"].items() if k != p["key"]}
+
+
+def _version_published(row: Row, p: dict[str, Any], e: StoredEvent) -> None:
+    row["latest_version"] = p["version"]
+    row["versions"] += 1
+
+
+def _quality_recorded(row: Row, p: dict[str, Any], e: StoredEvent) -> None:
+    q = dict(row["quality"])
+    q["checks"] = q.get("checks", 0) + 1
+    q["passed"] = q.get("passed", 0) + (1 if p["passed"] else 0)
+    q["metrics"] = {
+        **q.get("metrics", {}),
+        p["metric"]: {
+            "value": p["value"],
+            "threshold": p["threshold"],
+            "comparator": p["comparator"],
+            "passed": p["passed"],
+            "recorded_at": e.meta.occurred_at.isoformat(),
+        },
+    }
+    row["quality"] = q
+
+
+def _archived(row: Row, p: dict[str, Any], e: StoredEvent) -> None:
+    row["status"], row["archived_reason"] = "archived", p["reason"]
+
+
+class DatasetsProjection(FoldedRows):
+    name = "datasets"
+    contexts = ("datasets",)
+    table = "datasets"
+    columns = (
+        "id",
+        "version",
+        "name",
+        "description",
+        "owner",
+        "status",
+        "tags",
+        "metadata",
+        "latest_version",
+        "versions",
+        "quality",
+        "archived_reason",
+        "created_at",
+        "updated_at",
+    )
+    evolvers = {
+        "DatasetRegistered": _dataset_registered,
+        "DatasetDescribed": _on_dataset(_described),
+        "MetadataSet": _on_dataset(_metadata_set),
+        "MetadataRemoved": _on_dataset(_metadata_removed),
+        "VersionPublished": _on_dataset(_version_published),
+        "QualityCheckRecorded": _on_dataset(_quality_recorded),
+        "DatasetArchived": _on_dataset(_archived),
+    }
+
+
+# ---- incidents ------------------------------------------------------------------------
+
+
+def _incident_opened(row: Row | None, e: StoredEvent) -> Row:
+    p = e.payload
+    return {
+        "id": UUID(e.meta.aggregate_id),
+        "title": p["title"],
+        "description": p["description"],
+        "priority": p["priority"],
+        "source": p["source"],
+        "external_id": p["external_id"],
+        "status": "open",
+        "assignee": None,
+        "comments": 0,
+        "opened_at": e.meta.occurred_at,
+        "updated_at": e.meta.occurred_at,
+        "resolved_at": None,
+        "closed_at": None,
+    }
+
+
+def _on_incident(change: Callable[[Row, dict[str, Any], StoredEvent], None]) -> Callable[..., Row | None]:
+    return _on_dataset(change)
+
+
+def _assigned(row: Row, p: dict[str, Any], e: StoredEvent) -> None:
+    row["assignee"] = p["assignee"]
+
+
+def _status_changed(row: Row, p: dict[str, Any], e: StoredEvent) -> None:
+    row["status"] = p["to_status"]
+    if p["to_status"] == "resolved":
+        row["resolved_at"] = e.meta.occurred_at
+    elif p["to_status"] == "closed":
+        row["closed_at"] = e.meta.occurred_at
+    else:
+        row["resolved_at"] = row["resolved_at"] if p["to_status"] != "open" else None
+        row["closed_at"] = None
+
+
+def _commented(row: Row, p: dict[str, Any], e: StoredEvent) -> None:
+    row["comments"] += 1
+
+
+class IncidentsProjection(FoldedRows):
+    name = "incidents"
+    contexts = ("incidents",)
+    table = "incidents"
+    columns = (
+        "id",
+        "version",
+        "title",
+        "description",
+        "priority",
+        "source",
+        "external_id",
+        "status",
+        "assignee",
+        "comments",
+        "opened_at",
+        "updated_at",
+        "resolved_at",
+        "closed_at",
+    )
+    evolvers = {
+        "IncidentOpened": _incident_opened,
+        "IncidentAssigned": _on_incident(_assigned),
+        "IncidentStatusChanged": _on_incident(_status_changed),
+        "IncidentCommented": _on_incident(_commented),
+    }
+
+
+# ---- append-only tables ---------------------------------------------------------------
+
+
+class QualityMetricsProjection(Projection):
+    """Every quality check, one row each (the history behind the summary)."""
+
+    name = "quality_metrics"
+    contexts = ("datasets",)
+
+    async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
+        rows = [
+            (
+                UUID(e.meta.aggregate_id),
+                e.version,
+                e.payload["metric"],
+                e.payload["value"],
+                e.payload["threshold"],
+                e.payload["comparator"],
+                e.payload["passed"],
+                e.meta.occurred_at,
+            )
+            for e in events
+            if e.name == "QualityCheckRecorded"
+        ]
+        if rows:
+            await conn.executemany(
+                f"INSERT INTO quality_metrics_v{self.version} (dataset_id, version, metric, value, "
+                "threshold, comparator, passed, recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+                "ON CONFLICT DO NOTHING",
+                rows,
+            )
+
+
+class EventsArchiveProjection(Projection):
+    """Every event with its headers, payload as JSONB, partition and offset."""
+
+    name = "events"
+    contexts = ("datasets", "incidents")
+
+    async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
+        rows = [
+            (
+                e.meta.event_id,
+                e.topic,
+                e.partition,
+                e.offset,
+                e.context,
+                e.meta.aggregate_type,
+                e.meta.aggregate_id,
+                e.version,
+                e.type_name,
+                e.meta.occurred_at,
+                _headers(e),
+                e.payload,
+            )
+            for e in events
+        ]
+        if rows:
+            await conn.executemany(
+                f'INSERT INTO events_v{self.version} (event_id, topic, partition, "offset", context, '
+                "aggregate_type, aggregate_id, version, event_type, occurred_at, headers, payload) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT DO NOTHING",
+                rows,
+            )
+
+
+def _headers(e: StoredEvent) -> dict[str, str]:
+    return {k: v.decode() for k, v in e.meta.to_headers()}
+
+
+PROJECTIONS: dict[str, Projection] = {
+    p.name: p
+    for p in (
+        DatasetsProjection(),
+        QualityMetricsProjection(),
+        IncidentsProjection(),
+        EventsArchiveProjection(),
+    )
+}
+
+
+def by_names(names: Iterable[str]) -> list[Projection]:
+    unknown = [n for n in names if n not in PROJECTIONS]
+    if unknown:
+        raise KeyError(f"unknown projection(s) {unknown}; known: {sorted(PROJECTIONS)}")
+    return [PROJECTIONS[n] for n in names]

@@ -1,0 +1,155 @@
+"""Applies batches of event records to one projection: one PostgreSQL transaction each,
+with the projection's positions, its counters and nothing else.
+
+Records that cannot be decoded, or whose batch the projection rejects, go to
+`<prefix>.dlq.<projection>` with the error in headers; the rest of the batch is applied.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+
+from projections.events import Record, StoredEvent, decode
+from projections.postgres import Projection
+from shared_kernel.avro import AvroCodec
+from shared_kernel.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchOutcome:
+    applied: int = 0
+    dead: list[tuple[Record, str]] = field(default_factory=list)
+
+
+class Projector:
+    def __init__(
+        self,
+        projection: Projection,
+        pool: asyncpg.Pool,
+        producer: AIOKafkaProducer,
+        codec: AvroCodec,
+        topics: Topics,
+    ) -> None:
+        self.projection = projection
+        self.pool = pool
+        self.producer = producer
+        self.codec = codec
+        self.dlq_topic = topics.dlq(projection.name)
+        self.topics = [topics.events(c) for c in projection.contexts]
+
+    async def handle(self, records: Sequence[Record]) -> BatchOutcome:
+        t0 = time.perf_counter()
+        outcome = BatchOutcome()
+        events: list[StoredEvent] = []
+        for r in records:
+            try:
+                events.append(decode(self.codec, r))
+            except Exception as exc:
+                outcome.dead.append((r, f"cannot decode: {type(exc).__name__}: {exc}"))
+        try:
+            await self._apply(events, records, outcome)
+        except (asyncpg.PostgresConnectionError, OSError):
+            raise  # the database is away: nothing applied, the batch comes again
+        except Exception as exc:
+            # One bad event must not stop the projection: find it by applying one by one.
+            log.warning(
+                "batch failed; applying its events one by one",
+                extra={"projection": self.projection.name, "error": repr(exc)},
+            )
+            outcome = BatchOutcome(dead=outcome.dead)
+            for e in events:
+                try:
+                    await self._apply([e], [], outcome)
+                except (asyncpg.PostgresConnectionError, OSError):
+                    raise
+                except Exception as one_exc:
+                    outcome.dead.append((_record_of(records, e), f"{type(one_exc).__name__}: {one_exc}"))
+            await self._apply([], records, outcome)  # positions and counters of the whole batch
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "batch applied",
+                extra={
+                    "projection": self.projection.name,
+                    "records": len(records),
+                    "dead": len(outcome.dead),
+                    "ms": round((time.perf_counter() - t0) * 1000, 2),
+                },
+            )
+        return outcome
+
+    async def _apply(
+        self, events: list[StoredEvent], records: Sequence[Record], outcome: BatchOutcome
+    ) -> None:
+        # Dead letters are produced before the database commits: a crash in between
+        # repeats a dead letter, it never loses one.
+        if records and outcome.dead:
+            for record, error in outcome.dead:
+                await self.producer.send_and_wait(
+                    self.dlq_topic,
+                    record.value,
+                    key=record.key,
+                    headers=[
+                        *record.headers,
+                        ("dlq-error", error.encode()[:4000]),
+                        ("dlq-source", f"{record.topic}:{record.partition}:{record.offset}".encode()),
+                        ("dlq-projection", self.projection.name.encode()),
+                    ],
+                )
+                log.error(
+                    "event dead-lettered",
+                    extra={
+                        "projection": self.projection.name,
+                        "source": f"{record.topic}:{record.partition}:{record.offset}",
+                        "error": error,
+                    },
+                )
+        async with self.pool.acquire() as conn, conn.transaction():
+            if events:
+                await self.projection.apply(conn, events)
+                outcome.applied += len(events)
+            if records:
+                await self._record_positions(conn, records, outcome)
+
+    async def _record_positions(
+        self, conn: asyncpg.Connection, records: Sequence[Record], outcome: BatchOutcome
+    ) -> None:
+        ends: dict[tuple[str, int], tuple[int, int]] = {}
+        for r in records:
+            key = (r.topic, r.partition)
+            if key not in ends or r.offset + 1 > ends[key][0]:
+                ends[key] = (r.offset + 1, r.timestamp_ms)
+        await conn.executemany(
+            "INSERT INTO projection_positions "
+            "(projection, topic, partition, next_offset, event_time, updated_at) "
+            "VALUES ($1, $2, $3, $4, to_timestamp($5::double precision / 1000), now()) "
+            "ON CONFLICT (projection, topic, partition) DO UPDATE SET "
+            "next_offset = GREATEST(projection_positions.next_offset, EXCLUDED.next_offset), "
+            "event_time = EXCLUDED.event_time, updated_at = now()",
+            [(self.projection.name, t, p, end, ts) for (t, p), (end, ts) in ends.items()],
+        )
+        last_error = outcome.dead[-1][1][:1000] if outcome.dead else None
+        await conn.execute(
+            "INSERT INTO projection_stats (projection, applied, dead_lettered, last_error) "
+            "VALUES ($1, $2, $3, $4) ON CONFLICT (projection) DO UPDATE SET "
+            "applied = projection_stats.applied + EXCLUDED.applied, "
+            "dead_lettered = projection_stats.dead_lettered + EXCLUDED.dead_lettered, "
+            "last_error = COALESCE(EXCLUDED.last_error, projection_stats.last_error)",
+            self.projection.name,
+            outcome.applied,
+            len(outcome.dead),
+            last_error,
+        )
+
+
+def _record_of(records: Sequence[Record], e: StoredEvent) -> Record:
+    return next(
+        r for r in records if r.topic == e.topic and r.partition == e.partition and r.offset == e.offset
+    )

@@ -1,0 +1,1 @@
+"""The Faust apps: agents that drive the projections."""

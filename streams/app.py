@@ -1,0 +1,138 @@
+"""The Faust apps that drive the projections: one app (so one consumer group) per projection.
+
+Each app has one agent on the events topics of its projection's contexts. The agent
+takes events in batches (`take_events`) and hands each batch to a `Projector`, which
+applies it in one PostgreSQL transaction together with the projection's positions.
+Faust commits an event's offset only after the agent has finished with its batch, so
+after a crash a batch may come again; applying is idempotent, so that changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
+
+from projections.db import create_pool, migrate
+from projections.events import Record
+from projections.postgres import Projection
+from projections.projector import Projector
+from shared_kernel import kafka
+from shared_kernel.avro import AvroCodec
+from shared_kernel.settings import Settings
+from shared_kernel.topics import Topics, dlq_topic, ensure_topics
+
+log = logging.getLogger(__name__)
+
+RETRY_S = (0.2, 0.5, 1, 2, 5)
+
+
+def _read_committed_consumer_thread() -> None:
+    """Faust reads uncommitted data unless it runs its own exactly-once producers; the
+    events topics are written in transactions, so an aborted event would be projected.
+    Faust's Kafka consumer is made read_committed here, with our bounded fetch wait."""
+    thread: Any = faust_aiokafka.AIOKafkaConsumerThread
+    if getattr(thread, "_cqrs_patched", False):
+        return
+    original = thread._create_worker_consumer
+
+    def create(self: Any, transport: Any) -> Any:
+        consumer = original(self, transport)
+        consumer._isolation_level = "read_committed"
+        consumer._fetch_max_wait_ms = self.app.conf.cqrs_fetch_max_wait_ms
+        return consumer
+
+    thread._create_worker_consumer = create
+    thread._cqrs_patched = True
+
+
+def _record(message: Any) -> Record:
+    headers = message.headers or []
+    if isinstance(headers, dict):
+        headers = list(headers.items())
+    return Record(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key,
+        value=message.value,
+        headers=[(k, v if isinstance(v, bytes) else str(v).encode()) for k, v in headers],
+        timestamp_ms=int(message.timestamp * 1000),
+    )
+
+
+class ProjectionApp:
+    """A Faust app for one projection, with the resources its agent needs."""
+
+    def __init__(self, settings: Settings, projection: Projection, datadir: Path | None = None) -> None:
+        _read_committed_consumer_thread()
+        self.settings = settings
+        self.projection = projection
+        self.topics = Topics(settings.topic_prefix)
+        self.group_id = f"{settings.topic_prefix}.projection.{projection.name}"
+        # Faust keeps local table state here; projections use no Faust tables.
+        datadir = datadir or Path(tempfile.gettempdir()) / "cqrs-faust" / self.group_id
+        datadir.parent.mkdir(parents=True, exist_ok=True)
+        self.app = faust.App(
+            self.group_id,
+            broker=f"kafka://{settings.kafka_bootstrap}",
+            value_serializer="raw",
+            key_serializer="raw",
+            web_enabled=False,
+            topic_disable_leader=True,
+            topic_partitions=settings.partitions,
+            consumer_auto_offset_reset="earliest",
+            broker_commit_interval=0.5,
+            stream_wait_empty=False,
+            datadir=str(datadir),
+        )
+        self.app.conf.cqrs_fetch_max_wait_ms = settings.kafka_fetch_max_wait_ms
+        source = self.app.topic(
+            *[self.topics.events(c) for c in projection.contexts],
+            key_type=bytes,
+            value_type=bytes,
+            value_serializer="raw",
+            key_serializer="raw",
+        )
+        self.projector: Projector | None = None
+        self.app.agent(source, name=f"project-{projection.name}")(self._agent)
+
+    async def _start_projector(self) -> Projector:
+        settings = self.settings
+        await migrate(settings)
+        await ensure_topics(settings, [dlq_topic(settings, self.projection.name)])
+        pool = await create_pool(settings, min_size=1, max_size=2)
+        producer = kafka.producer(settings)
+        await producer.start()
+        return Projector(self.projection, pool, producer, AvroCodec.from_directory(), self.topics)
+
+    async def _agent(self, stream: Any) -> None:
+        if self.projector is None:
+            self.projector = await self._start_projector()
+        projector = self.projector
+        log.info("projection started", extra={"projection": self.projection.name, "group": self.group_id})
+        async for events in stream.take_events(self.settings.projection_batch_max, within=0.05):
+            records = [_record(e.message) for e in events]
+            for attempt, pause in enumerate((*RETRY_S, None)):
+                try:
+                    await projector.handle(records)
+                    break
+                except Exception:
+                    if pause is None:
+                        raise
+                    log.warning(
+                        "batch not applied; retrying",
+                        extra={"projection": self.projection.name, "attempt": attempt + 1},
+                        exc_info=True,
+                    )
+                    await asyncio.sleep(pause)
+
+    def run(self) -> None:
+        """Run the Faust worker until it is signalled to stop."""
+        worker = faust.Worker(self.app, loglevel=self.settings.log_level.upper(), quiet=True)
+        worker.execute_from_commandline()
