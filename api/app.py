@@ -11,14 +11,16 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import asyncpg
 from aiokafka.errors import KafkaError
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from api import errors, health
+from api import errors, health, queries
 from api.datasets import commands as dataset_commands
 from api.incidents import commands as incident_commands
 from commands.bus import CommandBus
+from projections.db import create_pool, migrate
 from shared_kernel import kafka
 from shared_kernel.settings import Settings, get_settings
 
@@ -39,6 +41,20 @@ async def _connect_producer(bus: CommandBus) -> None:
             delay = min(delay * 2, 10)
 
 
+async def _connect_read_models(app: FastAPI, settings: Settings) -> None:
+    delay = 0.5
+    while True:
+        try:
+            await migrate(settings)  # the tables exist before any projector has run
+            app.state.pool = await create_pool(settings, min_size=2, max_size=10)
+            log.info("connected to the read models")
+            return
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.warning("PostgreSQL unreachable; retrying", extra={"error": repr(exc), "retry_in_s": delay})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -50,14 +66,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
         bus = CommandBus(settings, producer, redis)
         app.state.bus = bus
+        app.state.settings = settings
+        app.state.pool = None
+        pooling = asyncio.create_task(_connect_read_models(app, settings))
         await bus.start()
         connecting = asyncio.create_task(_connect_producer(bus))
         try:
             yield
         finally:
-            connecting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await connecting
+            for task in (connecting, pooling):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if app.state.pool is not None:
+                await app.state.pool.close()
             await bus.stop()
             if bus.producer_ready.is_set():
                 await producer.stop()
@@ -73,4 +95,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(dataset_commands.router)
     app.include_router(incident_commands.router)
+    app.include_router(queries.router)
     return app

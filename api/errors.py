@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -28,6 +29,10 @@ class RequestProblem(Exception):
     def __init__(self, status: int, code: str, detail: str, **extra: Any) -> None:
         super().__init__(detail)
         self.status, self.code, self.detail, self.extra = status, code, detail, extra
+
+
+class ReadModelsUnavailable(Exception):
+    """PostgreSQL does not answer: 503 with Retry-After."""
 
 
 class CommandRejected(RequestProblem):
@@ -63,6 +68,17 @@ def install(app: FastAPI) -> None:
     async def _unavailable(_: Request, exc: BusUnavailable) -> JSONResponse:
         return JSONResponse(
             {"error": "unavailable", "detail": str(exc)},
+            status_code=503,
+            headers={"Retry-After": retry_after},
+        )
+
+    @app.exception_handler(ReadModelsUnavailable)
+    @app.exception_handler(asyncpg.PostgresConnectionError)
+    @app.exception_handler(asyncpg.CannotConnectNowError)
+    @app.exception_handler(ConnectionError)
+    async def _read_models_down(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(
+            {"error": "unavailable", "detail": f"the read models are unreachable: {exc}"},
             status_code=503,
             headers={"Retry-After": retry_after},
         )

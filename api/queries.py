@@ -1,0 +1,238 @@
+"""Query routes: the read models in PostgreSQL, with filters, cursors and history.
+
+Lists are ordered by creation time (then id) and paged with an opaque cursor. A
+single resource answers with `ETag` = its version. Every route accepts a position
+token for read-your-writes (see `api.readmodels`).
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+import orjson
+from fastapi import APIRouter, Depends, Query, Response
+
+from api.errors import RequestProblem
+from api.readmodels import PoolDep, consistent
+from api.schemas import ErrorBody
+
+router = APIRouter(prefix="/api/v1", tags=["queries"])
+
+Limit = Annotated[int, Query(ge=1, le=500, description="page size")]
+Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page")]
+Order = Annotated[Literal["asc", "desc"], Query(description="by creation time")]
+
+
+def _cursor(row: dict[str, Any], time_column: str) -> str:
+    raw = orjson.dumps([row[time_column].isoformat(), str(row["id"])])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _after(cursor: str) -> tuple[datetime, UUID]:
+    try:
+        at, ident = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return datetime.fromisoformat(at), UUID(ident)
+    except Exception as exc:
+        raise RequestProblem(
+            422, "invalid_cursor", "not a cursor of this list", field="cursor", location="query"
+        ) from exc
+
+
+async def _page(
+    pool: Any,
+    view: str,
+    time_column: str,
+    filters: list[tuple[str, Any]],
+    limit: int,
+    cursor: str | None,
+    order: str,
+) -> dict[str, Any]:
+    where, args = [], []
+    for clause, value in filters:
+        args.append(value)
+        where.append(clause.replace("?", f"${len(args)}"))
+    if cursor:
+        at, ident = _after(cursor)
+        args += [at, ident]
+        cmp = ">" if order == "asc" else "<"
+        where.append(f"({time_column}, id) {cmp} (${len(args) - 1}, ${len(args)})")
+    sql_where = f"WHERE {' AND '.join(where)}" if where else ""
+    direction = "ASC" if order == "asc" else "DESC"
+    args.append(limit + 1)
+    rows = [
+        dict(r)
+        for r in await pool.fetch(
+            f"SELECT * FROM {view} {sql_where} ORDER BY {time_column} {direction}, id {direction} "
+            f"LIMIT ${len(args)}",
+            *args,
+        )
+    ]
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {"items": rows, "next_cursor": _cursor(rows[-1], time_column) if more and rows else None}
+
+
+async def _one(pool: Any, view: str, ident: UUID, what: str, response: Response) -> dict[str, Any]:
+    row = await pool.fetchrow(f"SELECT * FROM {view} WHERE id = $1", ident)
+    if row is None:
+        raise RequestProblem(404, "not_found", f"no {what} {ident}")
+    response.headers["ETag"] = f'"{row["version"]}"'
+    return dict(row)
+
+
+async def _history(pool: Any, ident: UUID, what: str) -> dict[str, Any]:
+    rows = await pool.fetch(
+        'SELECT event_id, event_type, version, occurred_at, headers, payload, topic, partition, "offset" '
+        "FROM events WHERE aggregate_id = $1 ORDER BY version",
+        str(ident),
+    )
+    if not rows:
+        raise RequestProblem(404, "not_found", f"no {what} {ident}")
+    return {"items": [dict(r) for r in rows]}
+
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "Unknown resource."},
+    422: {"description": "Invalid filter, cursor or position token; names the field."},
+    503: {"model": ErrorBody, "description": "The read models are unreachable; retry after Retry-After."},
+    504: {"model": ErrorBody, "description": "The read model did not reach the given position in time."},
+}
+
+
+# ---- datasets ---------------------------------------------------------------------------
+
+
+@router.get(
+    "/datasets",
+    operation_id="listDatasets",
+    responses=NOT_FOUND,
+    dependencies=[Depends(consistent("datasets"))],
+)
+async def list_datasets(
+    pool: PoolDep,
+    status: Annotated[Literal["active", "archived"] | None, Query()] = None,
+    owner: Annotated[str | None, Query()] = None,
+    tag: Annotated[str | None, Query()] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+    order: Order = "asc",
+) -> dict[str, Any]:
+    filters: list[tuple[str, Any]] = []
+    if status:
+        filters.append(("status = ?", status))
+    if owner:
+        filters.append(("owner = ?", owner))
+    if tag:
+        filters.append(("tags @> ARRAY[?]::text[]", tag.strip().lower()))
+    return await _page(pool, "datasets", "created_at", filters, limit, cursor, order)
+
+
+@router.get(
+    "/datasets/{dataset_id}",
+    operation_id="getDataset",
+    responses=NOT_FOUND,
+    dependencies=[Depends(consistent("datasets"))],
+)
+async def get_dataset(dataset_id: UUID, pool: PoolDep, response: Response) -> dict[str, Any]:
+    return await _one(pool, "datasets", dataset_id, "dataset", response)
+
+
+@router.get(
+    "/datasets/{dataset_id}/quality",
+    operation_id="getDatasetQuality",
+    responses=NOT_FOUND,
+    dependencies=[Depends(consistent("datasets", "quality_metrics"))],
+)
+async def get_dataset_quality(dataset_id: UUID, pool: PoolDep, response: Response) -> dict[str, Any]:
+    dataset = await _one(pool, "datasets", dataset_id, "dataset", response)
+    checks = await pool.fetch(
+        "SELECT metric, value, threshold, comparator, passed, recorded_at, version "
+        "FROM quality_metrics WHERE dataset_id = $1 ORDER BY version",
+        dataset_id,
+    )
+    return {"summary": dataset["quality"], "checks": [dict(c) for c in checks]}
+
+
+@router.get(
+    "/datasets/{dataset_id}/events",
+    operation_id="getDatasetHistory",
+    responses=NOT_FOUND,
+    dependencies=[Depends(consistent("events"))],
+)
+async def get_dataset_events(dataset_id: UUID, pool: PoolDep) -> dict[str, Any]:
+    return await _history(pool, dataset_id, "dataset")
+
+
+# ---- incidents --------------------------------------------------------------------------
+
+
+@router.get(
+    "/incidents",
+    operation_id="listIncidents",
+    responses=NOT_FOUND,
+    dependencies=[Depends(consistent("incidents"))],
+)
+async def list_incidents(
+    pool: PoolDep,
+    status: Annotated[Literal["open", "in_progress", "resolved", "closed"] | None, Query()] = None,
+    priority: Annotated[Literal["low", "medium", "high", "critical"] | None, Query()] = None,
+    assignee: Annotated[str | None, Query()] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+    order: Order = "asc",
+) -> dict[str, Any]:
+    filters: list[tuple[str, Any]] = []
+    if status:
+        filters.append(("status = ?", status))
+    if priority:
+        filters.append(("priority = ?", priority))
+    if assignee:
+        filters.append(("assignee = ?", assignee))
+    return await _page(pool, "incidents", "opened_at", filters, limit, cursor, order)
+
+
+@router.get(
+    "/incidents/{incident_id}",
+    operation_id="getIncident",
+    responses=NOT_FOUND,
+    dependencies=[Depends(consistent("incidents"))],
+)
+async def get_incident(incident_id: UUID, pool: PoolDep, response: Response) -> dict[str, Any]:
+    return await _one(pool, "incidents", incident_id, "incident", response)
+
+
+@router.get(
+    "/incidents/{incident_id}/events",
+    operation_id="getIncidentHistory",
+    responses=NOT_FOUND,
+    dependencies=[Depends(consistent("events"))],
+)
+async def get_incident_events(incident_id: UUID, pool: PoolDep) -> dict[str, Any]:
+    return await _history(pool, incident_id, "incident")
+
+
+# ---- admin ------------------------------------------------------------------------------
+
+
+@router.get("/admin/projections", operation_id="listProjections", tags=["admin"], responses=NOT_FOUND)
+async def list_projections(pool: PoolDep) -> dict[str, Any]:
+    positions = await pool.fetch(
+        "SELECT projection, topic, partition, next_offset, event_time, updated_at FROM projection_positions "
+        "ORDER BY projection, topic, partition"
+    )
+    stats = {r["projection"]: dict(r) for r in await pool.fetch("SELECT * FROM projection_stats")}
+    out: dict[str, Any] = {}
+    for r in positions:
+        p = out.setdefault(
+            r["projection"],
+            {"positions": [], "applied": 0, "dead_lettered": 0, "last_error": None},
+        )
+        p["positions"].append({k: r[k] for k in ("topic", "partition", "next_offset", "event_time")})
+    for name, s in stats.items():
+        out.setdefault(name, {"positions": []}).update(
+            applied=s["applied"], dead_lettered=s["dead_lettered"], last_error=s["last_error"]
+        )
+    return {"projections": out}

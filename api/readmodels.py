@@ -1,0 +1,100 @@
+"""The read models as the API sees them: a PostgreSQL pool and read-your-writes.
+
+A query may carry the position token a command returned (`?consistent_with=` or the
+`X-Consistency-Token` header). It is answered once every projection it reads has
+applied the token's positions on that projection's topics, or gets 504 after
+`query_consistency_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+import asyncpg
+from fastapi import Depends, Header, Query, Request
+
+from api.errors import ReadModelsUnavailable, RequestProblem
+from projections.postgres import PROJECTIONS
+from shared_kernel.position import InvalidToken, PositionToken
+from shared_kernel.settings import Settings
+from shared_kernel.topics import Topics
+
+POLL_S = 0.01
+
+
+async def get_pool(request: Request) -> asyncpg.Pool:
+    pool: asyncpg.Pool | None = getattr(request.app.state, "pool", None)
+    if pool is None:
+        raise ReadModelsUnavailable("the read models are not reachable yet")
+    return pool
+
+
+PoolDep = Annotated[asyncpg.Pool, Depends(get_pool)]
+
+
+def consistent(*projections: str) -> Callable[..., Coroutine[Any, Any, None]]:
+    """A dependency that waits until the named projections reached the caller's token."""
+
+    async def wait(
+        request: Request,
+        pool: PoolDep,
+        consistent_with: Annotated[
+            str | None,
+            Query(description="A position token from a command: answer once the read model has it."),
+        ] = None,
+        x_consistency_token: Annotated[str | None, Header(description="Same as `consistent_with`.")] = None,
+    ) -> None:
+        raw = consistent_with or x_consistency_token
+        if not raw:
+            return
+        try:
+            token = PositionToken.decode(raw)
+        except InvalidToken as exc:
+            where = "query" if consistent_with else "header"
+            name = "consistent_with" if consistent_with else "x-consistency-token"
+            raise RequestProblem(422, "invalid_token", str(exc), field=name, location=where) from exc
+        settings: Settings = request.app.state.settings
+        await wait_for(pool, settings, token, projections)
+
+    return wait
+
+
+async def wait_for(
+    pool: asyncpg.Pool, settings: Settings, token: PositionToken, names: tuple[str, ...]
+) -> None:
+    topics = Topics(settings.topic_prefix)
+    wanted = [
+        (name, topic, partition, offset)
+        for name in names
+        for topic in (topics.events(c) for c in PROJECTIONS[name].contexts)
+        for partition, offset in token.offsets.get(topic, {}).items()
+    ]
+    if not wanted:
+        return
+    deadline = time.monotonic() + settings.query_consistency_timeout_s
+    while True:
+        rows = await pool.fetch(
+            "SELECT w.projection FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[]) "
+            "AS w(projection, topic, partition, next_offset) "
+            "LEFT JOIN projection_positions p USING (projection, topic, partition) "
+            "WHERE coalesce(p.next_offset, 0) < w.next_offset",
+            [w[0] for w in wanted],
+            [w[1] for w in wanted],
+            [w[2] for w in wanted],
+            [w[3] for w in wanted],
+        )
+        if not rows:
+            return
+        if time.monotonic() >= deadline:
+            behind = sorted({r["projection"] for r in rows})
+            raise RequestProblem(
+                504,
+                "not_consistent_yet",
+                f"the read model has not reached the given position in "
+                f"{settings.query_consistency_timeout_s:g} s; retry",
+                projections=behind,
+            )
+        await asyncio.sleep(POLL_S)
