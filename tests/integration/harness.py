@@ -60,6 +60,7 @@ class WriteSide:
     workdir: Path
     env: dict[str, str]
     processors: list[Proc] = field(default_factory=list)
+    projectors: list[Proc] = field(default_factory=list)
     api: Proc | None = None
     api_url: str = ""
 
@@ -121,8 +122,13 @@ class WriteSide:
         logs = "\n".join(p.log.read_text()[-3000:] for p in self.processors)
         raise AssertionError(f"commands do not flow; processor logs:\n{logs}")
 
+    def start_projector(self, name: str) -> Proc:
+        proc = self._spawn(f"projector-{name}", "run", "projector", name)
+        self.projectors.append(proc)
+        return proc
+
     def stop(self) -> None:
-        for p in [*self.processors, *([self.api] if self.api else [])]:
+        for p in [*self.processors, *self.projectors, *([self.api] if self.api else [])]:
             p.stop()
 
 
