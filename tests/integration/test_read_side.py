@@ -88,7 +88,7 @@ async def test_incident_filters_and_cursor_pages_are_complete(client: httpx.Asyn
     seen: list[str] = []
     cursor = None
     while True:
-        params = {"assignee": assignee, "limit": 7, "consistent_with": token}
+        params: dict[str, str | int] = {"assignee": assignee, "limit": 7, "consistent_with": token}
         if cursor:
             params["cursor"] = cursor
         page = (await client.get("/api/v1/incidents", params=params)).json()
