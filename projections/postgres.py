@@ -97,10 +97,10 @@ def _dataset_registered(row: Row | None, e: StoredEvent) -> Row:
     }
 
 
-def _on_dataset(change: Callable[[Row, dict[str, Any], StoredEvent], None]) -> Callable[..., Row | None]:
+def _on_row(change: Callable[[Row, dict[str, Any], StoredEvent], None]) -> Callable[..., Row | None]:
     def evolve(row: Row | None, e: StoredEvent) -> Row | None:
         if row is None:
-            return None  # its registration is not projected yet (cannot happen in order)
+            return None  # its creation is not projected yet (cannot happen in order)
         change(row, e.payload, e)
         row["updated_at"] = e.meta.occurred_at
         return row
@@ -168,12 +168,12 @@ class DatasetsProjection(FoldedRows):
     )
     evolvers = {
         "DatasetRegistered": _dataset_registered,
-        "DatasetDescribed": _on_dataset(_described),
-        "MetadataSet": _on_dataset(_metadata_set),
-        "MetadataRemoved": _on_dataset(_metadata_removed),
-        "VersionPublished": _on_dataset(_version_published),
-        "QualityCheckRecorded": _on_dataset(_quality_recorded),
-        "DatasetArchived": _on_dataset(_archived),
+        "DatasetDescribed": _on_row(_described),
+        "MetadataSet": _on_row(_metadata_set),
+        "MetadataRemoved": _on_row(_metadata_removed),
+        "VersionPublished": _on_row(_version_published),
+        "QualityCheckRecorded": _on_row(_quality_recorded),
+        "DatasetArchived": _on_row(_archived),
     }
 
 
@@ -197,10 +197,6 @@ def _incident_opened(row: Row | None, e: StoredEvent) -> Row:
         "resolved_at": None,
         "closed_at": None,
     }
-
-
-def _on_incident(change: Callable[[Row, dict[str, Any], StoredEvent], None]) -> Callable[..., Row | None]:
-    return _on_dataset(change)
 
 
 def _assigned(row: Row, p: dict[str, Any], e: StoredEvent) -> None:
@@ -244,9 +240,9 @@ class IncidentsProjection(FoldedRows):
     )
     evolvers = {
         "IncidentOpened": _incident_opened,
-        "IncidentAssigned": _on_incident(_assigned),
-        "IncidentStatusChanged": _on_incident(_status_changed),
-        "IncidentCommented": _on_incident(_commented),
+        "IncidentAssigned": _on_row(_assigned),
+        "IncidentStatusChanged": _on_row(_status_changed),
+        "IncidentCommented": _on_row(_commented),
     }
 
 

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 class BatchOutcome:
     applied: int = 0
     dead: list[tuple[Record, str]] = field(default_factory=list)
+    sent: int = 0  # how many of `dead` are on the dead-letter topic already
 
 
 class Projector:
@@ -43,7 +44,6 @@ class Projector:
         self.producer = producer
         self.codec = codec
         self.dlq_topic = topics.dlq(projection.name)
-        self.topics = [topics.events(c) for c in projection.contexts]
 
     async def handle(self, records: Sequence[Record]) -> BatchOutcome:
         t0 = time.perf_counter()
@@ -64,7 +64,7 @@ class Projector:
                 "batch failed; applying its events one by one",
                 extra={"projection": self.projection.name, "error": repr(exc)},
             )
-            outcome = BatchOutcome(dead=outcome.dead)
+            outcome = BatchOutcome(dead=outcome.dead, sent=outcome.sent)
             for e in events:
                 try:
                     await self._apply([e], [], outcome)
@@ -90,8 +90,8 @@ class Projector:
     ) -> None:
         # Dead letters are produced before the database commits: a crash in between
         # repeats a dead letter, it never loses one.
-        if records and outcome.dead:
-            for record, error in outcome.dead:
+        if records:
+            for record, error in outcome.dead[outcome.sent :]:
                 await self.producer.send_and_wait(
                     self.dlq_topic,
                     record.value,
@@ -111,6 +111,7 @@ class Projector:
                         "error": error,
                     },
                 )
+                outcome.sent += 1
         async with self.pool.acquire() as conn, conn.transaction():
             if events:
                 await self.projection.apply(conn, events)

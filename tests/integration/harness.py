@@ -122,6 +122,13 @@ class WriteSide:
         logs = "\n".join(p.log.read_text()[-3000:] for p in self.processors)
         raise AssertionError(f"commands do not flow; processor logs:\n{logs}")
 
+    async def start_serving(self) -> None:
+        """One processor and the API, answering commands."""
+        self.start_processor()
+        await self.start_api()
+        async with httpx.AsyncClient(base_url=self.api_url, timeout=30) as client:
+            await self.wait_until_commands_flow(client)
+
     def start_projector(self, name: str) -> Proc:
         proc = self._spawn(f"projector-{name}", "run", "projector", name)
         self.projectors.append(proc)

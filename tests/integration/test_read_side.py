@@ -27,20 +27,11 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 @pytest.fixture(scope="module")
 async def side(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WriteSide]:
     ws = WriteSide.create(settings, tmp_path_factory.mktemp("read-side"))
-    ws.start_processor()
-    await ws.start_api()
-    async with httpx.AsyncClient(base_url=ws.api_url, timeout=30) as client:
-        await ws.wait_until_commands_flow(client)
+    await ws.start_serving()
     for name in PROJECTIONS:
         ws.start_projector(name)
     yield ws
     ws.stop()
-
-
-@pytest.fixture
-async def client(side: WriteSide) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=side.api_url, timeout=30) as c:
-        yield c
 
 
 async def _register(client: httpx.AsyncClient, **body: object) -> dict[str, str]:
