@@ -134,6 +134,28 @@ class WriteSide:
         self.projectors.append(proc)
         return proc
 
+    async def wait_until_projected(self) -> None:
+        """Probe commands until every projector has applied them (Faust workers take a
+        while to join their groups on a cold broker)."""
+        async with httpx.AsyncClient(base_url=self.api_url, timeout=30) as client:
+            d = (await client.post("/api/v1/datasets", json={"name": "probe"})).json()
+            i = (await client.post("/api/v1/incidents", json={"title": "probe"})).json()
+            probes = [
+                (f"/api/v1/datasets/{d['id']}/quality", d["position"]),  # datasets and quality_metrics
+                (f"/api/v1/datasets/{d['id']}/events", d["position"]),
+                (f"/api/v1/incidents/{i['id']}", i["position"]),
+            ]
+            deadline = time.monotonic() + 120
+            for path, token in probes:
+                while True:
+                    r = await client.get(path, params={"consistent_with": token})
+                    if r.status_code == 200:
+                        break
+                    assert r.status_code == 504, r.text
+                    if time.monotonic() > deadline:
+                        logs = "\n".join(p.log.read_text()[-3000:] for p in self.projectors)
+                        raise AssertionError(f"projections do not catch up; logs:\n{logs}")
+
     def stop(self) -> None:
         for p in [*self.processors, *self.projectors, *([self.api] if self.api else [])]:
             p.stop()

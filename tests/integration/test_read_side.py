@@ -30,6 +30,7 @@ async def side(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
     await ws.start_serving()
     for name in PROJECTIONS:
         ws.start_projector(name)
+    await ws.wait_until_projected()
     yield ws
     ws.stop()
 
