@@ -134,6 +134,19 @@ def pid_alive(pid: int, marker: str) -> bool:
     return marker in cmdline
 
 
+def process_exists(pid: int) -> bool:
+    """True while pid exists and is not a zombie, whatever its command line says.
+
+    A starting JVM's /proc/<pid>/cmdline can read empty for a moment, so `pid_alive`
+    may say no for a process that is fine; start-up checks use this instead.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
 def ensure_user(name: str) -> None:
     try:
         pwd.getpwnam(name)
@@ -252,6 +265,12 @@ class Service:
         pid = read_pid(self.pidfile)
         return pid if pid is not None and pid_alive(pid, self.marker) else None
 
+    def _alive_while_starting(self) -> bool:
+        if self.running_pid() is not None:
+            return True
+        pid = read_pid(self.pidfile)
+        return pid is not None and process_exists(pid)
+
     def stop(self) -> None:
         pid = self.running_pid()
         if pid is None:
@@ -285,7 +304,7 @@ class Service:
                     self.healthy,
                     self.cfg.start_timeout,
                     self.name,
-                    proc_alive=lambda: self.running_pid() is not None,
+                    proc_alive=self._alive_while_starting,
                 )
             except (StackError, subprocess.CalledProcessError) as exc:
                 raise StackError(
