@@ -16,11 +16,13 @@ from aiokafka.errors import KafkaError
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from api import errors, health, queries
+from api import errors, health, queries, search
 from api.datasets import commands as dataset_commands
 from api.incidents import commands as incident_commands
 from commands.bus import CommandBus
 from projections.db import create_pool, migrate
+from projections.registry import PROJECTIONS
+from projections.search import SearchProjection, alias_name, ensure_index, index_name, search_client
 from shared_kernel import kafka
 from shared_kernel.settings import Settings, get_settings
 
@@ -55,6 +57,29 @@ async def _connect_read_models(app: FastAPI, settings: Settings) -> None:
             delay = min(delay * 2, 10)
 
 
+async def _connect_search(app: FastAPI, settings: Settings) -> None:
+    """Create the search indexes (and their aliases) when missing, as `migrate` does for
+    PostgreSQL, so searches answer (empty) before any projector has run."""
+    delay = 0.5
+    while True:
+        try:
+            for p in PROJECTIONS.values():
+                if isinstance(p, SearchProjection):
+                    await ensure_index(
+                        app.state.search,
+                        index_name(settings, p.index, p.version),
+                        alias_name(settings, p.index),
+                        p.mapping,
+                    )
+            app.state.search_ready = True
+            log.info("connected to the search indexes")
+            return
+        except Exception as exc:  # any failure: OpenSearch is not usable yet
+            log.warning("OpenSearch unreachable; retrying", extra={"error": repr(exc), "retry_in_s": delay})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -68,18 +93,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.bus = bus
         app.state.settings = settings
         app.state.pool = None
+        app.state.search = search_client(settings)
+        app.state.search_ready = False
         pooling = asyncio.create_task(_connect_read_models(app, settings))
+        indexing = asyncio.create_task(_connect_search(app, settings))
         await bus.start()
         connecting = asyncio.create_task(_connect_producer(bus))
         try:
             yield
         finally:
-            for task in (connecting, pooling):
+            for task in (connecting, pooling, indexing):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             if app.state.pool is not None:
                 await app.state.pool.close()
+            await app.state.search.close()
             await bus.stop()
             if bus.producer_ready.is_set():
                 await producer.stop()
@@ -96,4 +125,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dataset_commands.router)
     app.include_router(incident_commands.router)
     app.include_router(queries.router)
+    app.include_router(search.router)
     return app

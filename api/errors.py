@@ -7,6 +7,8 @@ from typing import Any
 import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from opensearchpy.exceptions import ConnectionError as SearchConnectionError
+from opensearchpy.exceptions import TransportError as SearchTransportError
 
 from commands.bus import BusUnavailable, ResultTimeout
 from shared_kernel.envelope import CommandResult
@@ -82,6 +84,19 @@ def install(app: FastAPI) -> None:
             status_code=503,
             headers={"Retry-After": retry_after},
         )
+
+    @app.exception_handler(SearchTransportError)
+    async def _search_failed(_: Request, exc: SearchTransportError) -> JSONResponse:
+        # ConnectionError and timeouts have no HTTP status; 429 and 5xx are the
+        # cluster's own overload or outage. Anything else would be a request we built.
+        status = exc.status_code if isinstance(exc.status_code, int) else None
+        if isinstance(exc, SearchConnectionError) or status is None or status == 429 or status >= 500:
+            return JSONResponse(
+                {"error": "unavailable", "detail": f"the search indexes are unreachable: {exc.error}"},
+                status_code=503,
+                headers={"Retry-After": retry_after},
+            )
+        raise exc
 
     @app.exception_handler(ResultTimeout)
     async def _timeout(_: Request, exc: ResultTimeout) -> JSONResponse:

@@ -19,7 +19,7 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready", operation_id="ready", responses={503: {"description": "A dependency is unreachable."}})
 async def ready(request: Request) -> JSONResponse:
-    """Kafka, Redis and PostgreSQL are reachable (503 with Retry-After when not)."""
+    """Kafka, Redis, PostgreSQL and OpenSearch are reachable (503 with Retry-After when not)."""
     checks: dict[str, Any] = {}
     bus = request.app.state.bus
     checks["kafka"] = bus.producer_ready.is_set() and await _kafka_answers(request)
@@ -32,6 +32,12 @@ async def ready(request: Request) -> JSONResponse:
         checks["postgres"] = pool is not None and await asyncio.wait_for(pool.fetchval("SELECT 1"), 2) == 1
     except Exception:
         checks["postgres"] = False
+    try:
+        checks["opensearch"] = request.app.state.search_ready and bool(
+            await asyncio.wait_for(request.app.state.search.ping(), 2)
+        )
+    except Exception:
+        checks["opensearch"] = False
     ok = all(checks.values())
     return JSONResponse(
         {"status": "ready" if ok else "unavailable", "checks": checks},

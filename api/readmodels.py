@@ -17,7 +17,7 @@ import asyncpg
 from fastapi import Depends, Header, Query, Request
 
 from api.errors import ReadModelsUnavailable, RequestProblem
-from projections.postgres import PROJECTIONS
+from projections.registry import PROJECTIONS
 from shared_kernel.position import InvalidToken, PositionToken
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics

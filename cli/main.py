@@ -81,10 +81,13 @@ def run_command_processor() -> None:
 
 @run.command("projector")
 def run_projector(
-    name: Annotated[str, typer.Argument(help="the projection: datasets, quality_metrics, incidents, events")],
+    name: Annotated[
+        str,
+        typer.Argument(help="the projection, e.g. datasets, events or datasets_search"),
+    ],
 ) -> None:
     """Keep one read model up to date from the events topics (a Faust worker)."""
-    from projections.postgres import PROJECTIONS
+    from projections.registry import PROJECTIONS
     from streams.app import ProjectionApp
 
     if name not in PROJECTIONS:

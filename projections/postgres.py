@@ -9,14 +9,15 @@ writes the changed rows back with one statement.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 from uuid import UUID
 
 import asyncpg
 import orjson
 
 from projections.events import StoredEvent
+from shared_kernel.settings import Settings
 
 Row = dict[str, Any]
 
@@ -28,8 +29,40 @@ class Projection:
     contexts: ClassVar[tuple[str, ...]]
     version: ClassVar[int] = 1
 
+    async def open(self, settings: Settings) -> None:
+        """Acquire what `apply` needs besides the PostgreSQL connection it is given."""
+
+    async def close(self) -> None:
+        """Release what `open` acquired."""
+
     async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
         raise NotImplementedError
+
+
+Evolver = Callable[[Row | None, StoredEvent], Row | None]
+K = TypeVar("K")
+
+
+def fold(
+    evolvers: dict[str, Evolver],
+    current: dict[K, Row],
+    events: list[StoredEvent],
+    key: Callable[[StoredEvent], K],
+) -> dict[K, Row]:
+    """Evolve the rows of `current` (updated in place) by `events`; return those changed.
+    An event at or below its row's version is skipped: it is there already."""
+    changed: dict[K, Row] = {}
+    for e in events:
+        k = key(e)
+        row = current.get(k)
+        if row is not None and e.version <= row["version"]:
+            continue
+        new = evolvers[e.name](None if row is None else dict(row), e)
+        if new is None:
+            continue
+        new["version"] = e.version
+        current[k] = changed[k] = new
+    return changed
 
 
 class FoldedRows(Projection):
@@ -37,7 +70,7 @@ class FoldedRows(Projection):
 
     table: ClassVar[str]
     columns: ClassVar[tuple[str, ...]]  # the first is the key ("id"), "version" among them
-    evolvers: ClassVar[dict[str, Callable[[Row | None, StoredEvent], Row | None]]]
+    evolvers: ClassVar[dict[str, Evolver]]
 
     @property
     def physical(self) -> str:
@@ -53,17 +86,7 @@ class FoldedRows(Projection):
             r["id"]: dict(r)
             for r in await conn.fetch(f"SELECT {cols} FROM {self.physical} WHERE id = ANY($1::uuid[])", ids)
         }
-        changed: dict[UUID, Row] = {}
-        for e in relevant:
-            key = UUID(e.meta.aggregate_id)
-            row = rows.get(key)
-            if row is not None and e.version <= row["version"]:
-                continue  # already applied (redelivery)
-            new = self.evolvers[e.name](None if row is None else dict(row), e)
-            if new is None:
-                continue
-            new["version"] = e.version
-            rows[key] = changed[key] = new
+        changed = fold(self.evolvers, rows, relevant, lambda e: UUID(e.meta.aggregate_id))
         if not changed:
             return
         placeholders = ", ".join(f"${i + 1}" for i in range(len(self.columns)))
@@ -314,21 +337,3 @@ class EventsArchiveProjection(Projection):
 
 def _headers(e: StoredEvent) -> dict[str, str]:
     return {k: v.decode() for k, v in e.meta.to_headers()}
-
-
-PROJECTIONS: dict[str, Projection] = {
-    p.name: p
-    for p in (
-        DatasetsProjection(),
-        QualityMetricsProjection(),
-        IncidentsProjection(),
-        EventsArchiveProjection(),
-    )
-}
-
-
-def by_names(names: Iterable[str]) -> list[Projection]:
-    unknown = [n for n in names if n not in PROJECTIONS]
-    if unknown:
-        raise KeyError(f"unknown projection(s) {unknown}; known: {sorted(PROJECTIONS)}")
-    return [PROJECTIONS[n] for n in names]

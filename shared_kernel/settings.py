@@ -29,6 +29,7 @@ class Settings(BaseSettings):
 
     postgres_dsn: str = "postgresql://app:app@127.0.0.1:5432/app"
     opensearch_url: str = "http://127.0.0.1:9200"
+    opensearch_timeout_s: float = Field(default=30.0, gt=0, description="per OpenSearch request")
     redis_url: str = "redis://127.0.0.1:6379/0"
 
     # Write side.

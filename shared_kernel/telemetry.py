@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import sys
+import logging.config
 import time
 from typing import Any
 
@@ -31,14 +31,34 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc, default=str).decode()
 
 
+# Client libraries that log every request or reconnect at INFO: keep their warnings only.
+QUIET_LOGGERS = ("aiokafka", "opensearch", "elastic_transport")
+
+
+def logging_config(level: str = "INFO", json: bool = True) -> dict[str, Any]:
+    """A `logging.config.dictConfig` that routes every logger to stderr, as JSON lines
+    unless `json` is false (also handed to Faust, which sets up logging itself)."""
+    level = level.upper()
+    quiet = max(logging.WARNING, logging.getLevelName(level))
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "json": {"()": JsonFormatter},
+            "text": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+        },
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stderr",
+                "formatter": "json" if json else "text",
+            }
+        },
+        "root": {"level": level, "handlers": ["stderr"]},
+        "loggers": {name: {"level": logging.getLevelName(quiet)} for name in QUIET_LOGGERS},
+    }
+
+
 def configure_logging(level: str = "INFO", json: bool = True) -> None:
     """Route every logger to stderr, as JSON lines unless `json` is false."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter() if json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # The Kafka client logs every reconnect at WARNING/ERROR; keep it, but not its INFO chatter.
-    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+    logging.config.dictConfig(logging_config(level, json))

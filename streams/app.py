@@ -25,6 +25,7 @@ from projections.projector import Projector
 from shared_kernel import kafka
 from shared_kernel.avro import AvroCodec
 from shared_kernel.settings import Settings
+from shared_kernel.telemetry import logging_config
 from shared_kernel.topics import Topics, dlq_topic, ensure_topics
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ class ProjectionApp:
         settings = self.settings
         await migrate(settings)
         await ensure_topics(settings, [dlq_topic(settings, self.projection.name)])
+        await self.projection.open(settings)
         pool = await create_pool(settings, min_size=1, max_size=2)
         producer = kafka.producer(settings)
         await producer.start()
@@ -134,5 +136,10 @@ class ProjectionApp:
 
     def run(self) -> None:
         """Run the Faust worker until it is signalled to stop."""
-        worker = faust.Worker(self.app, loglevel=self.settings.log_level.upper(), quiet=True)
+        worker = faust.Worker(
+            self.app,
+            loglevel=self.settings.log_level.upper(),
+            logging_config=logging_config(self.settings.log_level, self.settings.log_json),
+            quiet=True,
+        )
         worker.execute_from_commandline()

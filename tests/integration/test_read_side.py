@@ -13,8 +13,8 @@ from aiokafka import TopicPartition
 
 from projections.db import create_pool, schema_name
 from projections.events import Record
-from projections.postgres import PROJECTIONS
 from projections.projector import Projector
+from projections.registry import PROJECTIONS
 from shared_kernel import kafka
 from shared_kernel.avro import AvroCodec
 from shared_kernel.settings import Settings

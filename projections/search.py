@@ -1,0 +1,214 @@
+"""The OpenSearch projections: full-text search over datasets and incidents.
+
+Each projection writes one document per aggregate into a versioned index
+(`<schema>-<name>-v<N>`) that readers reach through an alias (`<schema>-<name>`); a
+rebuild fills the next version and swaps the alias. A document is the same fold of
+the aggregate's events as its PostgreSQL row (the same evolvers), written with
+external versioning: OpenSearch itself refuses a document whose aggregate version is
+not above the stored one, so a redelivered batch changes nothing.
+
+A batch is folded in memory over the documents it touches (one `mget`), then written
+with one `_bulk` that refreshes the index before it returns: when the projection
+records its position, what it wrote is searchable, so read-your-writes holds for
+search too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import asyncpg
+import orjson
+from opensearchpy import AsyncOpenSearch
+
+from projections.db import schema_name
+from projections.events import StoredEvent
+from projections.postgres import (
+    DatasetsProjection,
+    Evolver,
+    FoldedRows,
+    IncidentsProjection,
+    Projection,
+    Row,
+    fold,
+)
+from shared_kernel.settings import Settings
+
+
+class BulkItemFailed(Exception):
+    """OpenSearch refused a document for a reason other than its version."""
+
+
+def search_client(settings: Settings) -> AsyncOpenSearch:
+    return AsyncOpenSearch(
+        hosts=[settings.opensearch_url],
+        timeout=settings.opensearch_timeout_s,
+        max_retries=0,
+        http_compress=False,
+    )
+
+
+def alias_name(settings: Settings, name: str) -> str:
+    """What readers query: it points at the live version of the index."""
+    return f"{schema_name(settings)}-{name}".replace("_", "-")
+
+
+def index_name(settings: Settings, name: str, version: int) -> str:
+    return f"{alias_name(settings, name)}-v{version}"
+
+
+class SearchProjection(Projection):
+    """Documents evolved like the rows of `rows`, indexed with external versioning."""
+
+    rows: ClassVar[FoldedRows]  # whose evolvers build the document
+    extra: ClassVar[dict[str, Evolver]] = {}  # fields only the search document has
+    index: ClassVar[str]  # the alias name without the deployment's prefix
+    mapping: ClassVar[dict[str, Any]]
+
+    def __init__(self) -> None:
+        self.client: AsyncOpenSearch | None = None
+        self.physical = ""
+        self.evolvers: dict[str, Evolver] = {}
+        for name, evolve in self.rows.evolvers.items():
+            self.evolvers[name] = _chain(evolve, self.extra.get(name))
+        for name, evolve in self.extra.items():
+            self.evolvers.setdefault(name, evolve)
+
+    async def open(self, settings: Settings) -> None:
+        self.client = search_client(settings)
+        self.physical = index_name(settings, self.index, self.version)
+        await ensure_index(self.client, self.physical, alias_name(settings, self.index), self.mapping)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+
+    async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
+        assert self.client is not None, "open() first"
+        relevant = [e for e in events if e.name in self.evolvers]
+        if not relevant:
+            return
+        ids = list(dict.fromkeys(e.meta.aggregate_id for e in relevant))
+        found = await self.client.mget(index=self.physical, body={"ids": ids}, realtime=True)
+        docs: dict[str, Row] = {d["_id"]: d["_source"] for d in found["docs"] if d.get("found")}
+        changed = fold(self.evolvers, docs, relevant, lambda e: e.meta.aggregate_id)
+        if not changed:
+            return
+        lines: list[bytes] = []
+        for key, doc in changed.items():
+            action = {"index": {"_id": key, "version": doc["version"], "version_type": "external"}}
+            lines += [orjson.dumps(action), orjson.dumps(doc)]
+        body = b"\n".join(lines) + b"\n"
+        result = await self.client.bulk(body=body, index=self.physical, refresh="true")
+        if result.get("errors"):
+            refused = [
+                item["index"]["error"]
+                for item in result["items"]
+                if item["index"].get("status", 200) >= 300 and item["index"].get("status") != 409
+            ]
+            if refused:  # 409: a newer version is there already (redelivery); anything else is bad
+                raise BulkItemFailed(f"{len(refused)} document(s) refused: {refused[0]}")
+
+
+def _chain(first: Evolver, then: Evolver | None) -> Evolver:
+    if then is None:
+        return first
+
+    def evolve(doc: Row | None, e: StoredEvent) -> Row | None:
+        new = first(doc, e)
+        return None if new is None else then(new, e)
+
+    return evolve
+
+
+async def ensure_index(client: AsyncOpenSearch, index: str, alias: str, mapping: dict[str, Any]) -> None:
+    """Create `index` if missing and point `alias` at it if the alias points nowhere yet."""
+    if not await client.indices.exists(index=index):
+        try:
+            await client.indices.create(index=index, body=mapping)
+        except Exception as exc:  # created concurrently by another worker
+            if "resource_already_exists_exception" not in str(exc):
+                raise
+    if not await client.indices.exists_alias(name=alias):
+        await client.indices.update_aliases(body={"actions": [{"add": {"index": index, "alias": alias}}]})
+
+
+_SETTINGS = {"number_of_shards": 1, "number_of_replicas": 0}
+_TEXT_WITH_KEYWORD = {"type": "text", "fields": {"raw": {"type": "keyword", "ignore_above": 256}}}
+
+
+# ---- datasets ---------------------------------------------------------------------------
+
+
+class DatasetsSearch(SearchProjection):
+    name = "datasets_search"
+    contexts = ("datasets",)
+    rows = DatasetsProjection()
+    index = "datasets"
+    mapping = {
+        "settings": _SETTINGS,
+        "mappings": {
+            "dynamic": False,
+            "properties": {
+                "id": {"type": "keyword"},
+                "version": {"type": "long"},
+                "name": _TEXT_WITH_KEYWORD,
+                "description": {"type": "text"},
+                "owner": {"type": "keyword"},
+                "status": {"type": "keyword"},
+                "tags": {"type": "keyword"},
+                "metadata": {"type": "flat_object"},
+                "latest_version": {"type": "keyword"},
+                "versions": {"type": "integer"},
+                "archived_reason": {"type": "text"},
+                "created_at": {"type": "date"},
+                "updated_at": {"type": "date"},
+            },
+        },
+    }
+
+
+# ---- incidents --------------------------------------------------------------------------
+
+
+def _comment_text(doc: Row | None, e: StoredEvent) -> Row | None:
+    if doc is not None:
+        doc["comment_texts"] = [*doc.get("comment_texts", []), e.payload["body"]]
+    return doc
+
+
+def _no_comments(doc: Row | None, e: StoredEvent) -> Row | None:
+    if doc is not None:
+        doc["comment_texts"] = []
+    return doc
+
+
+class IncidentsSearch(SearchProjection):
+    name = "incidents_search"
+    contexts = ("incidents",)
+    rows = IncidentsProjection()
+    extra = {"IncidentOpened": _no_comments, "IncidentCommented": _comment_text}
+    index = "incidents"
+    mapping = {
+        "settings": _SETTINGS,
+        "mappings": {
+            "dynamic": False,
+            "properties": {
+                "id": {"type": "keyword"},
+                "version": {"type": "long"},
+                "title": _TEXT_WITH_KEYWORD,
+                "description": {"type": "text"},
+                "comment_texts": {"type": "text"},
+                "priority": {"type": "keyword"},
+                "source": {"type": "keyword"},
+                "external_id": {"type": "keyword"},
+                "status": {"type": "keyword"},
+                "assignee": {"type": "keyword"},
+                "comments": {"type": "integer"},
+                "opened_at": {"type": "date"},
+                "updated_at": {"type": "date"},
+                "resolved_at": {"type": "date"},
+                "closed_at": {"type": "date"},
+            },
+        },
+    }
