@@ -16,9 +16,10 @@ from aiokafka.errors import KafkaError
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from api import errors, health, queries, search
+from api import admin, errors, health, queries, search
 from api.datasets import commands as dataset_commands
 from api.incidents import commands as incident_commands
+from api.lag import LagProbe
 from commands.bus import CommandBus
 from projections.db import create_pool, migrate
 from projections.registry import PROJECTIONS
@@ -95,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.pool = None
         app.state.search = search_client(settings)
         app.state.search_ready = False
+        app.state.lag = LagProbe(settings)
         pooling = asyncio.create_task(_connect_read_models(app, settings))
         indexing = asyncio.create_task(_connect_search(app, settings))
         await bus.start()
@@ -109,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if app.state.pool is not None:
                 await app.state.pool.close()
             await app.state.search.close()
+            await app.state.lag.stop()
             await bus.stop()
             if bus.producer_ready.is_set():
                 await producer.stop()
@@ -126,4 +129,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(incident_commands.router)
     app.include_router(queries.router)
     app.include_router(search.router)
+    app.include_router(admin.router)
     return app

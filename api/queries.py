@@ -13,11 +13,13 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 
 import orjson
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from api.errors import RequestProblem
-from api.readmodels import PoolDep, consistent
+from api.readmodels import PoolDep, TokenDep, consistent, wait_for
 from api.schemas import ErrorBody
+from projections.temporal import state_at
+from shared_kernel.position import PositionToken
 
 router = APIRouter(prefix="/api/v1", tags=["queries"])
 
@@ -94,6 +96,52 @@ async def _history(pool: Any, ident: UUID, what: str) -> dict[str, Any]:
     return {"items": [dict(r) for r in rows]}
 
 
+AsOfVersion = Annotated[
+    int | None, Query(ge=1, description="the state right after this version (rebuilt from the events)")
+]
+AsOf = Annotated[
+    datetime | None,
+    Query(description="the state at this instant, ISO 8601 with a zone (rebuilt from the events)"),
+]
+
+
+async def _current_or_past(
+    request: Request,
+    pool: Any,
+    token: PositionToken | None,
+    response: Response,
+    view: str,
+    ident: UUID,
+    what: str,
+    version: int | None,
+    at: datetime | None,
+) -> dict[str, Any]:
+    settings = request.app.state.settings
+    if version is None and at is None:
+        if token is not None:
+            await wait_for(pool, settings, token, (view,))
+        return await _one(pool, view, ident, what, response)
+    if at is not None and at.tzinfo is None:
+        raise RequestProblem(
+            422,
+            "invalid_instant",
+            "as_of needs a time zone (e.g. Z or +02:00)",
+            field="as_of",
+            location="query",
+        )
+    if token is not None:
+        await wait_for(pool, settings, token, ("events",))
+    state = await state_at(pool, view, str(ident), version, at)
+    if state is None:
+        raise RequestProblem(404, "not_found", f"no {what} {ident}" + (f" at {at.isoformat()}" if at else ""))
+    if version is not None and state["version"] < version:
+        raise RequestProblem(
+            404, "not_found", f"{what} {ident} has no version {version}", current_version=state["version"]
+        )
+    response.headers["ETag"] = f'"{state["version"]}"'
+    return state
+
+
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "Unknown resource."},
     422: {"description": "Invalid filter, cursor or position token; names the field."},
@@ -130,14 +178,20 @@ async def list_datasets(
     return await _page(pool, "datasets", "created_at", filters, limit, cursor, order)
 
 
-@router.get(
-    "/datasets/{dataset_id}",
-    operation_id="getDataset",
-    responses=NOT_FOUND,
-    dependencies=[Depends(consistent("datasets"))],
-)
-async def get_dataset(dataset_id: UUID, pool: PoolDep, response: Response) -> dict[str, Any]:
-    return await _one(pool, "datasets", dataset_id, "dataset", response)
+@router.get("/datasets/{dataset_id}", operation_id="getDataset", responses=NOT_FOUND)
+async def get_dataset(
+    dataset_id: UUID,
+    request: Request,
+    pool: PoolDep,
+    token: TokenDep,
+    response: Response,
+    as_of_version: AsOfVersion = None,
+    as_of: AsOf = None,
+) -> dict[str, Any]:
+    """The dataset now (its read model), or as it was at a version or an instant."""
+    return await _current_or_past(
+        request, pool, token, response, "datasets", dataset_id, "dataset", as_of_version, as_of
+    )
 
 
 @router.get(
@@ -194,14 +248,20 @@ async def list_incidents(
     return await _page(pool, "incidents", "opened_at", filters, limit, cursor, order)
 
 
-@router.get(
-    "/incidents/{incident_id}",
-    operation_id="getIncident",
-    responses=NOT_FOUND,
-    dependencies=[Depends(consistent("incidents"))],
-)
-async def get_incident(incident_id: UUID, pool: PoolDep, response: Response) -> dict[str, Any]:
-    return await _one(pool, "incidents", incident_id, "incident", response)
+@router.get("/incidents/{incident_id}", operation_id="getIncident", responses=NOT_FOUND)
+async def get_incident(
+    incident_id: UUID,
+    request: Request,
+    pool: PoolDep,
+    token: TokenDep,
+    response: Response,
+    as_of_version: AsOfVersion = None,
+    as_of: AsOf = None,
+) -> dict[str, Any]:
+    """The incident now (its read model), or as it was at a version or an instant."""
+    return await _current_or_past(
+        request, pool, token, response, "incidents", incident_id, "incident", as_of_version, as_of
+    )
 
 
 @router.get(
@@ -212,27 +272,3 @@ async def get_incident(incident_id: UUID, pool: PoolDep, response: Response) -> 
 )
 async def get_incident_events(incident_id: UUID, pool: PoolDep) -> dict[str, Any]:
     return await _history(pool, incident_id, "incident")
-
-
-# ---- admin ------------------------------------------------------------------------------
-
-
-@router.get("/admin/projections", operation_id="listProjections", tags=["admin"], responses=NOT_FOUND)
-async def list_projections(pool: PoolDep) -> dict[str, Any]:
-    positions = await pool.fetch(
-        "SELECT projection, topic, partition, next_offset, event_time, updated_at FROM projection_positions "
-        "ORDER BY projection, topic, partition"
-    )
-    stats = {r["projection"]: dict(r) for r in await pool.fetch("SELECT * FROM projection_stats")}
-    out: dict[str, Any] = {}
-    for r in positions:
-        p = out.setdefault(
-            r["projection"],
-            {"positions": [], "applied": 0, "dead_lettered": 0, "last_error": None},
-        )
-        p["positions"].append({k: r[k] for k in ("topic", "partition", "next_offset", "event_time")})
-    for name, s in stats.items():
-        out.setdefault(name, {"positions": []}).update(
-            applied=s["applied"], dead_lettered=s["dead_lettered"], last_error=s["last_error"]
-        )
-    return {"projections": out}

@@ -35,29 +35,34 @@ async def get_pool(request: Request) -> asyncpg.Pool:
 PoolDep = Annotated[asyncpg.Pool, Depends(get_pool)]
 
 
+async def position_token(
+    consistent_with: Annotated[
+        str | None,
+        Query(description="A position token from a command: answer once the read model has it."),
+    ] = None,
+    x_consistency_token: Annotated[str | None, Header(description="Same as `consistent_with`.")] = None,
+) -> PositionToken | None:
+    """The caller's position token, if it gave one (422 naming the field when malformed)."""
+    raw = consistent_with or x_consistency_token
+    if not raw:
+        return None
+    try:
+        return PositionToken.decode(raw)
+    except InvalidToken as exc:
+        where = "query" if consistent_with else "header"
+        name = "consistent_with" if consistent_with else "x-consistency-token"
+        raise RequestProblem(422, "invalid_token", str(exc), field=name, location=where) from exc
+
+
+TokenDep = Annotated[PositionToken | None, Depends(position_token)]
+
+
 def consistent(*projections: str) -> Callable[..., Coroutine[Any, Any, None]]:
     """A dependency that waits until the named projections reached the caller's token."""
 
-    async def wait(
-        request: Request,
-        pool: PoolDep,
-        consistent_with: Annotated[
-            str | None,
-            Query(description="A position token from a command: answer once the read model has it."),
-        ] = None,
-        x_consistency_token: Annotated[str | None, Header(description="Same as `consistent_with`.")] = None,
-    ) -> None:
-        raw = consistent_with or x_consistency_token
-        if not raw:
-            return
-        try:
-            token = PositionToken.decode(raw)
-        except InvalidToken as exc:
-            where = "query" if consistent_with else "header"
-            name = "consistent_with" if consistent_with else "x-consistency-token"
-            raise RequestProblem(422, "invalid_token", str(exc), field=name, location=where) from exc
-        settings: Settings = request.app.state.settings
-        await wait_for(pool, settings, token, projections)
+    async def wait(request: Request, pool: PoolDep, token: TokenDep) -> None:
+        if token is not None:
+            await wait_for(pool, request.app.state.settings, token, projections)
 
     return wait
 

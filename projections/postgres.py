@@ -28,6 +28,7 @@ class Projection:
     name: ClassVar[str]
     contexts: ClassVar[tuple[str, ...]]
     version: ClassVar[int] = 1
+    store: ClassVar[str] = "postgresql"
 
     async def open(self, settings: Settings) -> None:
         """Acquire what `apply` needs besides the PostgreSQL connection it is given."""

@@ -60,6 +60,7 @@ def index_name(settings: Settings, name: str, version: int) -> str:
 class SearchProjection(Projection):
     """Documents evolved like the rows of `rows`, indexed with external versioning."""
 
+    store = "opensearch"
     rows: ClassVar[FoldedRows]  # whose evolvers build the document
     extra: ClassVar[dict[str, Evolver]] = {}  # fields only the search document has
     index: ClassVar[str]  # the alias name without the deployment's prefix

@@ -66,6 +66,17 @@ class AggregateRoot(Aggregate):
     class Created(Event, Aggregate.Created):
         pass
 
+    def state(self) -> dict[str, Any]:
+        """The aggregate as a client may see it: identity, version, times, public fields."""
+        public = {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        return {
+            "id": self.id,
+            "version": self.version,
+            "created_at": self.created_on,
+            "updated_at": self.modified_on,
+            **public,
+        }
+
 
 def required_text(value: str, field: str) -> str:
     """The stripped text, or an InvalidCommand naming the field when it is blank."""

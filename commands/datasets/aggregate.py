@@ -137,6 +137,11 @@ class Dataset(AggregateRoot):
         self._check_active()
         self._archived(reason=reason.strip())
 
+    def state(self) -> dict[str, Any]:
+        state = super().state()
+        state["metadata"] = {k: orjson.loads(v) for k, v in self.metadata.items()}  # held as JSON text
+        return state
+
     def _check_active(self) -> None:
         if self.status == "archived":
             raise InvariantViolation("the dataset is archived and accepts no change")
