@@ -144,6 +144,8 @@ class WriteSide:
                 (f"/api/v1/datasets/{d['id']}/quality", d["position"]),  # datasets and quality_metrics
                 (f"/api/v1/datasets/{d['id']}/events", d["position"]),
                 (f"/api/v1/incidents/{i['id']}", i["position"]),
+                ("/api/v1/search/datasets", d["position"]),
+                ("/api/v1/search/incidents", i["position"]),
             ]
             deadline = time.monotonic() + 120
             for path, token in probes:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 from aiokafka import TopicPartition
 
@@ -15,6 +18,7 @@ from projections.db import create_pool, schema_name
 from projections.events import Record
 from projections.projector import Projector
 from projections.registry import PROJECTIONS
+from projections.search import SearchProjection
 from shared_kernel import kafka
 from shared_kernel.avro import AvroCodec
 from shared_kernel.settings import Settings
@@ -167,6 +171,8 @@ async def test_the_same_events_delivered_twice_leave_identical_rows(
         f"/api/v1/datasets/{created['id']}/quality", params={"consistent_with": r.json()["position"]}
     )
     assert quality.json()["summary"]["checks"] == 1
+    searched = await client.get("/api/v1/search/datasets", params={"consistent_with": r.json()["position"]})
+    assert searched.status_code == 200
 
     settings = side.settings
     topics = Topics(settings.topic_prefix)
@@ -185,20 +191,205 @@ async def test_the_same_events_delivered_twice_leave_identical_rows(
                 ),
             )
 
+        search = PROJECTIONS["datasets_search"]
+        await search.open(settings)
+
+        async def documents() -> str:
+            assert isinstance(search, SearchProjection)
+            assert search.client is not None
+            found = await search.client.search(
+                index=search.physical,
+                body={"query": {"match_all": {}}, "sort": [{"id": "asc"}], "size": 10_000, "version": True},
+            )
+            hits = [(h["_id"], h["_version"], h["_source"]) for h in found["hits"]["hits"]]
+            assert any(h[0] == created["id"] and h[2]["latest_version"] == "1.0.0" for h in hits)
+            return hashlib.md5(orjson.dumps(hits, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
         async with pool.acquire() as conn:
-            before = await checksum(conn)
+            before = (*await checksum(conn), await documents())
+        admin = (await client.get("/api/v1/admin/projections")).json()["projections"]
+        dead_before = admin["datasets_search"]["dead_lettered"]
         codec = AvroCodec.from_directory()
-        for name in ("datasets", "quality_metrics"):
+        for name in ("datasets", "quality_metrics", "datasets_search"):
             projector = Projector(PROJECTIONS[name], pool, producer, codec, topics)
             await projector.handle(records)  # everything again, in one batch
             await projector.handle(records[len(records) // 2 :])  # and a tail again
         async with pool.acquire() as conn:
-            after = await checksum(conn)
+            after = (*await checksum(conn), await documents())
             schema = await conn.fetchval("SELECT current_schema()")
         assert schema == schema_name(settings)
         assert before == after
         assert before[0] is not None
         assert before[1] is not None
+        admin = (await client.get("/api/v1/admin/projections")).json()["projections"]
+        assert admin["datasets_search"]["dead_lettered"] == dead_before  # redelivery is no error
     finally:
+        await search.close()
         await producer.stop()
         await pool.close()
+
+
+async def test_search_finds_a_dataset_by_a_word_of_its_description(client: httpx.AsyncClient) -> None:
+    word = f"zx{uuid.uuid4().hex[:8]}"
+    found = await _register(client, description=f"Sea surface temperature from {word} buoys", tags=["ocean"])
+    other = await _register(client, name=f"Archived {word} series")
+    r = await client.post(f"/api/v1/datasets/{other['id']}/archive", json={"reason": "superseded"})
+    assert r.status_code == 200, r.text
+    token = _merge(found["position"], r.json()["position"])
+
+    r = await client.get("/api/v1/search/datasets", params={"q": word, "consistent_with": token})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["total"] == 2
+    assert body["items"][0]["id"] == other["id"]  # a match in the name ranks first
+    assert body["counts"]["status"] == {"active": 1, "archived": 1}
+    hit = next(i for i in body["items"] if i["id"] == found["id"])
+    assert f"<em>{word}</em>" in hit["highlights"]["description"][0]
+
+    r = await client.get("/api/v1/search/datasets", params={"q": word, "status": "active"})
+    assert [i["id"] for i in r.json()["items"]] == [found["id"]]
+    assert r.json()["counts"]["status"] == {"active": 1, "archived": 1}  # facets ignore the status filter
+    r = await client.get("/api/v1/search/datasets", params={"q": word, "tag": "Ocean"})
+    assert [i["id"] for i in r.json()["items"]] == [found["id"]]
+    r = await client.get("/api/v1/search/datasets", params={"q": f"{word} -buoys"})
+    assert [i["id"] for i in r.json()["items"]] == [other["id"]]
+    r = await client.get("/api/v1/search/datasets", params={"q": word, "limit": 101})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["query", "limit"]
+    r = await client.get("/api/v1/search/datasets", params={"q": word, "offset": 9990, "limit": 20})
+    assert r.status_code == 422
+
+
+async def test_search_finds_an_incident_by_its_comments(client: httpx.AsyncClient) -> None:
+    word = f"qv{uuid.uuid4().hex[:8]}"
+    r = await client.post("/api/v1/incidents", json={"title": "Checkout latency", "priority": "critical"})
+    incident = r.json()
+    r = await client.post(
+        f"/api/v1/incidents/{incident['id']}/comments",
+        json={"author": "sre", "body": f"Root cause: the {word} cache was cold"},
+    )
+    assert r.status_code == 200, r.text
+    r = await client.get(
+        "/api/v1/search/incidents", params={"q": word, "consistent_with": r.json()["position"]}
+    )
+    assert r.status_code == 200, r.text
+    (hit,) = r.json()["items"]
+    assert hit["id"] == incident["id"]
+    assert hit["priority"] == "critical"
+    assert hit["comments"] == 1
+    assert f"<em>{word}</em>" in hit["highlights"]["comment_texts"][0]
+
+
+async def test_a_temporal_query_returns_the_state_at_a_version_or_an_instant(
+    client: httpx.AsyncClient,
+) -> None:
+    created = await _register(client, metadata={"rows": 1})
+    dataset = f"/api/v1/datasets/{created['id']}"
+    r2 = await client.put(f"{dataset}/metadata/rows", json={"value": 2})
+    r3 = await client.post(f"{dataset}/versions", json={"version": "2.0.0"})
+    r4 = await client.post(f"{dataset}/archive", json={"reason": "replaced"})
+    assert [r.status_code for r in (r2, r3, r4)] == [200, 200, 200]
+    token = r4.json()["position"]
+
+    at2 = await client.get(dataset, params={"as_of_version": 2, "consistent_with": token})
+    assert at2.status_code == 200, at2.text
+    assert at2.headers["etag"] == '"2"'
+    state = at2.json()
+    assert (state["version"], state["metadata"], state["latest_version"], state["status"]) == (
+        2,
+        {"rows": 2},
+        None,
+        "active",
+    )
+    now = (await client.get(dataset, params={"consistent_with": token})).json()
+    assert (now["version"], now["status"], now["latest_version"]) == (4, "archived", "2.0.0")
+
+    # an instant between version 3 and version 4
+    history = (await client.get(f"{dataset}/events")).json()["items"]
+    at = history[2]["occurred_at"]
+    r = await client.get(dataset, params={"as_of": at})
+    assert (r.json()["version"], r.json()["latest_version"], r.json()["status"]) == (3, "2.0.0", "active")
+    before = await client.get(dataset, params={"as_of": "2000-01-01T00:00:00Z"})
+    assert before.status_code == 404
+    beyond = await client.get(dataset, params={"as_of_version": 5})
+    assert beyond.status_code == 404
+    assert beyond.json()["current_version"] == 4
+    naive = await client.get(dataset, params={"as_of": "2026-01-01T00:00:00"})
+    assert naive.status_code == 422
+    assert naive.json()["detail"][0]["loc"] == ["query", "as_of"]
+
+
+async def test_filters_and_pages_over_a_thousand_incidents_are_correct_and_complete(
+    client: httpx.AsyncClient,
+) -> None:
+    priorities = ["low", "medium", "high", "critical"]
+    assignee = f"team-{uuid.uuid4().hex[:6]}"
+    tokens: list[str] = []
+    created: dict[str, dict[str, str | None]] = {}
+    gate = asyncio.Semaphore(32)
+
+    async def open_one(i: int) -> None:
+        async with gate:
+            r = await client.post(
+                "/api/v1/incidents", json={"title": f"bulk {i}", "priority": priorities[i % 4]}
+            )
+            assert r.status_code == 201, r.text
+            ident = r.json()["id"]
+            state: dict[str, str | None] = {"priority": priorities[i % 4], "assignee": None, "status": "open"}
+            if i % 3 == 0:
+                r = await client.post(f"/api/v1/incidents/{ident}/assign", json={"assignee": assignee})
+                assert r.status_code == 200, r.text
+                state["assignee"] = assignee
+            if i % 5 == 0:
+                r = await client.post(f"/api/v1/incidents/{ident}/status", json={"status": "in_progress"})
+                assert r.status_code == 200, r.text
+                state["status"] = "in_progress"
+            created[ident] = state
+            tokens.append(r.json()["position"])
+
+    await asyncio.gather(*(open_one(i) for i in range(1000)))
+    token = tokens[0]
+    for t in tokens[1:]:
+        token = _merge(token, t)
+
+    async def pages(order: str, limit: int, **filters: str) -> list[dict[str, str]]:
+        items: list[dict[str, str]] = []
+        cursor = None
+        while True:
+            params: dict[str, str | int] = {
+                "limit": limit,
+                "order": order,
+                "consistent_with": token,
+                **filters,
+            }
+            if cursor:
+                params["cursor"] = cursor
+            r = await client.get("/api/v1/incidents", params=params)
+            assert r.status_code == 200, r.text
+            items += r.json()["items"]
+            cursor = r.json()["next_cursor"]
+            if not cursor:
+                return items
+
+    everything = await pages("asc", 500)
+    ids = [i["id"] for i in everything]
+    assert len(ids) == len(set(ids))
+    assert set(created) <= set(ids)
+    keys = [(i["opened_at"], i["id"]) for i in everything]
+    assert keys == sorted(keys)
+
+    for filters in (
+        {"assignee": assignee},
+        {"assignee": assignee, "priority": "high"},
+        {"status": "in_progress"},
+    ):
+        expected = {ident for ident, s in created.items() if all(s[k] == v for k, v in filters.items())}
+        for order, limit in (("asc", 97), ("desc", 250)):
+            got = await pages(order, limit, **filters)
+            got_ids = [i["id"] for i in got]
+            assert len(got_ids) == len(set(got_ids))
+            assert all(all(i[k] == v for k, v in filters.items()) for i in got)
+            mine = {g for g in got_ids if g in created}
+            assert mine == expected, (filters, order, len(mine), len(expected))
+            if "assignee" in filters:
+                assert set(got_ids) == expected  # no other test uses this assignee
