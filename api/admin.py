@@ -1,55 +1,107 @@
-"""Admin routes: the state of every projection (positions, lag, dead letters)."""
+"""Admin routes: the state of every projection (versions, lag, dead letters), rebuilds
+and rollbacks.
+
+A rebuild started here runs in this API process (it starts the new version's worker
+as a child process) and is visible from any API instance: its progress is stored with
+the version. Readers keep the live version until the swap.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
-from api.errors import ReadModelsUnavailable
-from api.lag import LagProbe, lag_of
+from api.errors import ReadModelsUnavailable, RequestProblem
 from api.queries import NOT_FOUND
 from api.readmodels import PoolDep
+from projections import versions
 from projections.registry import PROJECTIONS
-from shared_kernel.topics import Topics
+from projections.status import describe, overview
+from streams.rebuild import Rebuild
 
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
+log = logging.getLogger(__name__)
 
 LAG_TIMEOUT_S = 5
 
 
+def _known(name: str) -> None:
+    if name not in PROJECTIONS:
+        raise RequestProblem(404, "not_found", f"no projection {name!r}; known: {', '.join(PROJECTIONS)}")
+
+
 @router.get("/projections", operation_id="listProjections", responses=NOT_FOUND)
 async def list_projections(request: Request, pool: PoolDep) -> dict[str, Any]:
-    """Every projection: per partition its next offset, the end, and how far behind it
-    is (events and seconds); events applied and dead-lettered, and the last error."""
-    settings = request.app.state.settings
-    probe: LagProbe = request.app.state.lag
-    topics = Topics(settings.topic_prefix)
-    positions = [
-        dict(r)
-        for r in await pool.fetch(
-            "SELECT projection, topic, partition, next_offset, event_time FROM projection_positions"
-        )
-    ]
-    stats = {r["projection"]: dict(r) for r in await pool.fetch("SELECT * FROM projection_stats")}
-    topics_of = {name: [topics.events(c) for c in p.contexts] for name, p in PROJECTIONS.items()}
+    """Every projection: its live version, how far it is behind (events and seconds,
+    per partition too), events applied and dead-lettered, the last error, a rebuild."""
     try:
-        lag = await asyncio.wait_for(lag_of(probe, topics_of, positions), LAG_TIMEOUT_S)
+        found = await asyncio.wait_for(
+            overview(request.app.state.settings, pool, request.app.state.lag), LAG_TIMEOUT_S
+        )
     except (KafkaError, TimeoutError) as exc:
         raise ReadModelsUnavailable(f"Kafka does not answer, so lag is unknown: {exc!r}") from exc
-    out: dict[str, Any] = {}
-    for name, p in PROJECTIONS.items():
-        s = stats.get(name, {})
-        out[name] = {
-            "store": p.store,
-            "events_behind": lag[name]["events_behind"],
-            "seconds_behind": lag[name]["seconds_behind"],
-            "applied": s.get("applied", 0),
-            "dead_lettered": s.get("dead_lettered", 0),
-            "dead_letter_topic": topics.dlq(name),
-            "last_error": s.get("last_error"),
-            "positions": lag[name]["positions"],
-        }
-    return {"projections": out}
+    return {"projections": found}
+
+
+@router.get("/projections/{name}", operation_id="getProjection", responses=NOT_FOUND)
+async def get_projection(name: str, request: Request, pool: PoolDep) -> dict[str, Any]:
+    """One projection's versions: state, rebuild progress (done/total, rate, ETA), workers."""
+    _known(name)
+    return await describe(request.app.state.settings, name, pool)
+
+
+@router.post(
+    "/projections/{name}/rebuild",
+    operation_id="rebuildProjection",
+    status_code=202,
+    responses={**NOT_FOUND, 409: {"description": "A rebuild of this projection is running."}},
+)
+async def rebuild_projection(name: str, request: Request, pool: PoolDep) -> JSONResponse:
+    """Start replaying the projection from offset 0 into its next version; it is swapped
+    in when caught up. Follow it at `Location`."""
+    _known(name)
+    building = [v for v in await versions.versions(pool, name) if v.state == "building"]
+    if building:
+        raise RequestProblem(
+            409, "rebuild_running", f"version {building[0].version} of {name} is being built"
+        )
+    rebuild = Rebuild(request.app.state.settings, PROJECTIONS[name])
+    tasks: set[asyncio.Task[Any]] = request.app.state.rebuilds
+    task = asyncio.create_task(rebuild.run(), name=f"rebuild-{name}")
+    tasks.add(task)
+    task.add_done_callback(_finished(tasks))
+    return JSONResponse(
+        {"projection": name, "status": "started"},
+        status_code=202,
+        headers={"Location": f"/api/v1/admin/projections/{name}"},
+    )
+
+
+def _finished(tasks: set[asyncio.Task[Any]]) -> Any:
+    def done(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("rebuild failed", extra={"task": task.get_name(), "error": repr(task.exception())})
+
+    return done
+
+
+@router.post(
+    "/projections/{name}/rollback",
+    operation_id="rollbackProjection",
+    responses={**NOT_FOUND, 409: {"description": "There is no retired version to return to."}},
+)
+async def rollback_projection(name: str, request: Request, pool: PoolDep) -> dict[str, Any]:
+    """Swap the previous (retired) version back in; it catches up from where it stopped."""
+    _known(name)
+    try:
+        target = await versions.previous(pool, name)
+        retired = await versions.swap(pool, request.app.state.settings, PROJECTIONS[name], target)
+    except versions.VersionError as exc:
+        raise RequestProblem(409, "no_rollback", str(exc)) from exc
+    return {"projection": name, "live_version": target, "retired_version": retired}

@@ -19,9 +19,9 @@ from redis.asyncio import Redis
 from api import admin, errors, health, queries, search
 from api.datasets import commands as dataset_commands
 from api.incidents import commands as incident_commands
-from api.lag import LagProbe
 from commands.bus import CommandBus
 from projections.db import create_pool, migrate
+from projections.lag import LagProbe
 from projections.registry import PROJECTIONS
 from projections.search import SearchProjection, alias_name, ensure_index, index_name, search_client
 from shared_kernel import kafka
@@ -97,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.search = search_client(settings)
         app.state.search_ready = False
         app.state.lag = LagProbe(settings)
+        app.state.rebuilds = set()
         pooling = asyncio.create_task(_connect_read_models(app, settings))
         indexing = asyncio.create_task(_connect_search(app, settings))
         await bus.start()
@@ -104,7 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            for task in (connecting, pooling, indexing):
+            for task in (connecting, pooling, indexing, *app.state.rebuilds):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

@@ -84,7 +84,9 @@ async def wait_for(
         rows = await pool.fetch(
             "SELECT w.projection FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[]) "
             "AS w(projection, topic, partition, next_offset) "
-            "LEFT JOIN projection_positions p USING (projection, topic, partition) "
+            "LEFT JOIN projection_versions v ON v.projection = w.projection AND v.state = 'live' "
+            "LEFT JOIN projection_positions p ON p.projection = w.projection "
+            "AND p.version = coalesce(v.version, 1) AND p.topic = w.topic AND p.partition = w.partition "
             "WHERE coalesce(p.next_offset, 0) < w.next_offset",
             [w[0] for w in wanted],
             [w[1] for w in wanted],

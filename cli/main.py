@@ -2,6 +2,8 @@
 
 cqrs serve api                 the HTTP API (uvicorn)
 cqrs run command-processor     the write side's single writer per partition
+cqrs run projector NAME        keep a read model up to date (follows rebuilds)
+cqrs projections list|status|rebuild|rollback   the read models and their versions
 cqrs topics create             create the contract topics (idempotent)
 cqrs schemas check             every event has a schema; every schema reads its history
 """
@@ -12,7 +14,7 @@ import asyncio
 import signal
 import sys
 from collections.abc import Coroutine
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,15 +23,20 @@ from rich.table import Table
 from shared_kernel.settings import get_settings
 from shared_kernel.telemetry import configure_logging
 
+if TYPE_CHECKING:
+    from projections.postgres import Projection
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Kafka-native event-sourced CQRS backend.")
 serve = typer.Typer(no_args_is_help=True, help="Serve HTTP.")
 run = typer.Typer(no_args_is_help=True, help="Run a long-lived processor.")
 topics = typer.Typer(no_args_is_help=True, help="Kafka topics of the contract.")
 schemas = typer.Typer(no_args_is_help=True, help="Avro schemas.")
+projections = typer.Typer(no_args_is_help=True, help="Read models: list, status, rebuild, rollback.")
 app.add_typer(serve, name="serve")
 app.add_typer(run, name="run")
 app.add_typer(topics, name="topics")
 app.add_typer(schemas, name="schemas")
+app.add_typer(projections, name="projections")
 console = Console(stderr=True)
 
 
@@ -81,20 +88,154 @@ def run_command_processor() -> None:
 
 @run.command("projector")
 def run_projector(
-    name: Annotated[
-        str,
-        typer.Argument(help="the projection, e.g. datasets, events or datasets_search"),
-    ],
+    name: Annotated[str, typer.Argument(help="the projection (`cqrs projections list`)")],
+    version: Annotated[
+        int | None, typer.Option(help="run this version's worker alone (what the supervisor starts)")
+    ] = None,
 ) -> None:
-    """Keep one read model up to date from the events topics (a Faust worker)."""
-    from projections.registry import PROJECTIONS
+    """Keep a projection up to date from the events topics: a supervisor that runs a Faust
+    worker for the live version and follows swaps (Ctrl-C to stop)."""
+    projection = _projection(name)
+    _logging()
+    if version is None:
+        from streams.supervisor import supervise
+
+        settings = get_settings()
+        _run_fast(_until_signalled(lambda stop: supervise(settings, name, stop)))
+        return
     from streams.app import ProjectionApp
+
+    ProjectionApp(get_settings(), projection.at(version)).run()
+
+
+def _projection(name: str) -> Projection:
+    from projections.registry import PROJECTIONS
 
     if name not in PROJECTIONS:
         console.print(f"[red]unknown projection {name!r}[/]; known: {', '.join(PROJECTIONS)}")
         raise typer.Exit(2)
+    return PROJECTIONS[name]
+
+
+@projections.command("list")
+def projections_list() -> None:
+    """Every projection: live version, rebuild in progress, lag, dead letters."""
+    from projections.status import overview
+
+    settings = get_settings()
+    rows = asyncio.run(overview(settings))
+    table = Table(
+        "projection", "store", "live", "building", "events behind", "seconds behind", "applied", "dead"
+    )
+    for name, p in rows.items():
+        building = p["building"]
+        table.add_row(
+            name,
+            p["store"],
+            f"v{p['live_version']}",
+            f"v{building['version']} {_percent(building)}" if building else "-",
+            str(p["events_behind"]),
+            f"{p['seconds_behind']:.1f}",
+            str(p["applied"]),
+            str(p["dead_lettered"]),
+        )
+    Console().print(table)
+
+
+def _percent(v: dict[str, Any]) -> str:
+    return f"{100 * (v['done'] or 0) / v['total']:.0f}%" if v.get("total") else ""
+
+
+@projections.command("status")
+def projections_status(name: Annotated[str, typer.Argument(help="the projection")]) -> None:
+    """The versions of one projection: state, progress of a rebuild, workers."""
+    from projections.status import describe
+
+    _projection(name)
+    info = asyncio.run(describe(get_settings(), name))
+    table = Table("version", "state", "since", "progress", "rate/s", "workers", "detail")
+    for v in info["versions"]:
+        table.add_row(
+            f"v{v['version']}",
+            v["state"],
+            str(v["live_since"] or v["created_at"])[:19],
+            f"{v['done']}/{v['total']} {_percent(v)}" if v["total"] else "-",
+            f"{v['rate']:.0f}" if v["rate"] else "-",
+            ", ".join(v["workers"]) or "-",
+            (v["detail"] or "")[:60],
+        )
+    Console().print(table)
+
+
+@projections.command("rebuild")
+def projections_rebuild(
+    name: Annotated[str, typer.Argument(help="the projection")],
+    swap: Annotated[bool, typer.Option(help="swap the new version in once it has caught up")] = True,
+) -> None:
+    """Replay the projection from offset 0 into a new version beside the live one, then
+    swap it in atomically (readers see the old version until then)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from streams.rebuild import Progress as Step
+    from streams.rebuild import Rebuild
+
+    projection = _projection(name)
     _logging()
-    ProjectionApp(get_settings(), PROJECTIONS[name]).run()
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>8.0f} offsets/s  ETA {task.fields[eta]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task(f"{name}: starting", total=None, rate=0.0, eta="-")
+
+        def report(p: Step) -> None:
+            eta = f"{p.eta_s:.0f} s" if p.eta_s is not None else "-"
+            bar.update(
+                task,
+                description=f"{name} v{p.version}: {p.phase}",
+                completed=p.done,
+                total=max(p.total, 1),
+                rate=p.rate,
+                eta=eta,
+            )
+
+        try:
+            result = asyncio.run(Rebuild(get_settings(), projection, report).run(swap=swap))
+        except Exception as exc:
+            console.print(f"[red]rebuild failed:[/] {exc}")
+            raise typer.Exit(1) from exc
+    verb = "is live" if swap else "is built (not swapped in)"
+    console.print(
+        f"[green]✓[/] {name} v{result.version} {verb}: {result.done} offsets in {result.elapsed_s:.1f} s"
+    )
+
+
+@projections.command("rollback")
+def projections_rollback(name: Annotated[str, typer.Argument(help="the projection")]) -> None:
+    """Swap the previous (retired) version back in; it catches up from where it stopped."""
+    from projections import versions
+    from projections.db import create_pool
+
+    projection = _projection(name)
+    settings = get_settings()
+
+    async def rollback() -> tuple[int, int]:
+        pool = await create_pool(settings, min_size=1, max_size=1)
+        try:
+            target = await versions.previous(pool, name)
+            return target, await versions.swap(pool, settings, projection, target)
+        finally:
+            await pool.close()
+
+    try:
+        live, retired = asyncio.run(rollback())
+    except versions.VersionError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+    console.print(f"[green]✓[/] {name}: v{live} is live again (v{retired} retired)")
 
 
 @topics.command("create")

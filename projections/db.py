@@ -30,12 +30,14 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         )
 
 
-async def create_pool(settings: Settings, **options: Any) -> asyncpg.Pool:
-    """A pool whose connections read and write the deployment's schema."""
+async def create_pool(settings: Settings, role: str = "", **options: Any) -> asyncpg.Pool:
+    """A pool whose connections read and write the deployment's schema; `role` names
+    the process in `pg_stat_activity` (after the service name)."""
     schema = schema_name(settings)
+    app_name = f"{settings.service_name}:{role}" if role else settings.service_name
     pool = await asyncpg.create_pool(
         settings.postgres_dsn,
-        server_settings={"search_path": schema, "application_name": settings.service_name},
+        server_settings={"search_path": schema, "application_name": app_name[:63]},
         init=_init_connection,
         **{"min_size": 1, "max_size": 10, **options},
     )

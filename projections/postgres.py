@@ -10,7 +10,7 @@ writes the changed rows back with one statement.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 from uuid import UUID
 
 import asyncpg
@@ -23,12 +23,27 @@ Row = dict[str, Any]
 
 
 class Projection:
-    """A read model fed by the events of some contexts."""
+    """A read model fed by the events of some contexts, kept in versions.
+
+    Readers see the live version through a stable name (a view, an alias); a rebuild
+    fills the next version beside it (`<table>_v<N>`) and swaps it in.
+    """
 
     name: ClassVar[str]
     contexts: ClassVar[tuple[str, ...]]
-    version: ClassVar[int] = 1
     store: ClassVar[str] = "postgresql"
+    table: ClassVar[str]  # what readers query; each version is a table `<table>_v<N>`
+
+    def __init__(self, version: int = 1) -> None:
+        self.version = version
+
+    def at(self, version: int) -> Self:
+        """This projection at another version (a fresh instance, not opened)."""
+        return type(self)(version)
+
+    @property
+    def physical(self) -> str:
+        return f"{self.table}_v{self.version}"
 
     async def open(self, settings: Settings) -> None:
         """Acquire what `apply` needs besides the PostgreSQL connection it is given."""
@@ -38,6 +53,19 @@ class Projection:
 
     async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
         raise NotImplementedError
+
+    async def create_storage(self, conn: asyncpg.Connection, settings: Settings, like: int) -> None:
+        """Create this version's storage, empty, shaped like version `like`'s."""
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {self.physical} (LIKE {self.table}_v{like} INCLUDING ALL)"
+        )
+
+    async def drop_storage(self, conn: asyncpg.Connection, settings: Settings) -> None:
+        await conn.execute(f"DROP TABLE IF EXISTS {self.physical}")
+
+    async def make_live(self, conn: asyncpg.Connection, settings: Settings) -> None:
+        """Point readers at this version (inside the caller's transaction)."""
+        await conn.execute(f"CREATE OR REPLACE VIEW {self.table} AS SELECT * FROM {self.physical}")
 
 
 Evolver = Callable[[Row | None, StoredEvent], Row | None]
@@ -69,13 +97,8 @@ def fold(
 class FoldedRows(Projection):
     """One row per aggregate, evolved by a pure function of (row, event)."""
 
-    table: ClassVar[str]
     columns: ClassVar[tuple[str, ...]]  # the first is the key ("id"), "version" among them
     evolvers: ClassVar[dict[str, Evolver]]
-
-    @property
-    def physical(self) -> str:
-        return f"{self.table}_v{self.version}"
 
     async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
         relevant = [e for e in events if e.name in self.evolvers]
@@ -278,6 +301,7 @@ class QualityMetricsProjection(Projection):
 
     name = "quality_metrics"
     contexts = ("datasets",)
+    table = "quality_metrics"
 
     async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
         rows = [
@@ -296,7 +320,7 @@ class QualityMetricsProjection(Projection):
         ]
         if rows:
             await conn.executemany(
-                f"INSERT INTO quality_metrics_v{self.version} (dataset_id, version, metric, value, "
+                f"INSERT INTO {self.physical} (dataset_id, version, metric, value, "
                 "threshold, comparator, passed, recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
                 "ON CONFLICT DO NOTHING",
                 rows,
@@ -308,6 +332,7 @@ class EventsArchiveProjection(Projection):
 
     name = "events"
     contexts = ("datasets", "incidents")
+    table = "events"
 
     async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
         rows = [
@@ -329,7 +354,7 @@ class EventsArchiveProjection(Projection):
         ]
         if rows:
             await conn.executemany(
-                f'INSERT INTO events_v{self.version} (event_id, topic, partition, "offset", context, '
+                f'INSERT INTO {self.physical} (event_id, topic, partition, "offset", context, '
                 "aggregate_type, aggregate_id, version, event_type, occurred_at, headers, payload) "
                 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT DO NOTHING",
                 rows,

@@ -101,6 +101,7 @@ class Projector:
                         ("dlq-error", error.encode()[:4000]),
                         ("dlq-source", f"{record.topic}:{record.partition}:{record.offset}".encode()),
                         ("dlq-projection", self.projection.name.encode()),
+                        ("dlq-projection-version", str(self.projection.version).encode()),
                     ],
                 )
                 log.error(
@@ -129,21 +130,25 @@ class Projector:
                 ends[key] = (r.offset + 1, r.timestamp_ms)
         await conn.executemany(
             "INSERT INTO projection_positions "
-            "(projection, topic, partition, next_offset, event_time, updated_at) "
-            "VALUES ($1, $2, $3, $4, to_timestamp($5::double precision / 1000), now()) "
-            "ON CONFLICT (projection, topic, partition) DO UPDATE SET "
+            "(projection, version, topic, partition, next_offset, event_time, updated_at) "
+            "VALUES ($1, $2, $3, $4, $5, to_timestamp($6::double precision / 1000), now()) "
+            "ON CONFLICT (projection, version, topic, partition) DO UPDATE SET "
             "next_offset = GREATEST(projection_positions.next_offset, EXCLUDED.next_offset), "
             "event_time = EXCLUDED.event_time, updated_at = now()",
-            [(self.projection.name, t, p, end, ts) for (t, p), (end, ts) in ends.items()],
+            [
+                (self.projection.name, self.projection.version, t, p, end, ts)
+                for (t, p), (end, ts) in ends.items()
+            ],
         )
         last_error = outcome.dead[-1][1][:1000] if outcome.dead else None
         await conn.execute(
-            "INSERT INTO projection_stats (projection, applied, dead_lettered, last_error) "
-            "VALUES ($1, $2, $3, $4) ON CONFLICT (projection) DO UPDATE SET "
+            "INSERT INTO projection_stats (projection, version, applied, dead_lettered, last_error) "
+            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (projection, version) DO UPDATE SET "
             "applied = projection_stats.applied + EXCLUDED.applied, "
             "dead_lettered = projection_stats.dead_lettered + EXCLUDED.dead_lettered, "
             "last_error = COALESCE(EXCLUDED.last_error, projection_stats.last_error)",
             self.projection.name,
+            self.projection.version,
             outcome.applied,
             len(outcome.dead),
             last_error,

@@ -66,23 +66,52 @@ class SearchProjection(Projection):
     index: ClassVar[str]  # the alias name without the deployment's prefix
     mapping: ClassVar[dict[str, Any]]
 
-    def __init__(self) -> None:
+    def __init__(self, version: int = 1) -> None:
+        super().__init__(version)
         self.client: AsyncOpenSearch | None = None
-        self.physical = ""
+        self._index = ""  # known once opened: it is named after the deployment
         self.evolvers: dict[str, Evolver] = {}
         for name, evolve in self.rows.evolvers.items():
             self.evolvers[name] = _chain(evolve, self.extra.get(name))
         for name, evolve in self.extra.items():
             self.evolvers.setdefault(name, evolve)
 
+    @property
+    def physical(self) -> str:
+        return self._index or f"{self.index}-v{self.version}"
+
     async def open(self, settings: Settings) -> None:
         self.client = search_client(settings)
-        self.physical = index_name(settings, self.index, self.version)
-        await ensure_index(self.client, self.physical, alias_name(settings, self.index), self.mapping)
+        self._index = index_name(settings, self.index, self.version)
+        await ensure_index(self.client, self._index, alias_name(settings, self.index), self.mapping)
 
     async def close(self) -> None:
         if self.client is not None:
             await self.client.close()
+
+    async def create_storage(self, conn: asyncpg.Connection, settings: Settings, like: int) -> None:
+        async with search_client(settings) as client:
+            await ensure_index(client, index_name(settings, self.index, self.version), None, self.mapping)
+
+    async def drop_storage(self, conn: asyncpg.Connection, settings: Settings) -> None:
+        async with search_client(settings) as client:
+            await client.indices.delete(
+                index=index_name(settings, self.index, self.version), ignore_unavailable=True
+            )
+
+    async def make_live(self, conn: asyncpg.Connection, settings: Settings) -> None:
+        """Move the alias to this version's index in one atomic alias update (it is not
+        part of the caller's PostgreSQL transaction: OpenSearch has its own)."""
+        alias = alias_name(settings, self.index)
+        async with search_client(settings) as client:
+            current = (
+                await client.indices.get_alias(name=alias)
+                if await client.indices.exists_alias(name=alias)
+                else {}
+            )
+            actions: list[dict[str, Any]] = [{"remove": {"index": old, "alias": alias}} for old in current]
+            actions.append({"add": {"index": index_name(settings, self.index, self.version), "alias": alias}})
+            await client.indices.update_aliases(body={"actions": actions})
 
     async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
         assert self.client is not None, "open() first"
@@ -122,7 +151,9 @@ def _chain(first: Evolver, then: Evolver | None) -> Evolver:
     return evolve
 
 
-async def ensure_index(client: AsyncOpenSearch, index: str, alias: str, mapping: dict[str, Any]) -> None:
+async def ensure_index(
+    client: AsyncOpenSearch, index: str, alias: str | None, mapping: dict[str, Any]
+) -> None:
     """Create `index` if missing and point `alias` at it if the alias points nowhere yet."""
     if not await client.indices.exists(index=index):
         try:
@@ -130,7 +161,7 @@ async def ensure_index(client: AsyncOpenSearch, index: str, alias: str, mapping:
         except Exception as exc:  # created concurrently by another worker
             if "resource_already_exists_exception" not in str(exc):
                 raise
-    if not await client.indices.exists_alias(name=alias):
+    if alias is not None and not await client.indices.exists_alias(name=alias):
         await client.indices.update_aliases(body={"actions": [{"add": {"index": index, "alias": alias}}]})
 
 

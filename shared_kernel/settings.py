@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     )
     command_batch_max: int = Field(default=500, ge=1)
     projection_batch_max: int = Field(default=1000, ge=1, description="events per projection transaction")
+    rebuild_swap_max_behind: int = Field(
+        default=100, ge=0, description="a rebuilt version is swapped in once at most this many events behind"
+    )
+    rebuild_handover_s: float = Field(
+        default=30, gt=0, description="how long a rebuild waits for a supervised worker of the new version"
+    )
     query_consistency_timeout_s: float = Field(
         default=5.0, gt=0, description="how long a query waits for the position it was given (then 504)"
     )

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
+from projections import versions
 from projections.db import create_pool, migrate
 from projections.events import Record
 from projections.postgres import Projection
@@ -31,6 +36,12 @@ from shared_kernel.topics import Topics, dlq_topic, ensure_topics
 log = logging.getLogger(__name__)
 
 RETRY_S = (0.2, 0.5, 1, 2, 5)
+HEARTBEAT_S = 1.0
+
+
+def group_id(settings: Settings, projection: Projection) -> str:
+    """Each version of a projection reads with a consumer group of its own."""
+    return f"{settings.topic_prefix}.projection.{projection.name}.v{projection.version}"
 
 
 def _read_committed_consumer_thread() -> None:
@@ -75,7 +86,8 @@ class ProjectionApp:
         self.settings = settings
         self.projection = projection
         self.topics = Topics(settings.topic_prefix)
-        self.group_id = f"{settings.topic_prefix}.projection.{projection.name}"
+        self.group_id = group_id(settings, projection)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         # Faust keeps local table state here; projections use no Faust tables.
         datadir = datadir or Path(tempfile.gettempdir()) / "cqrs-faust" / self.group_id
         datadir.parent.mkdir(parents=True, exist_ok=True)
@@ -102,13 +114,16 @@ class ProjectionApp:
         )
         self.projector: Projector | None = None
         self.app.agent(source, name=f"project-{projection.name}")(self._agent)
+        self.app.timer(HEARTBEAT_S)(self._heartbeat)
 
     async def _start_projector(self) -> Projector:
         settings = self.settings
         await migrate(settings)
         await ensure_topics(settings, [dlq_topic(settings, self.projection.name)])
         await self.projection.open(settings)
-        pool = await create_pool(settings, min_size=1, max_size=2)
+        role = f"projection:{self.projection.name}:v{self.projection.version}"
+        pool = await create_pool(settings, role, min_size=1, max_size=2)
+        await versions.register(pool, self.projection.name)
         producer = kafka.producer(settings)
         await producer.start()
         return Projector(self.projection, pool, producer, AvroCodec.from_directory(), self.topics)
@@ -117,7 +132,14 @@ class ProjectionApp:
         if self.projector is None:
             self.projector = await self._start_projector()
         projector = self.projector
-        log.info("projection started", extra={"projection": self.projection.name, "group": self.group_id})
+        log.info(
+            "projection started",
+            extra={
+                "projection": self.projection.name,
+                "version": self.projection.version,
+                "group": self.group_id,
+            },
+        )
         async for events in stream.take_events(self.settings.projection_batch_max, within=0.05):
             records = [_record(e.message) for e in events]
             for attempt, pause in enumerate((*RETRY_S, None)):
@@ -133,6 +155,25 @@ class ProjectionApp:
                         exc_info=True,
                     )
                     await asyncio.sleep(pause)
+
+    async def _heartbeat(self) -> None:
+        """Say this worker is alive; stop it once its version is retired (a rebuild
+        swapped another one in: the supervisor runs that one)."""
+        if self.projector is None:
+            return
+        pool, name, version = self.projector.pool, self.projection.name, self.projection.version
+        try:
+            await versions.heartbeat(pool, name, version, self.worker_id)
+            state = await versions.state_of(pool, name, version)
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.warning("heartbeat failed", extra={"projection": name, "error": repr(exc)})
+            return
+        if state in ("retired", "failed"):
+            log.info(
+                "version no longer wanted; stopping",
+                extra={"projection": name, "version": version, "state": state},
+            )
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def run(self) -> None:
         """Run the Faust worker until it is signalled to stop."""

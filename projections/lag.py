@@ -87,7 +87,10 @@ class LagProbe:
 
 
 async def lag_of(
-    probe: LagProbe, topics_of: dict[str, list[str]], positions: list[dict[str, Any]]
+    probe: LagProbe,
+    topics_of: dict[str, list[str]],
+    positions: list[dict[str, Any]],
+    with_seconds: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Per projection: its partitions with next/end offsets and lag, and totals."""
     topics = sorted({t for ts in topics_of.values() for t in ts})
@@ -116,7 +119,7 @@ async def lag_of(
             if events:
                 behind.append((name, topic, partition, next_offset))
         out[name] = {"positions": parts}
-    stamps = await probe.timestamps(sorted({(t, p, o) for _, t, p, o in behind}))
+    stamps = await probe.timestamps(sorted({(t, p, o) for _, t, p, o in behind})) if with_seconds else {}
     now = time.time()
     for entry in out.values():
         seconds = 0.0

@@ -1,0 +1,215 @@
+"""The versions of each projection: which one readers see, which one is being built.
+
+A projection starts at version 1, live. A rebuild registers the next version as
+`building`, creates its storage beside the live one and fills it from offset 0; the
+swap then makes it `live` and the previous one `retired` in one PostgreSQL
+transaction (the view readers query is replaced in it; an OpenSearch alias moves in
+one atomic alias update just before). The retired version is kept for rollback until
+the next rebuild starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from projections.postgres import Projection
+from shared_kernel.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STALE_BUILD_S = 60  # a building version whose builder has said nothing for this long is abandoned
+
+
+class VersionError(Exception):
+    """The requested change of versions is not possible now (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Version:
+    projection: str
+    version: int
+    state: str
+    created_at: datetime
+    live_since: datetime | None
+    retired_at: datetime | None
+    total: int | None
+    done: int | None
+    rate: float | None
+    detail: str | None
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, row: asyncpg.Record) -> Version:
+        return cls(**dict(row))
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+async def register(conn: asyncpg.Connection | asyncpg.Pool, name: str) -> None:
+    """Version 1 is live for a projection that has no versions yet."""
+    await conn.execute(
+        "INSERT INTO projection_versions (projection, version, state, live_since) "
+        "SELECT $1, 1, 'live', now() WHERE NOT EXISTS "
+        "(SELECT 1 FROM projection_versions WHERE projection = $1) ON CONFLICT DO NOTHING",
+        name,
+    )
+
+
+async def live_version(conn: asyncpg.Connection | asyncpg.Pool, name: str) -> int:
+    version = await conn.fetchval(
+        "SELECT version FROM projection_versions WHERE projection = $1 AND state = 'live'", name
+    )
+    return int(version) if version is not None else 1
+
+
+async def versions(conn: asyncpg.Connection | asyncpg.Pool, name: str) -> list[Version]:
+    rows = await conn.fetch("SELECT * FROM projection_versions WHERE projection = $1 ORDER BY version", name)
+    return [Version.of(r) for r in rows]
+
+
+async def state_of(conn: asyncpg.Connection | asyncpg.Pool, name: str, version: int) -> str | None:
+    state = await conn.fetchval(
+        "SELECT state FROM projection_versions WHERE projection = $1 AND version = $2", name, version
+    )
+    return None if state is None else str(state)
+
+
+def _lock_key(name: str) -> int:
+    return int.from_bytes(f"rebuild:{name}".encode()[-8:].ljust(8, b"\0"), "big", signed=True)
+
+
+async def begin(pool: asyncpg.Pool, settings: Settings, projection: Projection) -> Projection:
+    """Register the next version of `projection` as building and create its storage.
+    Drops what older rebuilds left (versions neither live nor building)."""
+    name = projection.name
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(name))
+        await register(conn, name)
+        existing = await versions(conn, name)
+        for v in existing:
+            if v.state == "building":
+                idle = await conn.fetchval("SELECT extract(epoch FROM now() - $1::timestamptz)", v.updated_at)
+                if idle < STALE_BUILD_S:
+                    raise VersionError(f"version {v.version} of {name} is being built already")
+                await mark(conn, name, v.version, "failed", f"abandoned: no progress for {int(idle)} s")
+        live = await live_version(conn, name)
+        for v in existing:
+            if v.version != live and v.state != "building":
+                await projection.at(v.version).drop_storage(conn, settings)
+                await conn.execute(
+                    "DELETE FROM projection_versions WHERE projection = $1 AND version = $2", name, v.version
+                )
+                await _forget(conn, name, v.version)
+                log.info("old version dropped", extra={"projection": name, "version": v.version})
+        new = projection.at(max(v.version for v in await versions(conn, name)) + 1)
+        await _forget(conn, name, new.version)
+        await new.create_storage(conn, settings, like=live)
+        await conn.execute(
+            "INSERT INTO projection_versions (projection, version, state) VALUES ($1, $2, 'building')",
+            name,
+            new.version,
+        )
+    log.info("rebuild registered", extra={"projection": name, "version": new.version, "live": live})
+    return new
+
+
+async def _forget(conn: asyncpg.Connection, name: str, version: int) -> None:
+    for table in ("projection_positions", "projection_stats", "projection_workers"):
+        await conn.execute(f"DELETE FROM {table} WHERE projection = $1 AND version = $2", name, version)
+
+
+async def progress(
+    conn: asyncpg.Connection | asyncpg.Pool, name: str, version: int, total: int, done: int, rate: float
+) -> None:
+    await conn.execute(
+        "UPDATE projection_versions SET total = $3, done = $4, rate = $5, updated_at = now() "
+        "WHERE projection = $1 AND version = $2",
+        name,
+        version,
+        total,
+        done,
+        rate,
+    )
+
+
+async def mark(
+    conn: asyncpg.Connection | asyncpg.Pool, name: str, version: int, state: str, detail: str
+) -> None:
+    await conn.execute(
+        "UPDATE projection_versions SET state = $3, detail = $4, updated_at = now() "
+        "WHERE projection = $1 AND version = $2",
+        name,
+        version,
+        state,
+        detail,
+    )
+
+
+async def swap(pool: asyncpg.Pool, settings: Settings, projection: Projection, to: int) -> int:
+    """Make version `to` live and the live one retired; returns the version retired."""
+    name = projection.name
+    target = projection.at(to)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(name))
+        await register(conn, name)
+        live = await live_version(conn, name)
+        if live == to:
+            raise VersionError(f"version {to} of {name} is live already")
+        if await state_of(conn, name, to) is None:
+            raise VersionError(f"{name} has no version {to}")
+        await target.make_live(conn, settings)
+        await conn.execute(
+            "UPDATE projection_versions SET state = 'retired', retired_at = now(), updated_at = now() "
+            "WHERE projection = $1 AND version = $2",
+            name,
+            live,
+        )
+        await conn.execute(
+            "UPDATE projection_versions SET state = 'live', live_since = now(), retired_at = NULL, "
+            "detail = NULL, updated_at = now() WHERE projection = $1 AND version = $2",
+            name,
+            to,
+        )
+    log.info("version swapped in", extra={"projection": name, "live": to, "retired": live})
+    return live
+
+
+async def previous(conn: asyncpg.Connection | asyncpg.Pool, name: str) -> int:
+    """The retired version a rollback returns to."""
+    version = await conn.fetchval(
+        "SELECT version FROM projection_versions WHERE projection = $1 AND state = 'retired' "
+        "ORDER BY retired_at DESC NULLS LAST, version DESC LIMIT 1",
+        name,
+    )
+    if version is None:
+        raise VersionError(f"{name} has no retired version to roll back to")
+    return int(version)
+
+
+async def heartbeat(conn: asyncpg.Connection | asyncpg.Pool, name: str, version: int, worker: str) -> None:
+    await conn.execute(
+        "INSERT INTO projection_workers (projection, version, worker) VALUES ($1, $2, $3) "
+        "ON CONFLICT (projection, version, worker) DO UPDATE SET heartbeat_at = now()",
+        name,
+        version,
+        worker,
+    )
+
+
+async def workers(
+    conn: asyncpg.Connection | asyncpg.Pool, name: str, version: int, within_s: float = 5
+) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT worker FROM projection_workers WHERE projection = $1 AND version = $2 "
+        "AND heartbeat_at > now() - make_interval(secs => $3)",
+        name,
+        version,
+        within_s,
+    )
+    return [r["worker"] for r in rows]

@@ -1,0 +1,170 @@
+"""Rebuild a projection from offset 0 into its next version, then swap it in.
+
+1. The next version is registered as `building`; its table (or index) is created
+   beside the live one, which readers keep using.
+2. A worker for the new version (its own consumer group) replays every events topic
+   of the projection from offset 0. Progress (offsets done / total, rate, ETA) is
+   reported on every tick and stored with the version, so any API instance can show it.
+3. Once the new version is at most `rebuild_swap_max_behind` events behind, it is
+   swapped in: readers see the old version until that transaction, the new one after.
+4. The worker is handed over: once a supervised worker (`cqrs run projector NAME`)
+   of the new version reports alive, the rebuild's own worker stops.
+
+A failure marks the version `failed` and drops nothing the live version needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import asyncpg
+
+from projections import versions
+from projections.db import create_pool, migrate
+from projections.lag import LagProbe, lag_of
+from projections.postgres import Projection
+from shared_kernel.settings import Settings
+from shared_kernel.topics import Topics
+from streams.supervisor import start_worker, stop_worker
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0
+
+
+@dataclass
+class Progress:
+    projection: str
+    version: int
+    phase: str  # replaying, swapping, handing over, done, failed
+    done: int
+    total: int
+    behind: int
+    rate: float  # offsets/s over the last tick
+    eta_s: float | None
+    elapsed_s: float
+
+
+Report = Callable[[Progress], Awaitable[None] | None]
+
+
+class Rebuild:
+    def __init__(self, settings: Settings, projection: Projection, report: Report | None = None) -> None:
+        self.settings = settings
+        self.projection = projection
+        self.report = report
+        self.topics = [Topics(settings.topic_prefix).events(c) for c in projection.contexts]
+
+    async def run(self, swap: bool = True) -> Progress:
+        """Build the next version; swap it in unless `swap` is false. Returns the last progress."""
+        await migrate(self.settings)
+        pool = await create_pool(self.settings, min_size=1, max_size=2)
+        probe = LagProbe(self.settings)
+        try:
+            new = await versions.begin(pool, self.settings, self.projection)
+            try:
+                return await self._build(pool, probe, new, swap)
+            except BaseException as exc:
+                await versions.mark(pool, new.name, new.version, "failed", repr(exc)[:1000])
+                log.error(
+                    "rebuild failed", extra={"projection": new.name, "version": new.version}, exc_info=True
+                )
+                raise
+        finally:
+            await probe.stop()
+            await pool.close()
+
+    async def _build(self, pool: asyncpg.Pool, probe: LagProbe, new: Projection, swap: bool) -> Progress:
+        name, version = new.name, new.version
+        started = time.monotonic()
+        total = sum(end for end in (await probe.ends(self.topics)).values())
+        worker = await start_worker(name, version)
+        log.info("rebuild started", extra={"projection": name, "version": version, "total": total})
+        last_done, last_t = 0, started
+        try:
+            while True:
+                if worker.returncode is not None:
+                    raise RuntimeError(f"the rebuild's worker exited with code {worker.returncode}")
+                behind, done = await self._lag(pool, probe, name, version)
+                now = time.monotonic()
+                rate = (done - last_done) / max(now - last_t, 1e-6)
+                last_done, last_t = done, now
+                total = max(total, done + behind)
+                progress = Progress(
+                    name,
+                    version,
+                    "replaying",
+                    done,
+                    total,
+                    behind,
+                    rate,
+                    behind / rate if rate > 0 else None,
+                    now - started,
+                )
+                await versions.progress(pool, name, version, total, done, rate)
+                await self._tell(progress)
+                if behind <= self.settings.rebuild_swap_max_behind and await self._worker_running(
+                    pool, name, version
+                ):
+                    break
+                await asyncio.sleep(TICK_S)
+            if not swap:
+                progress.phase = "done"
+                await self._tell(progress)
+                return progress
+            progress.phase = "swapping"
+            await self._tell(progress)
+            retired = await versions.swap(pool, self.settings, self.projection, version)
+            log.info("rebuild swapped in", extra={"projection": name, "live": version, "retired": retired})
+            progress.phase = "handing over"
+            await self._tell(progress)
+            await self._hand_over(pool, name, version, worker.pid)
+            progress.phase = "done"
+            progress.elapsed_s = time.monotonic() - started
+            await self._tell(progress)
+            return progress
+        finally:
+            await stop_worker(worker)
+
+    async def _lag(self, pool: asyncpg.Pool, probe: LagProbe, name: str, version: int) -> tuple[int, int]:
+        rows = [
+            dict(r)
+            for r in await pool.fetch(
+                "SELECT projection, topic, partition, next_offset, event_time FROM projection_positions "
+                "WHERE projection = $1 AND version = $2",
+                name,
+                version,
+            )
+        ]
+        lag = (await lag_of(probe, {name: self.topics}, rows, with_seconds=False))[name]
+        # in offsets, like the total: a caught-up partition is done up to its end (its
+        # last offset is a transaction marker, never applied)
+        done = sum(p["end_offset"] - p["events_behind"] for p in lag["positions"])
+        return int(lag["events_behind"]), done
+
+    async def _worker_running(self, pool: asyncpg.Pool, name: str, version: int) -> bool:
+        return bool(await versions.workers(pool, name, version))
+
+    async def _hand_over(self, pool: asyncpg.Pool, name: str, version: int, own_pid: int) -> None:
+        deadline = time.monotonic() + self.settings.rebuild_handover_s
+        while time.monotonic() < deadline:
+            others = [w for w in await versions.workers(pool, name, version) if not w.endswith(f":{own_pid}")]
+            if others:
+                log.info("rebuild handed over", extra={"projection": name, "version": version, "to": others})
+                return
+            await asyncio.sleep(TICK_S)
+        log.warning(
+            "no projector worker took the new version over; it follows new events again once "
+            f"`cqrs run projector {name}` runs",
+            extra={"projection": name, "version": version},
+        )
+
+    async def _tell(self, progress: Progress) -> None:
+        if self.report is not None:
+            result = self.report(progress)
+            if result is not None:
+                await result

@@ -1,0 +1,101 @@
+"""`cqrs run projector NAME`: keeps a Faust worker running for the live version of NAME.
+
+The worker of one version is a child process (`cqrs run projector NAME --version N`).
+When a rebuild swaps another version in, the supervisor starts that version's worker
+first, then stops the retired one, so the live version never lacks a worker for
+long. A worker that dies is started again, with a growing pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import signal
+import sys
+
+from projections import versions
+from projections.db import create_pool, migrate
+from shared_kernel.settings import Settings
+
+log = logging.getLogger(__name__)
+
+POLL_S = 1.0
+PR_SET_PDEATHSIG = 1
+STOP_GRACE_S = 30
+
+
+def worker_command(name: str, version: int) -> list[str]:
+    return [sys.executable, "-m", "cli", "run", "projector", name, "--version", str(version)]
+
+
+def _die_with_parent() -> None:
+    """In the child: receive SIGTERM when the supervisor dies, even by SIGKILL (Linux)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: a worker outlives a killed supervisor until it is stopped
+
+
+async def start_worker(name: str, version: int) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(*worker_command(name, version), preexec_fn=_die_with_parent)
+    log.info("worker started", extra={"projection": name, "version": version, "pid": proc.pid})
+    return proc
+
+
+async def stop_worker(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+async def supervise(settings: Settings, name: str, stop: asyncio.Event) -> None:
+    await migrate(settings)
+    pool = await create_pool(settings, min_size=1, max_size=1)
+    worker: asyncio.subprocess.Process | None = None
+    running = 0
+    pause = 0.5
+    try:
+        await versions.register(pool, name)
+        while not stop.is_set():
+            try:
+                live = await versions.live_version(pool, name)
+            except OSError as exc:
+                log.warning("PostgreSQL unreachable; keeping the worker", extra={"error": repr(exc)})
+                live = running
+            if worker is not None and worker.returncode is not None and running == live:
+                log.warning(
+                    "worker exited; starting it again",
+                    extra={"projection": name, "version": running, "code": worker.returncode, "in_s": pause},
+                )
+                await _sleep(stop, pause)
+                pause = min(pause * 2, 30)
+                worker = None
+            if stop.is_set():
+                break
+            if worker is None or worker.returncode is not None or running != live:
+                previous = worker
+                worker, running = await start_worker(name, live), live
+                if previous is not None:
+                    await stop_worker(previous)  # the retired version's worker
+            elif pause > 0.5:
+                pause = 0.5
+            await _sleep(stop, POLL_S)
+    finally:
+        if worker is not None:
+            await stop_worker(worker)
+        await pool.close()
+
+
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
