@@ -208,7 +208,7 @@ def projections_rebuild(
             console.print(f"[red]rebuild failed:[/] {exc}")
             raise typer.Exit(1) from exc
     verb = "is live" if swap else "is built (not swapped in)"
-    console.print(
+    Console().print(
         f"[green]✓[/] {name} v{result.version} {verb}: {result.done} offsets in {result.elapsed_s:.1f} s"
     )
 
@@ -235,7 +235,7 @@ def projections_rollback(name: Annotated[str, typer.Argument(help="the projectio
     except versions.VersionError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from exc
-    console.print(f"[green]✓[/] {name}: v{live} is live again (v{retired} retired)")
+    Console().print(f"[green]✓[/] {name}: v{live} is live again (v{retired} retired)")
 
 
 @topics.command("create")

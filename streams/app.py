@@ -140,21 +140,31 @@ class ProjectionApp:
                 "group": self.group_id,
             },
         )
-        async for events in stream.take_events(self.settings.projection_batch_max, within=0.05):
-            records = [_record(e.message) for e in events]
-            for attempt, pause in enumerate((*RETRY_S, None)):
-                try:
-                    await projector.handle(records)
-                    break
-                except Exception:
-                    if pause is None:
-                        raise
-                    log.warning(
-                        "batch not applied; retrying",
-                        extra={"projection": self.projection.name, "attempt": attempt + 1},
-                        exc_info=True,
-                    )
-                    await asyncio.sleep(pause)
+        try:
+            async for events in stream.take_events(self.settings.projection_batch_max, within=0.05):
+                records = [_record(e.message) for e in events]
+                for attempt, pause in enumerate((*RETRY_S, None)):
+                    try:
+                        await projector.handle(records)
+                        break
+                    except Exception:
+                        if pause is None:
+                            raise
+                        log.warning(
+                            "batch not applied; retrying",
+                            extra={"projection": self.projection.name, "attempt": attempt + 1},
+                            exc_info=True,
+                        )
+                        await asyncio.sleep(pause)
+        finally:
+            await self._close_projector()
+
+    async def _close_projector(self) -> None:
+        projector, self.projector = self.projector, None
+        if projector is not None:
+            await projector.producer.stop()
+            await projector.pool.close()
+            await self.projection.close()
 
     async def _heartbeat(self) -> None:
         """Say this worker is alive; stop it once its version is retired (a rebuild

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 
@@ -82,8 +84,14 @@ class Rebuild:
         name, version = new.name, new.version
         started = time.monotonic()
         total = sum(end for end in (await probe.ends(self.topics)).values())
-        worker = await start_worker(name, version)
-        log.info("rebuild started", extra={"projection": name, "version": version, "total": total})
+        log_to = (
+            Path(tempfile.gettempdir()) / f"cqrs-rebuild-{self.settings.topic_prefix}-{name}-v{version}.log"
+        )
+        worker = await start_worker(name, version, log_to)
+        log.info(
+            "rebuild started",
+            extra={"projection": name, "version": version, "total": total, "worker_log": str(log_to)},
+        )
         last_done, last_t = 0, started
         try:
             while True:

@@ -15,6 +15,7 @@ import ctypes.util
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from projections import versions
 from projections.db import create_pool, migrate
@@ -40,8 +41,16 @@ def _die_with_parent() -> None:
         pass  # not Linux: a worker outlives a killed supervisor until it is stopped
 
 
-async def start_worker(name: str, version: int) -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(*worker_command(name, version), preexec_fn=_die_with_parent)
+async def start_worker(name: str, version: int, log_to: Path | None = None) -> asyncio.subprocess.Process:
+    """Start the worker of one version; its output goes to ours, or appended to `log_to`."""
+    out = log_to.open("ab") if log_to else None
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *worker_command(name, version), preexec_fn=_die_with_parent, stdout=out, stderr=out
+        )
+    finally:
+        if out is not None:
+            out.close()
     log.info("worker started", extra={"projection": name, "version": version, "pid": proc.pid})
     return proc
 

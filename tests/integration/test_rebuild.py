@@ -1,0 +1,230 @@
+"""Projection workers under crashes, rebuilds from offset 0 and rollbacks, on real
+Kafka, PostgreSQL, OpenSearch and Faust workers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+
+from projections.db import create_pool
+from projections.search import index_name, search_client
+from shared_kernel.position import PositionToken
+from shared_kernel.settings import Settings
+from tests.integration.harness import CQRS, Proc, WriteSide
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+INCIDENTS = 300
+WATCHED = ("incidents", "incidents_search")
+
+
+@pytest.fixture(scope="module")
+async def side(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WriteSide]:
+    ws = WriteSide.create(settings, tmp_path_factory.mktemp("rebuild"))
+    ws.env["APP_PROJECTION_BATCH_MAX"] = "40"  # many small batches: a kill lands inside one
+    await ws.start_serving()
+    yield ws
+    ws.stop()
+
+
+@pytest.fixture(scope="module")
+def state() -> dict[str, Any]:
+    """What the tests of this module build on, in order."""
+    return {}
+
+
+def _merge(tokens: list[str]) -> str:
+    merged = PositionToken.decode(tokens[0])
+    for t in tokens[1:]:
+        merged = merged.merge(PositionToken.decode(t))
+    return merged.encode()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+async def _kill_mid_batch(pool: asyncpg.Pool, settings: Settings, supervisor: Proc, name: str) -> None:
+    """SIGKILL the worker while its PostgreSQL transaction of a batch is open."""
+    app = f"{settings.service_name}:projection:{name}:v1"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        busy = await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND xact_start IS NOT NULL "
+            "AND (state = 'idle in transaction' OR query NOT LIKE '%projection_workers%')",
+            app,
+        )
+        if busy:
+            (worker,) = _children(supervisor.popen.pid)
+            os.kill(worker, signal.SIGKILL)
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError(f"{name} never had a batch in flight")
+
+
+async def _until_consistent(
+    client: httpx.AsyncClient, path: str, token: str, **params: str | int
+) -> httpx.Response:
+    deadline = time.monotonic() + 120
+    while True:
+        r = await client.get(path, params={"consistent_with": token, **params})
+        if r.status_code == 200 or time.monotonic() > deadline:
+            return r
+        assert r.status_code == 504, r.text
+
+
+async def test_a_worker_killed_mid_batch_restarts_and_misses_nothing(
+    side: WriteSide, client: httpx.AsyncClient, state: dict[str, Any]
+) -> None:
+    assignee, word = f"crew-{uuid.uuid4().hex[:6]}", f"kw{uuid.uuid4().hex[:8]}"
+    gate = asyncio.Semaphore(32)
+    tokens: list[str] = []
+
+    async def one(i: int) -> None:
+        async with gate:
+            r = await client.post(
+                "/api/v1/incidents", json={"title": f"{word} outage {i}", "priority": "high"}
+            )
+            assert r.status_code == 201, r.text
+            ident = r.json()["id"]
+            r = await client.post(f"/api/v1/incidents/{ident}/assign", json={"assignee": assignee})
+            assert r.status_code == 200, r.text
+            r = await client.post(
+                f"/api/v1/incidents/{ident}/comments", json={"author": "ops", "body": f"note {i}"}
+            )
+            assert r.status_code == 200, r.text
+            tokens.append(r.json()["position"])
+
+    await asyncio.gather(*(one(i) for i in range(INCIDENTS)))  # a backlog before any worker runs
+    token = _merge(tokens)
+    state.update(assignee=assignee, word=word, token=token)
+
+    pool = await create_pool(side.settings)
+    try:
+        supervisors = {name: side.start_projector(name) for name in WATCHED}
+        for name, supervisor in supervisors.items():
+            await _kill_mid_batch(pool, side.settings, supervisor, name)
+    finally:
+        await pool.close()
+
+    # the supervisors start their workers again; they resume from their committed offsets
+    listed = await _until_consistent(client, "/api/v1/incidents", token, assignee=assignee, limit=500)
+    assert listed.status_code == 200, listed.text
+    items = listed.json()["items"]
+    assert len(items) == INCIDENTS
+    assert all(i["comments"] == 1 and i["version"] == 3 for i in items)
+    found = await _until_consistent(client, "/api/v1/search/incidents", token, q=word, limit=1)
+    assert found.json()["total"] == INCIDENTS
+    assert all(s.popen.poll() is None for s in supervisors.values())
+
+
+async def _table_checksum(pool: asyncpg.Pool, table: str) -> str:
+    return str(await pool.fetchval(f"SELECT md5(string_agg(t::text, '|' ORDER BY id)) FROM {table} t"))
+
+
+async def _index_checksum(settings: Settings, version: int) -> str:
+    async with search_client(settings) as client:
+        found = await client.search(
+            index=index_name(settings, "incidents", version),
+            body={"query": {"match_all": {}}, "sort": [{"id": "asc"}], "size": 10_000, "version": True},
+        )
+    hits = [(h["_id"], h["_version"], h["_source"]) for h in found["hits"]["hits"]]
+    assert len(hits) > INCIDENTS
+    return hashlib.md5(orjson.dumps(hits, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+async def test_a_fresh_rebuild_equals_the_crashed_read_models_and_readers_never_see_half_of_it(
+    side: WriteSide, client: httpx.AsyncClient, state: dict[str, Any]
+) -> None:
+    assignee, word = state["assignee"], state["word"]
+    seen: list[tuple[int, int]] = []
+
+    async def read_while(rebuild: asyncio.subprocess.Process) -> None:
+        while rebuild.returncode is None:
+            r = await client.get("/api/v1/incidents", params={"assignee": assignee, "limit": 500})
+            s = await client.get("/api/v1/search/incidents", params={"q": word, "limit": 1})
+            seen.append((r.status_code, len(r.json()["items"])))
+            seen.append((s.status_code, s.json()["total"]))
+            await asyncio.sleep(0.05)
+
+    for name in WATCHED:
+        rebuild = await asyncio.create_subprocess_exec(
+            CQRS,
+            "projections",
+            "rebuild",
+            name,
+            env=side.env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=sys.stderr,
+        )
+        reader = asyncio.create_task(read_while(rebuild))
+        out, _ = await asyncio.wait_for(rebuild.communicate(), 180)
+        await reader
+        assert rebuild.returncode == 0, out.decode()
+        assert f"{name} v2 is live".encode() in out
+
+    assert len(seen) > 10
+    assert set(seen) == {(200, INCIDENTS)}  # the old version, then the new one: never a part
+
+    admin = (await client.get("/api/v1/admin/projections")).json()["projections"]
+    assert admin["incidents"]["live_version"] == 2
+    assert admin["incidents_search"]["live_version"] == 2
+    pool = await create_pool(side.settings)
+    try:
+        assert await _table_checksum(pool, "incidents_v1") == await _table_checksum(pool, "incidents_v2")
+    finally:
+        await pool.close()
+    assert await _index_checksum(side.settings, 1) == await _index_checksum(side.settings, 2)
+
+    # the supervised workers took the new version over: new events reach it
+    r = await client.post("/api/v1/incidents", json={"title": f"{word} after the swap"})
+    after = await _until_consistent(client, "/api/v1/search/incidents", r.json()["position"], q=word, limit=1)
+    assert after.json()["total"] == INCIDENTS + 1
+    listed = await client.get(
+        f"/api/v1/incidents/{r.json()['id']}", params={"consistent_with": r.json()["position"]}
+    )
+    assert listed.status_code == 200
+
+
+async def test_admin_shows_versions_and_lag_and_rolls_back(
+    side: WriteSide, client: httpx.AsyncClient, state: dict[str, Any]
+) -> None:
+    r = await client.get("/api/v1/admin/projections/incidents")
+    assert r.status_code == 200
+    assert [(v["version"], v["state"]) for v in r.json()["versions"]] == [(1, "retired"), (2, "live")]
+    assert (await client.get("/api/v1/admin/projections/nope")).status_code == 404
+    assert (await client.post("/api/v1/admin/projections/nope/rebuild")).status_code == 404
+
+    admin = (await client.get("/api/v1/admin/projections")).json()["projections"]
+    assert admin["incidents"]["events_behind"] == 0
+    assert admin["incidents"]["seconds_behind"] == 0
+    assert admin["events"]["events_behind"] >= 3 * INCIDENTS  # no worker runs the archive here
+    assert admin["events"]["seconds_behind"] > 0
+
+    r = await client.post("/api/v1/admin/projections/incidents/rollback")
+    assert r.status_code == 200, r.text
+    assert (r.json()["live_version"], r.json()["retired_version"]) == (1, 2)
+    # the returned version catches up from where it stopped (its worker is started again)
+    created = await client.post("/api/v1/incidents", json={"title": "after the rollback"})
+    r = await _until_consistent(
+        client, f"/api/v1/incidents/{created.json()['id']}", created.json()["position"]
+    )
+    assert r.status_code == 200, r.text
+    r = await client.get("/api/v1/incidents", params={"assignee": state["assignee"], "limit": 500})
+    assert len(r.json()["items"]) == INCIDENTS
+    r = await client.post("/api/v1/admin/projections/incidents/rollback")
+    assert r.status_code == 200  # and forth again: v2 was kept
+    assert r.json()["live_version"] == 2
