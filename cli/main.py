@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from shared_kernel.settings import get_settings
 from shared_kernel.telemetry import configure_logging
@@ -153,12 +153,14 @@ def projections_status(name: Annotated[str, typer.Argument(help="the projection"
 
     _projection(name)
     info = asyncio.run(describe(get_settings(), name))
-    table = Table("version", "state", "since", "progress", "rate/s", "workers", "detail")
+    table = Table(
+        "version", "state", Column("since", no_wrap=True), "progress", "rate/s", "workers", "detail"
+    )
     for v in info["versions"]:
         table.add_row(
             f"v{v['version']}",
             v["state"],
-            str(v["live_since"] or v["created_at"])[:19],
+            f"{v['live_since'] or v['created_at']:%Y-%m-%d %H:%M:%S}",
             f"{v['done']}/{v['total']} {_percent(v)}" if v["total"] else "-",
             f"{v['rate']:.0f}" if v["rate"] else "-",
             ", ".join(v["workers"]) or "-",
