@@ -61,25 +61,51 @@ async def get_projection(name: str, request: Request, pool: PoolDep) -> dict[str
     status_code=202,
     responses={**NOT_FOUND, 409: {"description": "A rebuild of this projection is running."}},
 )
-async def rebuild_projection(name: str, request: Request, pool: PoolDep) -> JSONResponse:
-    """Start replaying the projection from offset 0 into its next version; it is swapped
-    in when caught up. Follow it at `Location`."""
+async def rebuild_projection(name: str, request: Request) -> JSONResponse:
+    """Start replaying the projection from offset 0 into its next version (or resume an
+    interrupted rebuild); it is swapped in when caught up. Follow it at `Location`."""
     _known(name)
-    building = [v for v in await versions.versions(pool, name) if v.state == "building"]
-    if building:
-        raise RequestProblem(
-            409, "rebuild_running", f"version {building[0].version} of {name} is being built"
-        )
     rebuild = Rebuild(request.app.state.settings, PROJECTIONS[name])
+    try:
+        version = await rebuild.prepare()
+    except versions.VersionError as exc:
+        raise RequestProblem(409, "rebuild_running", str(exc)) from exc
     tasks: set[asyncio.Task[Any]] = request.app.state.rebuilds
-    task = asyncio.create_task(rebuild.run(), name=f"rebuild-{name}")
+    task = asyncio.create_task(rebuild.run(), name=f"rebuild-{name}-v{version}")
     tasks.add(task)
     task.add_done_callback(_finished(tasks))
+    location = f"/api/v1/admin/projections/{name}/rebuilds/{version}"
     return JSONResponse(
-        {"projection": name, "status": "started"},
+        {
+            "projection": name,
+            "rebuild_id": version,
+            "version": version,
+            "status": "started",
+            "href": location,
+        },
         status_code=202,
-        headers={"Location": f"/api/v1/admin/projections/{name}"},
+        headers={"Location": location},
     )
+
+
+@router.get("/projections/{name}/rebuilds/{rebuild_id}", operation_id="getRebuild", responses=NOT_FOUND)
+async def get_rebuild(name: str, rebuild_id: int, pool: PoolDep) -> dict[str, Any]:
+    """A rebuild (the version it builds): state, events done of total, rate, ETA."""
+    _known(name)
+    found = next((v for v in await versions.versions(pool, name) if v.version == rebuild_id), None)
+    if found is None:
+        raise RequestProblem(404, "not_found", f"{name} has no rebuild {rebuild_id}")
+    body = found.as_dict()
+    body["rebuild_id"] = found.version
+    body["status"] = {
+        "building": "running",
+        "live": "swapped in",
+        "retired": "swapped in, since retired",
+    }.get(found.state, found.state)
+    remaining = (found.total or 0) - (found.done or 0)
+    body["eta_s"] = round(remaining / found.rate, 1) if found.state == "building" and found.rate else None
+    body["workers"] = await versions.workers(pool, name, found.version)
+    return body
 
 
 def _finished(tasks: set[asyncio.Task[Any]]) -> Any:

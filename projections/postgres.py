@@ -33,6 +33,7 @@ class Projection:
     contexts: ClassVar[tuple[str, ...]]
     store: ClassVar[str] = "postgresql"
     table: ClassVar[str]  # what readers query; each version is a table `<table>_v<N>`
+    ddl: ClassVar[str]  # creates one version's table and indexes; `{table}` is its name
 
     def __init__(self, version: int = 1) -> None:
         self.version = version
@@ -54,18 +55,19 @@ class Projection:
     async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
         raise NotImplementedError
 
-    async def create_storage(self, conn: asyncpg.Connection, settings: Settings, like: int) -> None:
-        """Create this version's storage, empty, shaped like version `like`'s."""
-        await conn.execute(
-            f"CREATE TABLE IF NOT EXISTS {self.physical} (LIKE {self.table}_v{like} INCLUDING ALL)"
-        )
+    async def create_storage(self, conn: asyncpg.Connection, settings: Settings) -> None:
+        """Create this version's storage, empty, as the projection's code defines it now
+        (a rebuild after a change of columns or mapping builds the new shape)."""
+        await conn.execute(self.ddl.format(table=self.physical))
 
     async def drop_storage(self, conn: asyncpg.Connection, settings: Settings) -> None:
         await conn.execute(f"DROP TABLE IF EXISTS {self.physical}")
 
     async def make_live(self, conn: asyncpg.Connection, settings: Settings) -> None:
-        """Point readers at this version (inside the caller's transaction)."""
-        await conn.execute(f"CREATE OR REPLACE VIEW {self.table} AS SELECT * FROM {self.physical}")
+        """Point readers at this version (inside the caller's transaction; the view is
+        replaced, not altered, so the new version may have other columns)."""
+        await conn.execute(f"DROP VIEW IF EXISTS {self.table}")
+        await conn.execute(f"CREATE VIEW {self.table} AS SELECT * FROM {self.physical}")
 
 
 Evolver = Callable[[Row | None, StoredEvent], Row | None]
@@ -197,6 +199,28 @@ class DatasetsProjection(FoldedRows):
     name = "datasets"
     contexts = ("datasets",)
     table = "datasets"
+    ddl = """
+        CREATE TABLE IF NOT EXISTS {table} (
+            id              uuid        PRIMARY KEY,
+            version         int         NOT NULL,
+            name            text        NOT NULL,
+            description     text        NOT NULL DEFAULT '',
+            owner           text        NOT NULL DEFAULT '',
+            status          text        NOT NULL DEFAULT 'active',
+            tags            text[]      NOT NULL DEFAULT '{{}}',
+            metadata        jsonb       NOT NULL DEFAULT '{{}}',
+            latest_version  text,
+            versions        int         NOT NULL DEFAULT 0,
+            quality         jsonb       NOT NULL DEFAULT '{{"checks": 0, "passed": 0, "metrics": {{}}}}',
+            archived_reason text,
+            created_at      timestamptz NOT NULL,
+            updated_at      timestamptz NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS {table}_status ON {table} (status, created_at, id);
+        CREATE INDEX IF NOT EXISTS {table}_owner ON {table} (owner, created_at, id);
+        CREATE INDEX IF NOT EXISTS {table}_created ON {table} (created_at, id);
+        CREATE INDEX IF NOT EXISTS {table}_tags ON {table} USING gin (tags);
+    """
     columns = (
         "id",
         "version",
@@ -269,6 +293,28 @@ class IncidentsProjection(FoldedRows):
     name = "incidents"
     contexts = ("incidents",)
     table = "incidents"
+    ddl = """
+        CREATE TABLE IF NOT EXISTS {table} (
+            id           uuid        PRIMARY KEY,
+            version      int         NOT NULL,
+            title        text        NOT NULL,
+            description  text        NOT NULL DEFAULT '',
+            priority     text        NOT NULL,
+            source       text        NOT NULL DEFAULT '',
+            external_id  text        NOT NULL DEFAULT '',
+            status       text        NOT NULL,
+            assignee     text,
+            comments     int         NOT NULL DEFAULT 0,
+            opened_at    timestamptz NOT NULL,
+            updated_at   timestamptz NOT NULL,
+            resolved_at  timestamptz,
+            closed_at    timestamptz
+        );
+        CREATE INDEX IF NOT EXISTS {table}_status ON {table} (status, opened_at, id);
+        CREATE INDEX IF NOT EXISTS {table}_priority ON {table} (priority, opened_at, id);
+        CREATE INDEX IF NOT EXISTS {table}_assignee ON {table} (assignee, opened_at, id);
+        CREATE INDEX IF NOT EXISTS {table}_opened ON {table} (opened_at, id);
+    """
     columns = (
         "id",
         "version",
@@ -302,6 +348,20 @@ class QualityMetricsProjection(Projection):
     name = "quality_metrics"
     contexts = ("datasets",)
     table = "quality_metrics"
+    ddl = """
+        CREATE TABLE IF NOT EXISTS {table} (
+            dataset_id   uuid             NOT NULL,
+            version      int              NOT NULL,
+            metric       text             NOT NULL,
+            value        double precision NOT NULL,
+            threshold    double precision NOT NULL,
+            comparator   text             NOT NULL,
+            passed       boolean          NOT NULL,
+            recorded_at  timestamptz      NOT NULL,
+            PRIMARY KEY (dataset_id, version)
+        );
+        CREATE INDEX IF NOT EXISTS {table}_metric ON {table} (dataset_id, metric, recorded_at);
+    """
 
     async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
         rows = [
@@ -333,6 +393,24 @@ class EventsArchiveProjection(Projection):
     name = "events"
     contexts = ("datasets", "incidents")
     table = "events"
+    ddl = """
+        CREATE TABLE IF NOT EXISTS {table} (
+            event_id        uuid        PRIMARY KEY,
+            topic           text        NOT NULL,
+            partition       int         NOT NULL,
+            "offset"        bigint      NOT NULL,
+            context         text        NOT NULL,
+            aggregate_type  text        NOT NULL,
+            aggregate_id    text        NOT NULL,
+            version         int         NOT NULL,
+            event_type      text        NOT NULL,
+            occurred_at     timestamptz NOT NULL,
+            headers         jsonb       NOT NULL,
+            payload         jsonb       NOT NULL,
+            UNIQUE (aggregate_id, version)
+        );
+        CREATE INDEX IF NOT EXISTS {table}_time ON {table} (aggregate_id, occurred_at);
+    """
 
     async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
         rows = [

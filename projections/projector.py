@@ -44,6 +44,9 @@ class Projector:
         self.producer = producer
         self.codec = codec
         self.dlq_topic = topics.dlq(projection.name)
+        # A version being rebuilt replays events the live one has handled: it has no
+        # side effects (no dead letters are produced again; they are still counted).
+        self.silent = False
 
     async def handle(self, records: Sequence[Record]) -> BatchOutcome:
         t0 = time.perf_counter()
@@ -92,6 +95,18 @@ class Projector:
         # repeats a dead letter, it never loses one.
         if records:
             for record, error in outcome.dead[outcome.sent :]:
+                if self.silent:
+                    log.warning(
+                        "event not applied (rebuild: no dead letter produced)",
+                        extra={
+                            "projection": self.projection.name,
+                            "version": self.projection.version,
+                            "source": f"{record.topic}:{record.partition}:{record.offset}",
+                            "error": error,
+                        },
+                    )
+                    outcome.sent += 1
+                    continue
                 await self.producer.send_and_wait(
                     self.dlq_topic,
                     record.value,

@@ -89,7 +89,7 @@ class SearchProjection(Projection):
         if self.client is not None:
             await self.client.close()
 
-    async def create_storage(self, conn: asyncpg.Connection, settings: Settings, like: int) -> None:
+    async def create_storage(self, conn: asyncpg.Connection, settings: Settings) -> None:
         async with search_client(settings) as client:
             await ensure_index(client, index_name(settings, self.index, self.version), None, self.mapping)
 

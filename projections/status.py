@@ -61,6 +61,7 @@ async def _overview(settings: Settings, pool: asyncpg.Pool, probe: LagProbe) -> 
         building = next((v.as_dict() for v in mine if v.state == "building"), None)
         out[name] = {
             "store": p.store,
+            "status": "rebuilding" if building else "live",
             "live_version": live,
             "building": building,
             "events_behind": lag[name]["events_behind"],

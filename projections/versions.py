@@ -22,7 +22,7 @@ from shared_kernel.settings import Settings
 
 log = logging.getLogger(__name__)
 
-STALE_BUILD_S = 60  # a building version whose builder has said nothing for this long is abandoned
+STALE_BUILD_S = 10  # a building version whose builder has said nothing for this long is resumed
 
 
 class VersionError(Exception):
@@ -85,8 +85,9 @@ def _lock_key(name: str) -> int:
 
 
 async def begin(pool: asyncpg.Pool, settings: Settings, projection: Projection) -> Projection:
-    """Register the next version of `projection` as building and create its storage.
-    Drops what older rebuilds left (versions neither live nor building)."""
+    """Register the next version of `projection` as building and create its storage;
+    or return the building version when its builder is gone (to resume it). Drops what
+    older rebuilds left (versions neither live nor building)."""
     name = projection.name
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(name))
@@ -97,10 +98,18 @@ async def begin(pool: asyncpg.Pool, settings: Settings, projection: Projection) 
                 idle = await conn.fetchval("SELECT extract(epoch FROM now() - $1::timestamptz)", v.updated_at)
                 if idle < STALE_BUILD_S:
                     raise VersionError(f"version {v.version} of {name} is being built already")
-                await mark(conn, name, v.version, "failed", f"abandoned: no progress for {int(idle)} s")
+                # its builder is gone: resume from the version's own positions
+                await conn.execute(
+                    "UPDATE projection_versions SET updated_at = now(), detail = 'resumed' "
+                    "WHERE projection = $1 AND version = $2",
+                    name,
+                    v.version,
+                )
+                log.info("rebuild resumed", extra={"projection": name, "version": v.version})
+                return projection.at(v.version)
         live = await live_version(conn, name)
         for v in existing:
-            if v.version != live and v.state != "building":
+            if v.version != live:
                 await projection.at(v.version).drop_storage(conn, settings)
                 await conn.execute(
                     "DELETE FROM projection_versions WHERE projection = $1 AND version = $2", name, v.version
@@ -109,7 +118,7 @@ async def begin(pool: asyncpg.Pool, settings: Settings, projection: Projection) 
                 log.info("old version dropped", extra={"projection": name, "version": v.version})
         new = projection.at(max(v.version for v in await versions(conn, name)) + 1)
         await _forget(conn, name, new.version)
-        await new.create_storage(conn, settings, like=live)
+        await new.create_storage(conn, settings)
         await conn.execute(
             "INSERT INTO projection_versions (projection, version, state) VALUES ($1, $2, 'building')",
             name,

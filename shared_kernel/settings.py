@@ -8,10 +8,10 @@ configuration. In production (`APP_ENVIRONMENT=production`) the unsafe defaults
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     )
     command_batch_max: int = Field(default=500, ge=1)
     projection_batch_max: int = Field(default=1000, ge=1, description="events per projection transaction")
+    projection_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="modules that register projections of the deployment (comma-separated)",
+    )
     rebuild_swap_max_behind: int = Field(
         default=100, ge=0, description="a rebuilt version is swapped in once at most this many events behind"
     )
@@ -68,6 +72,13 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool = True
+
+    @field_validator("projection_modules", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [m.strip() for m in value.split(",") if m.strip()]
+        return value
 
     @model_validator(mode="after")
     def _refuse_unsafe_production_defaults(self) -> Settings:

@@ -126,7 +126,11 @@ class ProjectionApp:
         await versions.register(pool, self.projection.name)
         producer = kafka.producer(settings)
         await producer.start()
-        return Projector(self.projection, pool, producer, AvroCodec.from_directory(), self.topics)
+        projector = Projector(self.projection, pool, producer, AvroCodec.from_directory(), self.topics)
+        projector.silent = (
+            await versions.state_of(pool, self.projection.name, self.projection.version) == "building"
+        )
+        return projector
 
     async def _agent(self, stream: Any) -> None:
         if self.projector is None:
@@ -178,6 +182,7 @@ class ProjectionApp:
         except (OSError, asyncpg.PostgresError) as exc:
             log.warning("heartbeat failed", extra={"projection": name, "error": repr(exc)})
             return
+        self.projector.silent = state == "building"
         if state in ("retired", "failed"):
             log.info(
                 "version no longer wanted; stopping",

@@ -10,7 +10,9 @@
 4. The worker is handed over: once a supervised worker (`cqrs run projector NAME`)
    of the new version reports alive, the rebuild's own worker stops.
 
-A failure marks the version `failed` and drops nothing the live version needs.
+A failure marks the version `failed` and drops nothing the live version needs. An
+interrupted rebuild (Ctrl-C, a kill, a stopped API) leaves its version `building`; the
+next rebuild of the projection resumes it from its own positions.
 """
 
 from __future__ import annotations
@@ -60,22 +62,35 @@ class Rebuild:
         self.projection = projection
         self.report = report
         self.topics = [Topics(settings.topic_prefix).events(c) for c in projection.contexts]
+        self.pool: asyncpg.Pool
+        self.new: Projection
+
+    async def prepare(self) -> int:
+        """Register the version to build (the next one, or a building one whose builder
+        is gone: it resumes from its own positions) and create its storage."""
+        await migrate(self.settings)
+        self.pool = await create_pool(self.settings, "rebuild", min_size=1, max_size=2)
+        try:
+            self.new = await versions.begin(self.pool, self.settings, self.projection)
+        except BaseException:
+            await self.pool.close()
+            raise
+        return self.new.version
 
     async def run(self, swap: bool = True) -> Progress:
-        """Build the next version; swap it in unless `swap` is false. Returns the last progress."""
-        await migrate(self.settings)
-        pool = await create_pool(self.settings, min_size=1, max_size=2)
+        """Build the version; swap it in unless `swap` is false. Returns the last progress.
+        Interrupted (Ctrl-C, a cancelled task, a kill), the version stays `building` and
+        the next rebuild resumes it; a failure marks it `failed`."""
+        if not hasattr(self, "new"):
+            await self.prepare()
+        pool, new = self.pool, self.new
         probe = LagProbe(self.settings)
         try:
-            new = await versions.begin(pool, self.settings, self.projection)
-            try:
-                return await self._build(pool, probe, new, swap)
-            except BaseException as exc:
-                await versions.mark(pool, new.name, new.version, "failed", repr(exc)[:1000])
-                log.error(
-                    "rebuild failed", extra={"projection": new.name, "version": new.version}, exc_info=True
-                )
-                raise
+            return await self._build(pool, probe, new, swap)
+        except Exception as exc:
+            await versions.mark(pool, new.name, new.version, "failed", repr(exc)[:1000])
+            log.error("rebuild failed", extra={"projection": new.name, "version": new.version}, exc_info=True)
+            raise
         finally:
             await probe.stop()
             await pool.close()
