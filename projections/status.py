@@ -48,7 +48,10 @@ async def _overview(settings: Settings, pool: asyncpg.Pool, probe: LagProbe) -> 
     stats = {r["projection"]: dict(r) for r in await pool.fetch(f"SELECT x.* FROM projection_stats x {LIVE}")}
     all_versions: dict[str, list[versions.Version]] = {}
     for v in [
-        versions.Version.of(r) for r in await pool.fetch("SELECT * FROM projection_versions ORDER BY version")
+        versions.Version.of(r)
+        for r in await pool.fetch(
+            "SELECT * FROM projection_versions WHERE state <> 'dropped' ORDER BY version"
+        )
     ]:
         all_versions.setdefault(v.projection, []).append(v)
     topics_of = {name: [topics.events(c) for c in p.contexts] for name, p in PROJECTIONS.items()}

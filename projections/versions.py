@@ -22,11 +22,20 @@ from shared_kernel.settings import Settings
 
 log = logging.getLogger(__name__)
 
-STALE_BUILD_S = 10  # a building version whose builder has said nothing for this long is resumed
+STALE_BUILD_S = 5  # a building version whose builder has said nothing for this long is resumed
 
 
 class VersionError(Exception):
     """The requested change of versions is not possible now (the message says why)."""
+
+
+class BuildRunning(VersionError):
+    """Another builder reported progress recently; after `wait_s` without news from it,
+    its version may be resumed."""
+
+    def __init__(self, message: str, wait_s: float) -> None:
+        super().__init__(message)
+        self.wait_s = wait_s
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,11 @@ async def live_version(conn: asyncpg.Connection | asyncpg.Pool, name: str) -> in
 
 
 async def versions(conn: asyncpg.Connection | asyncpg.Pool, name: str) -> list[Version]:
-    rows = await conn.fetch("SELECT * FROM projection_versions WHERE projection = $1 ORDER BY version", name)
+    """The versions that exist (dropped ones only keep their number taken)."""
+    rows = await conn.fetch(
+        "SELECT * FROM projection_versions WHERE projection = $1 AND state <> 'dropped' ORDER BY version",
+        name,
+    )
     return [Version.of(r) for r in rows]
 
 
@@ -97,7 +110,11 @@ async def begin(pool: asyncpg.Pool, settings: Settings, projection: Projection) 
             if v.state == "building":
                 idle = await conn.fetchval("SELECT extract(epoch FROM now() - $1::timestamptz)", v.updated_at)
                 if idle < STALE_BUILD_S:
-                    raise VersionError(f"version {v.version} of {name} is being built already")
+                    raise BuildRunning(
+                        f"version {v.version} of {name} is being built already "
+                        f"(last progress {idle:.0f} s ago)",
+                        wait_s=STALE_BUILD_S - float(idle),
+                    )
                 # its builder is gone: resume from the version's own positions
                 await conn.execute(
                     "UPDATE projection_versions SET updated_at = now(), detail = 'resumed' "
@@ -112,12 +129,16 @@ async def begin(pool: asyncpg.Pool, settings: Settings, projection: Projection) 
             if v.version != live:
                 await projection.at(v.version).drop_storage(conn, settings)
                 await conn.execute(
-                    "DELETE FROM projection_versions WHERE projection = $1 AND version = $2", name, v.version
+                    "UPDATE projection_versions SET state = 'dropped', updated_at = now() "
+                    "WHERE projection = $1 AND version = $2",
+                    name,
+                    v.version,
                 )
                 await _forget(conn, name, v.version)
                 log.info("old version dropped", extra={"projection": name, "version": v.version})
-        new = projection.at(max(v.version for v in await versions(conn, name)) + 1)
-        await _forget(conn, name, new.version)
+        # never a number used before: its consumer group would carry the old offsets
+        last = await conn.fetchval("SELECT max(version) FROM projection_versions WHERE projection = $1", name)
+        new = projection.at(int(last) + 1)
         await new.create_storage(conn, settings)
         await conn.execute(
             "INSERT INTO projection_versions (projection, version, state) VALUES ($1, $2, 'building')",
@@ -147,15 +168,13 @@ async def progress(
     )
 
 
-async def mark(
-    conn: asyncpg.Connection | asyncpg.Pool, name: str, version: int, state: str, detail: str
-) -> None:
+async def fail(conn: asyncpg.Connection | asyncpg.Pool, name: str, version: int, detail: str) -> None:
+    """Mark a version that was being built as failed (a live or retired one stays)."""
     await conn.execute(
-        "UPDATE projection_versions SET state = $3, detail = $4, updated_at = now() "
-        "WHERE projection = $1 AND version = $2",
+        "UPDATE projection_versions SET state = 'failed', detail = $3, updated_at = now() "
+        "WHERE projection = $1 AND version = $2 AND state = 'building'",
         name,
         version,
-        state,
         detail,
     )
 

@@ -10,6 +10,7 @@ after a crash a batch may come again; applying is idempotent, so that changes no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -37,6 +38,17 @@ log = logging.getLogger(__name__)
 
 RETRY_S = (0.2, 0.5, 1, 2, 5)
 HEARTBEAT_S = 1.0
+
+
+STOP_GRACE_S = 15  # how long a stopping worker lets its batch in flight finish
+EXIT_UNACKED = 70
+
+
+def _exit_unacked(why: str, projection: str) -> None:
+    """Exit at once, so that no offset of the batch in flight is committed."""
+    log.critical(f"{why}; exiting without committing its offsets", extra={"projection": projection})
+    logging.shutdown()
+    os._exit(EXIT_UNACKED)
 
 
 def group_id(settings: Settings, projection: Projection) -> str:
@@ -146,22 +158,42 @@ class ProjectionApp:
         )
         try:
             async for events in stream.take_events(self.settings.projection_batch_max, within=0.05):
-                records = [_record(e.message) for e in events]
-                for attempt, pause in enumerate((*RETRY_S, None)):
-                    try:
-                        await projector.handle(records)
-                        break
-                    except Exception:
-                        if pause is None:
-                            raise
-                        log.warning(
-                            "batch not applied; retrying",
-                            extra={"projection": self.projection.name, "attempt": attempt + 1},
-                            exc_info=True,
-                        )
-                        await asyncio.sleep(pause)
+                # Faust acks a batch when this iteration ends, however it ends (even when
+                # the worker is stopping or the agent crashes), and then commits its
+                # offsets: so an iteration ends only once its batch is applied, or the
+                # process exits on the spot and the batch comes again after a restart.
+                batch = asyncio.ensure_future(self._apply(projector, [_record(e.message) for e in events]))
+                try:
+                    await asyncio.shield(batch)
+                except asyncio.CancelledError:
+                    await self._finish_or_exit(batch)
+                    raise
+                except Exception:
+                    _exit_unacked("batch not applied after retries", self.projection.name)
         finally:
             await self._close_projector()
+
+    async def _apply(self, projector: Projector, records: list[Record]) -> None:
+        for attempt, pause in enumerate((*RETRY_S, None)):
+            try:
+                await projector.handle(records)
+                return
+            except Exception:
+                if pause is None:
+                    raise
+                log.warning(
+                    "batch not applied; retrying",
+                    extra={"projection": self.projection.name, "attempt": attempt + 1},
+                    exc_info=True,
+                )
+                await asyncio.sleep(pause)
+
+    async def _finish_or_exit(self, batch: asyncio.Future[None]) -> None:
+        """The worker is stopping mid-batch: let the batch finish, or exit unacked."""
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(asyncio.shield(batch), STOP_GRACE_S)
+        if not batch.done() or batch.cancelled() or batch.exception() is not None:
+            _exit_unacked("stopped with a batch not applied", self.projection.name)
 
     async def _close_projector(self) -> None:
         projector, self.projector = self.projector, None

@@ -65,13 +65,25 @@ class Rebuild:
         self.pool: asyncpg.Pool
         self.new: Projection
 
-    async def prepare(self) -> int:
+    async def prepare(self, wait: bool = False) -> int:
         """Register the version to build (the next one, or a building one whose builder
-        is gone: it resumes from its own positions) and create its storage."""
+        is gone: it resumes from its own positions) and create its storage. With `wait`,
+        a builder that just went quiet (killed a moment ago) is waited out, not refused."""
         await migrate(self.settings)
         self.pool = await create_pool(self.settings, "rebuild", min_size=1, max_size=2)
+        deadline = time.monotonic() + versions.STALE_BUILD_S + 2
         try:
-            self.new = await versions.begin(self.pool, self.settings, self.projection)
+            while True:
+                try:
+                    self.new = await versions.begin(self.pool, self.settings, self.projection)
+                    break
+                except versions.BuildRunning as running:
+                    if not wait or time.monotonic() > deadline:
+                        raise  # its builder is alive: it keeps reporting progress
+                    log.info(
+                        "another builder was active a moment ago; waiting", extra={"wait_s": running.wait_s}
+                    )
+                    await asyncio.sleep(max(running.wait_s, 0.2))
         except BaseException:
             await self.pool.close()
             raise
@@ -82,13 +94,13 @@ class Rebuild:
         Interrupted (Ctrl-C, a cancelled task, a kill), the version stays `building` and
         the next rebuild resumes it; a failure marks it `failed`."""
         if not hasattr(self, "new"):
-            await self.prepare()
+            await self.prepare(wait=True)
         pool, new = self.pool, self.new
         probe = LagProbe(self.settings)
         try:
             return await self._build(pool, probe, new, swap)
         except Exception as exc:
-            await versions.mark(pool, new.name, new.version, "failed", repr(exc)[:1000])
+            await versions.fail(pool, new.name, new.version, repr(exc)[:1000])
             log.error("rebuild failed", extra={"projection": new.name, "version": new.version}, exc_info=True)
             raise
         finally:

@@ -228,3 +228,201 @@ async def test_admin_shows_versions_and_lag_and_rolls_back(
     r = await client.post("/api/v1/admin/projections/incidents/rollback")
     assert r.status_code == 200  # and forth again: v2 was kept
     assert r.json()["live_version"] == 2
+
+
+async def _rebuild_done(client: httpx.AsyncClient, href: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        body = (await client.get(href)).json()
+        if body["state"] != "building":
+            return dict(body)
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"the rebuild did not finish: {body}")
+
+
+async def test_a_rebuild_under_live_commands_and_reads_loses_nothing(
+    side: WriteSide, client: httpx.AsyncClient
+) -> None:
+    assignee = f"live-{uuid.uuid4().hex[:6]}"
+    tokens: list[str] = []
+
+    async def open_one() -> None:
+        r = await client.post("/api/v1/incidents", json={"title": "under load", "priority": "low"})
+        assert r.status_code == 201, r.text
+        r = await client.post(f"/api/v1/incidents/{r.json()['id']}/assign", json={"assignee": assignee})
+        assert r.status_code == 200, r.text
+        tokens.append(r.json()["position"])
+
+    for _ in range(20):
+        await open_one()
+    before = await _until_consistent(
+        client, "/api/v1/incidents", _merge(tokens), assignee=assignee, limit=500
+    )
+    floor = len(before.json()["items"])
+    assert floor == 20
+
+    writing = True
+    reads: list[tuple[int, int]] = []
+
+    async def writer() -> None:
+        while writing:
+            await open_one()
+
+    async def reader() -> None:
+        while writing:
+            r = await client.get("/api/v1/incidents", params={"assignee": assignee, "limit": 500})
+            reads.append((r.status_code, len(r.json()["items"]) if r.status_code == 200 else -1))
+            await asyncio.sleep(0.02)
+
+    tasks = [asyncio.create_task(writer()), asyncio.create_task(reader())]
+    started = await client.post("/api/v1/admin/projections/incidents/rebuild")
+    assert started.status_code == 202, started.text
+    href = started.headers["location"]
+    assert href.endswith(f"/rebuilds/{started.json()['rebuild_id']}")
+    again = await client.post("/api/v1/admin/projections/incidents/rebuild")
+    assert again.status_code == 409
+    listed = (await client.get("/api/v1/admin/projections")).json()["projections"]["incidents"]
+    assert listed["status"] == "rebuilding"
+    done = await _rebuild_done(client, href)
+    writing = False
+    await asyncio.gather(*tasks)
+
+    assert done["state"] == "live", done
+    assert done["total"] > 0
+    assert done["total"] - done["done"] <= side.settings.rebuild_swap_max_behind  # swapped once caught up
+    assert reads
+    assert all(status == 200 for status, _ in reads), reads
+    assert min(n for _, n in reads) >= floor
+    counts = [n for _, n in reads]
+    assert counts == sorted(counts)  # the old version, then the new: no step back
+
+    # live events keep being applied after the swap, by the supervised worker
+    final = _merge(tokens)
+    after = await _until_consistent(client, "/api/v1/incidents", final, assignee=assignee, limit=500)
+    assert len(after.json()["items"]) == len(tokens)
+
+    # the version built under load equals the previous one once that has caught up too
+    new = done["version"]
+    r = await client.post("/api/v1/admin/projections/incidents/rollback")
+    assert r.status_code == 200, r.text
+    old = r.json()["live_version"]
+    caught_up = await _until_consistent(client, "/api/v1/incidents", final, assignee=assignee, limit=500)
+    assert len(caught_up.json()["items"]) == len(tokens)
+    pool = await create_pool(side.settings)
+    try:
+        assert await _table_checksum(pool, f"incidents_v{old}") == await _table_checksum(
+            pool, f"incidents_v{new}"
+        )
+    finally:
+        await pool.close()
+
+
+async def test_a_rebuild_killed_midway_resumes_from_its_own_positions(
+    side: WriteSide, client: httpx.AsyncClient
+) -> None:
+    first = await asyncio.create_subprocess_exec(
+        CQRS,
+        "projections",
+        "rebuild",
+        "incidents",
+        env=side.env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=sys.stderr,
+    )
+    pool = await create_pool(side.settings)
+    try:
+        deadline = time.monotonic() + 120
+        building = None
+        while time.monotonic() < deadline:
+            building = await pool.fetchrow(
+                "SELECT v.version, coalesce(sum(p.next_offset), 0) AS applied FROM projection_versions v "
+                "LEFT JOIN projection_positions p ON p.projection = v.projection AND p.version = v.version "
+                "WHERE v.projection = 'incidents' AND v.state = 'building' GROUP BY v.version"
+            )
+            if building and building["applied"] > 0:
+                break
+            await asyncio.sleep(0.01)
+        assert building is not None
+        assert building["applied"] > 0
+        first.kill()  # SIGKILL: the rebuild's worker goes with it
+        await first.wait()
+        version = building["version"]
+
+        second = await asyncio.create_subprocess_exec(
+            CQRS,
+            "projections",
+            "rebuild",
+            "incidents",
+            env=side.env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=sys.stderr,
+        )
+        out, _ = await asyncio.wait_for(second.communicate(), 180)
+        assert second.returncode == 0, out.decode()
+        assert f"incidents v{version} is live".encode() in out  # the same version, resumed
+        retired = await pool.fetchval(
+            "SELECT version FROM projection_versions WHERE projection = 'incidents' AND state = 'retired'"
+        )
+        # nothing was written meanwhile: the resumed version equals the one it replaced
+        assert await _table_checksum(pool, f"incidents_v{version}") == await _table_checksum(
+            pool, f"incidents_v{retired}"
+        )
+    finally:
+        await pool.close()
+    r = await client.get("/api/v1/incidents", params={"limit": 1})
+    assert r.status_code == 200
+
+
+CHANGED = """
+from projections.postgres import IncidentsProjection, Row
+from projections.events import StoredEvent
+from projections.registry import register
+
+
+def _opened(row: Row | None, e: StoredEvent) -> Row | None:
+    new = IncidentsProjection.evolvers["IncidentOpened"](row, e)
+    if new is not None:
+        new["title_length"] = len(e.payload["title"])
+    return new
+
+
+class IncidentsWithTitleLength(IncidentsProjection):
+    columns = (*IncidentsProjection.columns, "title_length")
+    ddl = IncidentsProjection.ddl.replace(
+        "closed_at    timestamptz", "closed_at timestamptz, title_length int"
+    )
+    evolvers = {**IncidentsProjection.evolvers, "IncidentOpened": _opened}
+
+
+register(IncidentsWithTitleLength())
+"""
+
+
+async def test_a_rebuild_after_a_code_change_serves_the_new_field(
+    side: WriteSide, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    (tmp_path / "changed_incidents.py").write_text(CHANGED)
+    env = {
+        **side.env,
+        "APP_PROJECTION_MODULES": "changed_incidents",
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), side.env.get("PYTHONPATH", "")]),
+    }
+    r = await client.post("/api/v1/incidents", json={"title": "twelve chars"})
+    ident = r.json()["id"]
+    before = await _until_consistent(client, f"/api/v1/incidents/{ident}", r.json()["position"])
+    assert "title_length" not in before.json()
+
+    rebuild = await asyncio.create_subprocess_exec(
+        CQRS,
+        "projections",
+        "rebuild",
+        "incidents",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=sys.stderr,
+    )
+    out, _ = await asyncio.wait_for(rebuild.communicate(), 180)
+    assert rebuild.returncode == 0, out.decode()
+    after = await client.get(f"/api/v1/incidents/{ident}")
+    assert after.status_code == 200
+    assert after.json()["title_length"] == len("twelve chars")
