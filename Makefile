@@ -25,6 +25,7 @@ $(BIN)/.installed: pyproject.toml
 up: venv
 	$(STACK) up
 	$(STACK) up-apps
+	$(BIN)/cqrs demo
 	@$(STACK) urls
 
 down:

@@ -4,6 +4,7 @@ cqrs serve api                 the HTTP API (uvicorn)
 cqrs run command-processor     the write side's single writer per partition
 cqrs run projector NAME        keep a read model up to date (follows rebuilds)
 cqrs projections list|status|rebuild|rollback   the read models and their versions
+cqrs demo                      demo datasets and incidents, through the API
 cqrs topics create             create the contract topics (idempotent)
 cqrs schemas check             every event has a schema; every schema reads its history
 """
@@ -238,6 +239,21 @@ def projections_rollback(name: Annotated[str, typer.Argument(help="the projectio
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from exc
     Console().print(f"[green]✓[/] {name}: v{live} is live again (v{retired} retired)")
+
+
+@app.command("demo")
+def demo(
+    url: Annotated[str, typer.Option(help="the API")] = "http://127.0.0.1:8000",
+) -> None:
+    """Create demo datasets and incidents through the API (idempotent)."""
+    from cli.demo import seed
+
+    try:
+        sent = seed(url)
+    except Exception as exc:  # the API's answer says what is wrong
+        console.print(f"[red]demo data not created:[/] {exc}")
+        raise typer.Exit(1) from exc
+    Console().print(f"[green]✓[/] demo data in place ({sent} commands answered)")
 
 
 @topics.command("create")
