@@ -9,12 +9,13 @@ from typing import Any
 
 import uvloop
 
-from bench import s0_calibration, s1_commands
+from bench import s0_calibration, s1_commands, s3_search
 from shared_kernel.settings import Settings
 
 SCENARIOS: dict[str, Callable[[Settings], Coroutine[Any, Any, dict[str, Any]]]] = {
     "S0": s0_calibration.run,
     "S1": s1_commands.run,
+    "S3": s3_search.run,
 }
 
 

@@ -9,8 +9,9 @@ writes the changed rows back with one statement.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 from uuid import UUID
 
 import asyncpg
@@ -49,6 +50,12 @@ class Projection:
     async def open(self, settings: Settings) -> None:
         """Acquire what `apply` needs besides the PostgreSQL connection it is given."""
 
+    def committed(self) -> None:
+        """The transaction of the last `apply` committed."""
+
+    def rolled_back(self) -> None:
+        """The transaction of the last `apply` did not commit."""
+
     async def close(self) -> None:
         """Release what `open` acquired."""
 
@@ -72,6 +79,11 @@ class Projection:
 
 Evolver = Callable[[Row | None, StoredEvent], Row | None]
 K = TypeVar("K")
+KNOWN_ROWS = 20_000  # rows a worker remembers per projection (see KnownRows)
+
+
+def _uuid_key(e: StoredEvent) -> UUID:
+    return UUID(e.meta.aggregate_id)
 
 
 def fold(
@@ -96,23 +108,86 @@ def fold(
     return changed
 
 
+class KnownRows(Generic[K]):
+    """The rows this worker wrote last, so a batch need not read them back.
+
+    A batch needs, for each aggregate, the row as of the version before its first event
+    there: none at all when that event is version 1 (the creation), or a known row of
+    exactly the previous version. Only other aggregates are read from the store. Rows
+    become known when the transaction that wrote them commits; at most `size` are kept.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.rows: OrderedDict[K, Row] = OrderedDict()
+        self.staged: dict[K, Row] = {}
+
+    def split(
+        self, events: list[StoredEvent], key: Callable[[StoredEvent], K]
+    ) -> tuple[dict[K, Row], list[K]]:
+        """(rows known before the batch, keys to read from the store)."""
+        known: dict[K, Row] = {}
+        unknown: list[K] = []
+        seen: set[K] = set()
+        for e in events:
+            k = key(e)
+            if k in seen:
+                continue
+            seen.add(k)
+            row = self.rows.get(k)
+            if e.version == 1:
+                continue  # created by this event: nothing before it
+            if row is not None and row["version"] == e.version - 1:
+                known[k] = row
+            else:
+                unknown.append(k)
+        return known, unknown
+
+    def stage(self, changed: dict[K, Row]) -> None:
+        self.staged.update(changed)
+
+    def commit(self) -> None:
+        for k, row in self.staged.items():
+            self.rows[k] = row
+            self.rows.move_to_end(k)
+        self.staged.clear()
+        while len(self.rows) > self.size:
+            self.rows.popitem(last=False)
+
+    def discard(self) -> None:
+        self.staged.clear()
+
+
 class FoldedRows(Projection):
     """One row per aggregate, evolved by a pure function of (row, event)."""
 
     columns: ClassVar[tuple[str, ...]]  # the first is the key ("id"), "version" among them
     evolvers: ClassVar[dict[str, Evolver]]
 
+    def __init__(self, version: int = 1) -> None:
+        super().__init__(version)
+        self.known: KnownRows[UUID] = KnownRows(KNOWN_ROWS)
+
+    def committed(self) -> None:
+        self.known.commit()
+
+    def rolled_back(self) -> None:
+        self.known.discard()
+
     async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
         relevant = [e for e in events if e.name in self.evolvers]
         if not relevant:
             return
-        ids = list({UUID(e.meta.aggregate_id) for e in relevant})
+        key = _uuid_key
+        rows, unknown = self.known.split(relevant, key)
         cols = ", ".join(f'"{c}"' for c in self.columns)
-        rows: dict[UUID, Row] = {
-            r["id"]: dict(r)
-            for r in await conn.fetch(f"SELECT {cols} FROM {self.physical} WHERE id = ANY($1::uuid[])", ids)
-        }
-        changed = fold(self.evolvers, rows, relevant, lambda e: UUID(e.meta.aggregate_id))
+        if unknown:
+            for r in await conn.fetch(
+                f"SELECT {cols} FROM {self.physical} WHERE id = ANY($1::uuid[])", unknown
+            ):
+                rows[r["id"]] = dict(r)
+        changed = fold(self.evolvers, rows, relevant, key)
+        self.known.stage(changed)
         if not changed:
             return
         placeholders = ", ".join(f"${i + 1}" for i in range(len(self.columns)))

@@ -128,12 +128,18 @@ class Projector:
                     },
                 )
                 outcome.sent += 1
-        async with self.pool.acquire() as conn, conn.transaction():
-            if events:
-                await self.projection.apply(conn, events)
-                outcome.applied += len(events)
-            if records:
-                await self._record_positions(conn, records, outcome)
+        async with self.pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    if events:
+                        await self.projection.apply(conn, events)
+                        outcome.applied += len(events)
+                    if records:
+                        await self._record_positions(conn, records, outcome)
+            except BaseException:
+                self.projection.rolled_back()
+                raise
+            self.projection.committed()
 
     async def _record_positions(
         self, conn: asyncpg.Connection, records: Sequence[Record], outcome: BatchOutcome

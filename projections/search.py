@@ -24,10 +24,12 @@ from opensearchpy import AsyncOpenSearch
 from projections.db import schema_name
 from projections.events import StoredEvent
 from projections.postgres import (
+    KNOWN_ROWS,
     DatasetsProjection,
     Evolver,
     FoldedRows,
     IncidentsProjection,
+    KnownRows,
     Projection,
     Row,
     fold,
@@ -70,6 +72,7 @@ class SearchProjection(Projection):
         super().__init__(version)
         self.client: AsyncOpenSearch | None = None
         self._index = ""  # known once opened: it is named after the deployment
+        self.known: KnownRows[str] = KnownRows(KNOWN_ROWS)
         self.evolvers: dict[str, Evolver] = {}
         for name, evolve in self.rows.evolvers.items():
             self.evolvers[name] = _chain(evolve, self.extra.get(name))
@@ -88,6 +91,12 @@ class SearchProjection(Projection):
     async def close(self) -> None:
         if self.client is not None:
             await self.client.close()
+
+    def committed(self) -> None:
+        self.known.commit()
+
+    def rolled_back(self) -> None:
+        self.known.discard()
 
     async def create_storage(self, conn: asyncpg.Connection, settings: Settings) -> None:
         async with search_client(settings) as client:
@@ -118,10 +127,12 @@ class SearchProjection(Projection):
         relevant = [e for e in events if e.name in self.evolvers]
         if not relevant:
             return
-        ids = list(dict.fromkeys(e.meta.aggregate_id for e in relevant))
-        found = await self.client.mget(index=self.physical, body={"ids": ids}, realtime=True)
-        docs: dict[str, Row] = {d["_id"]: d["_source"] for d in found["docs"] if d.get("found")}
-        changed = fold(self.evolvers, docs, relevant, lambda e: e.meta.aggregate_id)
+        docs, unknown = self.known.split(relevant, _str_key)
+        if unknown:
+            found = await self.client.mget(index=self.physical, body={"ids": unknown}, realtime=True)
+            docs.update({d["_id"]: d["_source"] for d in found["docs"] if d.get("found")})
+        changed = fold(self.evolvers, docs, relevant, _str_key)
+        self.known.stage(changed)
         if not changed:
             return
         lines: list[bytes] = []
@@ -138,6 +149,10 @@ class SearchProjection(Projection):
             ]
             if refused:  # 409: a newer version is there already (redelivery); anything else is bad
                 raise BulkItemFailed(f"{len(refused)} document(s) refused: {refused[0]}")
+
+
+def _str_key(e: StoredEvent) -> str:
+    return e.meta.aggregate_id
 
 
 def _chain(first: Evolver, then: Evolver | None) -> Evolver:

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 
 import asyncpg
@@ -375,7 +376,7 @@ async def test_filters_and_pages_over_a_thousand_incidents_are_correct_and_compl
     ids = [i["id"] for i in everything]
     assert len(ids) == len(set(ids))
     assert set(created) <= set(ids)
-    keys = [(i["opened_at"], i["id"]) for i in everything]
+    keys = [(datetime.fromisoformat(i["opened_at"]), i["id"]) for i in everything]
     assert keys == sorted(keys)
 
     for filters in (

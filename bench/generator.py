@@ -1,0 +1,126 @@
+"""Realistic events for the read-side benchmarks, made by the real aggregates.
+
+Each dataset is registered, then goes through metadata entries, published versions,
+quality checks and descriptions, so payload sizes and the mix of event types are those
+of the service. The events are encoded and given headers exactly as the command
+processor does (`commands.serialization.to_record`), then produced to
+`<prefix>.events.datasets`, keyed by aggregate id like the real thing.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+from aiokafka import AIOKafkaProducer
+
+from commands.datasets import CONTEXT as DATASETS
+from commands.datasets.aggregate import Dataset
+from commands.serialization import EventRecord, to_record
+from shared_kernel import kafka
+from shared_kernel.avro import AvroCodec
+from shared_kernel.envelope import CommandEnvelope
+from shared_kernel.settings import Settings
+from shared_kernel.topics import Topics
+
+WORDS = [
+    "hourly",
+    "daily",
+    "surface",
+    "ocean",
+    "river",
+    "basin",
+    "station",
+    "gauge",
+    "satellite",
+    "radar",
+    "sensor",
+    "quality",
+    "controlled",
+    "gridded",
+    "reanalysis",
+    "observations",
+    "temperature",
+    "pressure",
+    "humidity",
+    "wind",
+    "rainfall",
+    "snow",
+    "soil",
+    "moisture",
+    "orders",
+    "customers",
+    "products",
+    "prices",
+    "deliveries",
+    "clicks",
+    "sessions",
+]
+
+
+def _text(i: int, n: int) -> str:
+    return " ".join(WORDS[(i * 7 + k * 13) % len(WORDS)] for k in range(n))
+
+
+def dataset_events(datasets: int, per_dataset: int) -> Iterator[EventRecord]:
+    """`datasets` x `per_dataset` events: a registration, then a cycle of changes."""
+    codec = AvroCodec.from_directory()
+    command = CommandEnvelope(command_id="", command_type="bench", aggregate_id="", payload={}, actor="bench")
+    for d in range(datasets):
+        dataset = Dataset.register(
+            uuid.uuid4(),
+            name=f"{_text(d, 3).title()} {d}",
+            description=f"{_text(d + 1, 12)}, from {d % 900 + 100} stations, quality controlled.",
+            owner=f"team-{d % 25}",
+            tags=[WORDS[d % len(WORDS)], WORDS[(d + 5) % len(WORDS)]],
+            metadata={"license": "CC-BY-4.0", "rows": d * 1000, "format": "parquet"},
+        )
+        for i in range(1, per_dataset):
+            match i % 4:
+                case 1:
+                    dataset.set_metadata(f"k{i % 12}", {"rows": i * 1000, "checked": True, "by": f"job-{i}"})
+                case 2:
+                    dataset.publish_version(f"1.{i}.0", f"release {i}: {_text(i, 6)}")
+                case 3:
+                    dataset.record_quality_check("completeness", 0.9 + (i % 10) / 100, 0.95, ">=")
+                case _:
+                    dataset.describe(None, f"{_text(d + i, 14)} (revision {i}).")
+        for event in dataset.collect_events():
+            envelope = CommandEnvelope(
+                command_id=str(uuid.uuid4()),
+                command_type=command.command_type,
+                aggregate_id=str(dataset.id),
+                payload={},
+                actor=command.actor,
+            )
+            yield to_record(DATASETS, codec, event, envelope)
+
+
+async def produce_dataset_events(
+    settings: Settings, events: int, per_dataset: int = 20, progress: bool = True
+) -> int:
+    """Produce about `events` dataset events under the settings' prefix; returns how many."""
+    topic = Topics(settings.topic_prefix).events("datasets")
+    producer: AIOKafkaProducer = kafka.producer(settings, linger_ms=20, max_batch_size=1 << 20)
+    await producer.start()
+    sent, started, last = 0, time.monotonic(), time.monotonic()
+    try:
+        pending = []
+        for record in dataset_events(max(1, events // per_dataset), per_dataset):
+            pending.append(
+                await producer.send(topic, record.value, key=record.key, headers=list(record.headers))
+            )
+            sent += 1
+            if len(pending) >= 5000:
+                for f in pending:
+                    await f
+                pending.clear()
+            if progress and time.monotonic() - last > 5:
+                last = time.monotonic()
+                print(f"  produced {sent:,} events ({sent / (last - started):,.0f}/s)", flush=True)
+        for f in pending:
+            await f
+    finally:
+        await producer.stop()
+    return sent
