@@ -16,7 +16,7 @@ from aiokafka.errors import KafkaError
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from api import admin, errors, health, queries, search
+from api import admin, errors, health, queries, search, subscriptions
 from api.datasets import commands as dataset_commands
 from api.incidents import commands as incident_commands
 from commands.bus import CommandBus
@@ -98,6 +98,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.search_ready = False
         app.state.lag = LagProbe(settings)
         app.state.rebuilds = set()
+        app.state.feed = subscriptions.LiveFeed(settings)
+        app.state.feed.start()
         pooling = asyncio.create_task(_connect_read_models(app, settings))
         indexing = asyncio.create_task(_connect_search(app, settings))
         await bus.start()
@@ -109,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await app.state.feed.stop()
             if app.state.pool is not None:
                 await app.state.pool.close()
             await app.state.search.close()
@@ -131,4 +134,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(queries.router)
     app.include_router(search.router)
     app.include_router(admin.router)
+    subscriptions.install(app)
     return app

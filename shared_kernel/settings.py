@@ -73,6 +73,22 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
 
+    # Subscriptions (SSE, WebSocket): see api/subscriptions.
+    subscription_buffer: int = Field(
+        default=1000,
+        ge=1,
+        description="events queued per subscriber before it is told it is too slow and disconnected",
+    )
+    subscription_heartbeat_s: float = Field(
+        default=15.0, gt=0, description="a subscriber idle this long gets a heartbeat with its position"
+    )
+    subscription_send_timeout_s: float = Field(
+        default=30.0, gt=0, description="a subscriber whose socket accepts nothing for this long is dropped"
+    )
+    subscription_catchup_readers: int = Field(
+        default=16, ge=1, description="resuming subscribers read the log concurrently, at most this many"
+    )
+
     @field_validator("projection_modules", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:

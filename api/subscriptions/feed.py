@@ -1,0 +1,266 @@
+"""The live feed: one read_committed consumer of every events topic per API process,
+fanned out in process to the subscribers.
+
+It starts at the end of the log and never waits for a subscriber: each record is
+offered to the subscribers whose filters it matches (indexed by topic, and by
+aggregate id for those that filter on it), each of which queues it or fails. A record
+is decoded once, when its first subscriber wants it, and its JSON is shared.
+
+`frontier` is the feed's position: every record below it has been offered. It moves
+one record at a time, synchronously with the offers, so a subscriber that registers
+between two records knows exactly which records it will be offered. If the consumer
+fails it is restarted from the frontier, not from the end: live subscribers see no
+gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from api.subscriptions.messages import Layout, LogEvent
+from api.subscriptions.spec import StreamSpec
+from api.subscriptions.subscriber import Subscriber
+from commands import CONTEXTS
+from shared_kernel import kafka
+from shared_kernel.avro import AvroCodec
+from shared_kernel.settings import Settings
+from shared_kernel.topics import Topics
+
+log = logging.getLogger(__name__)
+
+PROBE_EVERY_S = 5.0
+POLL_MS = 1000
+MAX_RECORDS = 1000
+
+
+class FeedUnavailable(Exception):
+    """Kafka is not reachable (or the events topics do not exist yet): 503, retry later."""
+
+
+class LiveFeed:
+    """The process-wide live consumer and its subscribers."""
+
+    def __init__(self, settings: Settings, codec: AvroCodec | None = None) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.topic_prefix)
+        self.codec = codec or AvroCodec.from_directory()
+        self.layout = Layout({})
+        self.frontier: list[int] = []
+        self.ready = False  # assigned, and Kafka answered the last probe
+        self.readers = asyncio.Semaphore(settings.subscription_catchup_readers)
+        self._wide: dict[str, set[Subscriber]] = {}
+        self._narrow: dict[tuple[str, str], set[Subscriber]] = {}
+        self._subscribers: set[Subscriber] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- life cycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background (the API serves while Kafka is down: 503 here)."""
+        self._task = asyncio.create_task(self._run(), name="subscriptions-live-feed")
+
+    async def stop(self) -> None:
+        for sub in list(self._subscribers):
+            self.unsubscribe(sub)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def reader(self) -> AIOKafkaConsumer:
+        """A consumer for one subscriber's catch-up (assigned and sought by it)."""
+        return kafka.consumer(
+            self.settings,
+            client_id=f"{self.settings.service_name}-catch-up",
+            max_partition_fetch_bytes=1024 * 1024,
+            fetch_max_bytes=4 * 1024 * 1024,
+        )
+
+    # ---- subscribers ----------------------------------------------------------------------
+
+    def subscribe(self, spec: StreamSpec) -> Subscriber:
+        """Register a subscriber: live from now, or catching up from `spec.start`."""
+        if not self.ready:
+            raise FeedUnavailable("the event log is not reachable; retry")
+        layout = self.layout
+        topics = spec.topics(self.settings.topic_prefix)
+        indices = layout.indices(topics)
+        if spec.aggregate_ids is None:
+            readable = frozenset(indices)
+        else:
+            readable = frozenset(
+                layout.index[(t, layout.partition_of(t, a))] for t in topics for a in spec.aggregate_ids
+            )
+        start = None if spec.start is None else layout.vector(spec.start)
+        sub = Subscriber(self, spec, indices, readable, start)
+        self._subscribers.add(sub)
+        for topic in topics:
+            if spec.aggregate_ids is None:
+                self._wide.setdefault(topic, set()).add(sub)
+            else:
+                for a in spec.aggregate_ids:
+                    self._narrow.setdefault((topic, a), set()).add(sub)
+        if start is not None:
+            sub.start_catch_up()
+        log.info(
+            "subscription opened",
+            extra={
+                "filters": spec.describe(),
+                "resuming": start is not None,
+                "subscribers": len(self._subscribers),
+            },
+        )
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        if sub not in self._subscribers:
+            return
+        self._subscribers.discard(sub)
+        for topic in sub.spec.topics(self.settings.topic_prefix):
+            if sub.spec.aggregate_ids is None:
+                _discard(self._wide, topic, sub)
+            else:
+                for a in sub.spec.aggregate_ids:
+                    _discard(self._narrow, (topic, a), sub)
+        sub.close()
+        if sub.reader is not None:
+            sub.reader.cancel()
+        log.info(
+            "subscription closed",
+            extra={
+                "filters": sub.spec.describe(),
+                "sent": sub.sent,
+                "failure": sub.failure.code if sub.failure else None,
+                "subscribers": len(self._subscribers),
+            },
+        )
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    # ---- the consumer loop ----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = 0.5
+        while True:
+            consumer = kafka.consumer(
+                self.settings,
+                client_id=f"{self.settings.service_name}-live-feed",
+                auto_offset_reset="latest",  # only if our offset vanished (the topic was truncated)
+            )
+            probe: asyncio.Task[None] | None = None
+            try:
+                await consumer.start()
+                tps = await self._assign(consumer)
+                delay = 0.5
+                probe = asyncio.create_task(self._probe(consumer))
+                while True:
+                    batch = await consumer.getmany(timeout_ms=POLL_MS, max_records=MAX_RECORDS)
+                    self._offer(batch)
+                    for i, tp in enumerate(tps):
+                        # past commit markers, which are not records: positions line up
+                        # with those of a catch-up reader at the same place
+                        self.frontier[i] = max(self.frontier[i], await consumer.position(tp))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Kafka down at start, or anything unexpected: restart
+                self.ready = False
+                log.warning(
+                    "live feed interrupted; restarting", extra={"error": repr(exc), "retry_in_s": delay}
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
+            finally:
+                if probe is not None:
+                    probe.cancel()
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+
+    async def _assign(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
+        """Assign every partition of the events topics, at the frontier (first time: the end)."""
+        names = [self.topics.events(c.name) for c in CONTEXTS]
+        waited = False
+        while True:
+            await consumer._client.force_metadata_update()  # as projections.lag does: all topics
+            found = {t: consumer.partitions_for_topic(t) or set() for t in names}
+            if all(found.values()):
+                break
+            if not waited:
+                log.info(
+                    "waiting for the events topics", extra={"missing": [t for t in names if not found[t]]}
+                )
+                waited = True
+            await asyncio.sleep(1)
+        layout = Layout(found)
+        tps = [TopicPartition(t, p) for t, p in layout.tps]
+        consumer.assign(tps)
+        if self.frontier and layout.tps == self.layout.tps:
+            for tp, offset in zip(tps, self.frontier, strict=True):
+                consumer.seek(tp, offset)
+        else:
+            await consumer.seek_to_end(*tps)
+            self.layout = layout
+            self.frontier = [await consumer.position(tp) for tp in tps]
+        self.ready = True
+        log.info(
+            "live feed assigned",
+            extra={"partitions": len(tps), "position": self.layout.token(self.frontier, range(len(tps)))},
+        )
+        return tps
+
+    async def _probe(self, consumer: AIOKafkaConsumer) -> None:
+        """Kafka answers: else new subscriptions get 503 (the consumer retries by itself)."""
+        while True:
+            await asyncio.sleep(PROBE_EVERY_S)
+            try:
+                await asyncio.wait_for(consumer.topics(), PROBE_EVERY_S)
+            except (KafkaError, TimeoutError, OSError) as exc:
+                if self.ready:
+                    log.warning(
+                        "Kafka does not answer; new subscriptions get 503", extra={"error": repr(exc)}
+                    )
+                self.ready = False
+            else:
+                if not self.ready:
+                    log.info("Kafka answers again")
+                self.ready = True
+
+    def _offer(self, batch: dict[Any, list[Any]]) -> None:
+        layout, frontier, narrow = self.layout, self.frontier, self._narrow
+        failed: list[Subscriber] = []
+        for tp, records in batch.items():
+            i = layout.index[(tp.topic, tp.partition)]
+            wide = self._wide.get(tp.topic)
+            for record in records:
+                frontier[i] = record.offset + 1
+                if not wide and not narrow:
+                    continue
+                ev = LogEvent(record, i)
+                ev.snap = tuple(frontier)
+                for sub in wide or ():
+                    if sub.spec.matches(ev.aggregate_id, ev.event_type) and not sub.offer(ev):
+                        failed.append(sub)
+                for sub in narrow.get((tp.topic, ev.aggregate_id), ()):
+                    if sub.spec.matches(ev.aggregate_id, ev.event_type) and not sub.offer(ev):
+                        failed.append(sub)
+        for sub in failed:
+            log.warning(
+                "slow subscriber disconnected",
+                extra={"filters": sub.spec.describe(), "sent": sub.sent, "buffer": sub.capacity},
+            )
+            self.unsubscribe(sub)
+
+
+def _discard(index: dict[Any, set[Subscriber]], key: Any, sub: Subscriber) -> None:
+    subs = index.get(key)
+    if subs is not None:
+        subs.discard(sub)
+        if not subs:
+            del index[key]
