@@ -11,6 +11,13 @@ one record at a time, synchronously with the offers, so a subscriber that regist
 between two records knows exactly which records it will be offered. If the consumer
 fails it is restarted from the frontier, not from the end: live subscribers see no
 gap.
+
+Positions are counted in records, as the write side's tokens and the projections'
+positions are: the offset after the last committed record, never past the commit
+marker that follows it (a marker is not a record, and a projection never reports
+having passed one). So an id is also a read-your-writes token the read side can
+satisfy. At start the frontier is found by reading back from the end of each partition
+to its last committed record.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from aiokafka.errors import KafkaError
 
 from api.subscriptions.messages import Layout, LogEvent
 from api.subscriptions.spec import StreamSpec
-from api.subscriptions.subscriber import Subscriber
+from api.subscriptions.subscriber import Failure, Subscriber
 from commands import CONTEXTS
 from shared_kernel import kafka
 from shared_kernel.avro import AvroCodec
@@ -158,16 +165,12 @@ class LiveFeed:
             probe: asyncio.Task[None] | None = None
             try:
                 await consumer.start()
-                tps = await self._assign(consumer)
+                await self._assign(consumer)
                 delay = 0.5
                 probe = asyncio.create_task(self._probe(consumer))
                 while True:
                     batch = await consumer.getmany(timeout_ms=POLL_MS, max_records=MAX_RECORDS)
                     self._offer(batch)
-                    for i, tp in enumerate(tps):
-                        # past commit markers, which are not records: positions line up
-                        # with those of a catch-up reader at the same place
-                        self.frontier[i] = max(self.frontier[i], await consumer.position(tp))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Kafka down at start, or anything unexpected: restart
@@ -183,8 +186,8 @@ class LiveFeed:
                 with contextlib.suppress(Exception):
                     await consumer.stop()
 
-    async def _assign(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
-        """Assign every partition of the events topics, at the frontier (first time: the end)."""
+    async def _assign(self, consumer: AIOKafkaConsumer) -> None:
+        """Assign every partition of the events topics at the frontier (first: the end of the log)."""
         names = [self.topics.events(c.name) for c in CONTEXTS]
         waited = False
         while True:
@@ -201,19 +204,19 @@ class LiveFeed:
         layout = Layout(found)
         tps = [TopicPartition(t, p) for t, p in layout.tps]
         consumer.assign(tps)
-        if self.frontier and layout.tps == self.layout.tps:
-            for tp, offset in zip(tps, self.frontier, strict=True):
-                consumer.seek(tp, offset)
-        else:
-            await consumer.seek_to_end(*tps)
-            self.layout = layout
-            self.frontier = [await consumer.position(tp) for tp in tps]
+        if not self.frontier or layout.tps != self.layout.tps:
+            for sub in list(self._subscribers):  # their positions are over the old layout
+                sub.fail(Failure("unavailable", "the event log changed; reconnect from your last id"))
+                self.unsubscribe(sub)
+            frontier = await _after_last_records(consumer, tps)
+            self.layout, self.frontier = layout, frontier
+        for tp, offset in zip(tps, self.frontier, strict=True):
+            consumer.seek(tp, offset)
         self.ready = True
         log.info(
             "live feed assigned",
             extra={"partitions": len(tps), "position": self.layout.token(self.frontier, range(len(tps)))},
         )
-        return tps
 
     async def _probe(self, consumer: AIOKafkaConsumer) -> None:
         """Kafka answers: else new subscriptions get 503 (the consumer retries by itself)."""
@@ -256,6 +259,34 @@ class LiveFeed:
                 extra={"filters": sub.spec.describe(), "sent": sub.sent, "buffer": sub.capacity},
             )
             self.unsubscribe(sub)
+
+
+async def _after_last_records(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> list[int]:
+    """For each partition, the offset after its last committed record (0 if it has none):
+    read from a little before the end, further back while nothing committed is found."""
+    ends: dict[TopicPartition, int] = await consumer.end_offsets(tps)  # last stable offsets
+    found = {tp: 0 for tp in tps if ends[tp] == 0}
+    back = 8
+    while len(found) < len(tps):
+        todo = [tp for tp in tps if tp not in found]
+        for tp in todo:
+            consumer.seek(tp, max(0, ends[tp] - back))
+        last: dict[TopicPartition, int] = {}
+        reading = set(todo)
+        while reading:
+            batch = await consumer.getmany(*reading, timeout_ms=POLL_MS)
+            for tp, records in batch.items():
+                for r in records:
+                    if r.offset < ends[tp]:
+                        last[tp] = r.offset
+            reading = {tp for tp in reading if await consumer.position(tp) < ends[tp]}
+        for tp in todo:
+            if tp in last:
+                found[tp] = last[tp] + 1
+            elif ends[tp] <= back:
+                found[tp] = 0  # nothing committed at all (aborted transactions only)
+        back *= 8
+    return [found[tp] for tp in tps]
 
 
 def _discard(index: dict[Any, set[Subscriber]], key: Any, sub: Subscriber) -> None:

@@ -254,11 +254,10 @@ class Subscriber:
                             after[i] = record.offset + 1
                             await self._put(Message.event(layout.token(after, self.indices), rest))
                     self.cursor[i] = record.offset + 1
-            for i, tp in list(todo.items()):
-                # past commit markers and aborted records too
-                self.cursor[i] = max(self.cursor[i], await consumer.position(tp))
-                if self.cursor[i] >= target[i]:
-                    del todo[i]
+            for i in [i for i in todo if self.cursor[i] >= target[i]]:
+                # the target is the offset after a committed record: it is reached
+                # when that record is read
+                del todo[i]
 
     async def _put(self, message: Message) -> None:
         while len(self.mailbox) >= self.capacity:
