@@ -9,13 +9,15 @@ from typing import Any
 
 import uvloop
 
-from bench import s0_calibration, s1_commands, s3_search
+from bench import s0_calibration, s1_commands, s2_projections, s3_search, s4_queries
 from shared_kernel.settings import Settings
 
 SCENARIOS: dict[str, Callable[[Settings], Coroutine[Any, Any, dict[str, Any]]]] = {
     "S0": s0_calibration.run,
     "S1": s1_commands.run,
+    "S2": s2_projections.run,
     "S3": s3_search.run,
+    "S4": s4_queries.run,
 }
 
 
