@@ -167,7 +167,7 @@ class LiveFeed:
                 await consumer.start()
                 await self._assign(consumer)
                 delay = 0.5
-                probe = asyncio.create_task(self._probe(consumer))
+                probe = asyncio.create_task(self._probe(consumer, list(consumer.assignment())))
                 while True:
                     batch = await consumer.getmany(timeout_ms=POLL_MS, max_records=MAX_RECORDS)
                     self._offer(batch)
@@ -218,12 +218,14 @@ class LiveFeed:
             extra={"partitions": len(tps), "position": self.layout.token(self.frontier, range(len(tps)))},
         )
 
-    async def _probe(self, consumer: AIOKafkaConsumer) -> None:
-        """Kafka answers: else new subscriptions get 503 (the consumer retries by itself)."""
+    async def _probe(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
+        """Kafka answers: else new subscriptions get 503 (the consumer retries by itself).
+        The question is a small one (the end offsets of our partitions), not the metadata
+        of every topic of the cluster."""
         while True:
             await asyncio.sleep(PROBE_EVERY_S)
             try:
-                await asyncio.wait_for(consumer.topics(), PROBE_EVERY_S)
+                await asyncio.wait_for(consumer.end_offsets(tps), PROBE_EVERY_S)
             except (KafkaError, TimeoutError, OSError) as exc:
                 if self.ready:
                     log.warning(

@@ -10,7 +10,8 @@ metadata (the Kafka headers), payload (the Avro record) and where it sits in the
     {"type": "event", "id": "eyJ...", "event_type": "incidents.IncidentOpened",
      "aggregate_id": "...", "aggregate_version": 1, "context": "incidents",
      "metadata": {"event_id": "...", "occurred_at": "...", "actor": "...", ...},
-     "payload": {...}, "record": {"topic": "...", "partition": 2, "offset": 17}}
+     "payload": {...},
+     "record": {"topic": "...", "partition": 2, "offset": 17, "timestamp": 1795000000000}}
 
 Over SSE the same object is the `data:` of a frame whose `id:` is the message id;
 events have no `event:` line (EventSource's default `message`), the others name their
@@ -161,7 +162,12 @@ class LogEvent:
                     "traceparent": meta.traceparent,
                 },
                 "payload": payload,
-                "record": {"topic": r.topic, "partition": r.partition, "offset": r.offset},
+                "record": {
+                    "topic": r.topic,
+                    "partition": r.partition,
+                    "offset": r.offset,
+                    "timestamp": r.timestamp,
+                },
             }
             self._rest = orjson.dumps(doc, default=str)[1:]
         return self._rest or None
