@@ -33,6 +33,7 @@ the two levels; goal >= 0.5. Both servers' CPU time per 1,000 deliveries is read
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import re
 import shutil
@@ -297,9 +298,9 @@ async def measure_latency(api_url: str) -> dict[str, Any]:
 def kafka_libs() -> Path | None:
     """The jars the local stack runs Kafka from (infra/stack.py resolves them)."""
     try:
-        from infra.stack import Config, Kafka
-
-        libs = Kafka(Config()).libs
+        # imported by name: infra/stack.py is a script, which mypy checks as one
+        stack = importlib.import_module("infra.stack")
+        libs = Path(stack.Kafka(stack.Config()).libs)
     except Exception:  # no local stack here (Docker users): no Kafka tool either
         return None
     return libs if (libs / ".complete").exists() else None
