@@ -108,13 +108,17 @@ async def parse_sse(lines: AsyncIterator[str]) -> Frame | None:
     async for line in lines:
         if line == "":
             if "data" in fields:
-                data = orjson.loads(fields["data"])
-                assert data["id"] == fields["id"], "the SSE id and the message id agree"
-                return Frame(fields.get("event", "event"), fields["id"], data)
+                return _frame(fields)
             continue
         name, _, value = line.partition(":")
         fields[name] = value.removeprefix(" ")
     return None
+
+
+def _frame(fields: dict[str, str]) -> Frame:
+    data = orjson.loads(fields["data"])
+    assert data["id"] == fields["id"], "the SSE id and the message id agree"
+    return Frame(fields.get("event", "event"), fields["id"], data)
 
 
 async def _subscribed(stream: Stream) -> Frame:
@@ -384,62 +388,99 @@ async def test_two_hundred_concurrent_clients_all_receive_every_event(side: Writ
     assert len({tuple(f.data["metadata"]["event_id"] for f in got) for got in received}) == 1
 
 
-async def test_a_slow_client_is_told_its_position_and_dropped_while_a_fast_one_keeps_up(
-    side: WriteSide, client: httpx.AsyncClient, tmp_path: Path
-) -> None:
-    small = WriteSide(
-        settings=side.settings, workdir=tmp_path, env={**side.env, "APP_SUBSCRIPTION_BUFFER": "16"}
+@pytest.fixture(scope="module")
+async def small(side: WriteSide, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WriteSide]:
+    """A second API process on the same topics whose subscribers have room for 16 events."""
+    api = WriteSide(
+        settings=side.settings,
+        workdir=tmp_path_factory.mktemp("small-buffer"),
+        env={**side.env, "APP_SUBSCRIPTION_BUFFER": "16"},
     )
-    await small.start_api()
-    try:
-        async with httpx.AsyncClient(base_url=small.api_url, timeout=30) as api:
-            r = await api.post("/api/v1/datasets", json={"name": "big descriptions"})
+    await api.start_api()
+    yield api
+    api.stop()
+
+
+async def _big_event(api: httpx.AsyncClient, dataset: str, n: int) -> int:
+    """An event of about 150 kB: a few fill the kernel's socket buffers (megabytes on loopback)."""
+    blob = {"revision": n, "rows": "x" * 150_000}
+    r = await api.put(f"/api/v1/datasets/{dataset}/metadata/sample", json={"value": blob})
+    assert r.status_code == 200, r.text
+    return int(r.json()["version"])
+
+
+async def test_a_slow_client_is_told_its_position_and_dropped_while_a_fast_one_keeps_up(
+    small: WriteSide,
+) -> None:
+    dataset = str(uuid.uuid4())
+    path = f"/api/v1/datasets/{dataset}/stream"
+    async with httpx.AsyncClient(base_url=small.api_url, timeout=30) as api:
+        slow = await RawSseClient.open(small.api_url, path)  # reads nothing more for now
+        posted: dict[int, float] = {}
+        received: dict[int, float] = {}
+        commands = 100
+        async with sse(api, path) as fast:
+            r = await api.post("/api/v1/datasets", json={"id": dataset, "name": "big events"})
             assert r.status_code == 201, r.text
-            dataset = r.json()["id"]
-            path = f"/api/v1/datasets/{dataset}/stream"
-            slow = await RawSseClient.open(small.api_url, path)  # reads its first frame, then nothing
-            posted: dict[int, float] = {}
-            received: dict[int, float] = {}
-            commands = 100
-            async with sse(api, path) as fast:
 
-                async def post(n: int) -> None:
-                    # big events fill the kernel's socket buffers (megabytes on loopback) quickly
-                    blob = {"revision": n, "rows": "x" * 150_000}
-                    r = await api.put(f"/api/v1/datasets/{dataset}/metadata/sample", json={"value": blob})
-                    assert r.status_code == 200, r.text
-                    posted[r.json()["version"]] = time.monotonic()
+            async def post(n: int) -> None:
+                version = await _big_event(api, dataset, n)
+                posted[version] = time.monotonic()
 
-                async def reader() -> None:
-                    async with asyncio.timeout(DEADLINE_S):
-                        while len(received) < commands:
-                            f = await fast.frame()
-                            assert f is not None
-                            assert f.kind != "error", f
-                            if f.kind == "event":
-                                assert f.version == len(received) + 2  # in order, none missing
-                                received[f.version] = time.monotonic()
+            async def reader() -> None:
+                async with asyncio.timeout(DEADLINE_S):
+                    while len(received) < commands + 1:
+                        f = await fast.frame()
+                        assert f is not None
+                        assert f.kind != "error", f
+                        if f.kind == "event":
+                            assert f.version == len(received) + 1  # in order, none missing
+                            received[f.version] = time.monotonic()
 
-                reading = asyncio.create_task(reader())
-                queue = list(range(commands))
-                await asyncio.gather(*(_drain(queue, post) for _ in range(4)))
-                await reading
-            lateness = [received[v] - posted[v] for v in posted]
-            assert max(lateness) < 2.0, f"the fast client waited {max(lateness):.2f} s for an event"
+            reading = asyncio.create_task(reader())
+            queue = list(range(commands))
+            await asyncio.gather(*(_drain(queue, post) for _ in range(4)))
+            await reading
+        lateness = [received[v] - posted[v] for v in posted]  # (negative: before the answer)
+        assert max(lateness) < 2.0, f"the fast client waited {max(lateness):.2f} s for an event"
 
-            frames = await slow.read_to_end()
-            events = [f for f in frames if f.kind == "event"]
-            assert frames[-1].kind == "error", [f.kind for f in frames[-3:]]
-            assert frames[-1].data["error"] == "slow_consumer"
-            assert 0 < len(events) < commands
-            assert frames[-1].id == events[-1].id  # the last position it was given
-            assert [f.version for f in events] == list(range(2, 2 + len(events)))
+        frames = []
+        async with asyncio.timeout(DEADLINE_S):
+            while (f := await slow.frame()) is not None:
+                frames.append(f)
+        events = [f for f in frames if f.kind == "event"]
+        assert frames[-1].kind == "error", [f.kind for f in frames[-3:]]
+        assert frames[-1].data["error"] == "slow_consumer"
+        assert 0 < len(events) < commands
+        assert frames[-1].id == events[-1].id  # the last position it was given
+        assert [f.version for f in events] == list(range(1, 1 + len(events)))
 
-            async with sse(api, path, last_event_id=frames[-1].id) as resumed:
-                rest = await resumed.events(has_versions({dataset: commands + 1}))
-            assert [f.version for f in rest] == list(range(2 + len(events), commands + 2))
-    finally:
-        small.stop()
+        async with sse(api, path, last_event_id=frames[-1].id) as resumed:
+            rest = await resumed.events(has_versions({dataset: commands + 1}))
+        assert [f.version for f in rest] == list(range(1 + len(events), commands + 2))
+
+
+async def test_a_catch_up_outrun_by_live_events_reads_on_and_misses_nothing(small: WriteSide) -> None:
+    async with httpx.AsyncClient(base_url=small.api_url, timeout=30) as api:
+        r = await api.post("/api/v1/datasets", json={"name": "long history"})
+        dataset = r.json()["id"]
+        for n in range(80):  # 12 MB: more than the socket's buffers and the mailbox hold
+            await _big_event(api, dataset, n)
+        path = f"/api/v1/datasets/{dataset}/stream?from=beginning"
+        # The catch-up fills the socket and the mailbox, then waits for this client...
+        stream = await RawSseClient.open(small.api_url, path)
+        # ...while more live events than its buffer holds arrive: they cannot all wait
+        # for the hand-over, so the catch-up will read them from the log too
+        for n in range(80, 110):
+            await _big_event(api, dataset, n)
+        got = await stream.events(has_versions({dataset: 111}))
+        last = await _big_event(api, dataset, 110)  # and it is live in the end
+        got += await stream.events(lambda more: len(more) == 1)
+    assert [f.version for f in got] == list(range(1, last + 1))
+    ids = [f.data["metadata"]["event_id"] for f in got]
+    assert len(set(ids)) == len(ids)
+    log = small.api.log.read_text() if small.api else ""
+    assert "live events outran a catch-up; reading on" in log
 
 
 async def _drain(queue: list[int], work: Callable[[int], Any]) -> None:
@@ -447,62 +488,71 @@ async def _drain(queue: list[int], work: Callable[[int], Any]) -> None:
         await work(queue.pop(0))
 
 
-class RawSseClient:
-    """An SSE client on a plain socket with a tiny receive buffer, which stops reading
-    after the first frame: the server sees a client that cannot keep up."""
+class RawSseClient(Stream):
+    """An SSE client on a plain socket with a tiny receive buffer, which reads only when
+    asked: until then the server sees a client that cannot keep up."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.data = b""
+        self.raw = b""
+        self.body = b""
+        self.head: bytes | None = None
+        self.ready: list[Frame] = []
+        self.ended = False
 
     @classmethod
-    async def open(cls, base_url: str, path: str) -> RawSseClient:
+    async def open(cls, base_url: str, path: str, last_event_id: str = "") -> RawSseClient:
         url = httpx.URL(base_url)
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
         await loop.sock_connect(sock, (url.host, url.port))
+        resume = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id else ""
         request = (
-            f"GET {path} HTTP/1.1\r\nHost: {url.host}\r\n"
-            "Accept: text/event-stream\r\nConnection: close\r\n\r\n"
+            f"GET {path} HTTP/1.1\r\nHost: {url.host}\r\nAccept: text/event-stream\r\n{resume}"
+            "Connection: close\r\n\r\n"
         )
         await loop.sock_sendall(sock, request.encode())
         self = cls(sock)
         async with asyncio.timeout(DEADLINE_S):
-            while b"\n\n" not in self.data.partition(b"event: subscribed")[2]:
-                self.data += await loop.sock_recv(sock, 65536)
+            self.first = await _subscribed(self)
         return self
 
-    async def read_to_end(self) -> list[Frame]:
+    async def frame(self) -> Frame | None:
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(DEADLINE_S):
-            while chunk := await loop.sock_recv(self.sock, 1 << 20):
-                self.data += chunk
-        self.sock.close()
-        head, _, body = self.data.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200"), head
-        lines = _unchunk(body).decode().split("\n")
+        while not self.ready:
+            if self.ended:
+                self.sock.close()
+                return None
+            chunk = await loop.sock_recv(self.sock, 1 << 20)
+            if chunk:
+                self.raw += chunk
+                self._decode()
+            else:
+                self.ended = True
+        return self.ready.pop(0)
 
-        async def source() -> AsyncIterator[str]:
-            for line in lines:
-                yield line
-
-        frames, it = [], source()
-        while (f := await parse_sse(it)) is not None:
-            frames.append(f)
-        return frames
-
-
-def _unchunk(body: bytes) -> bytes:
-    out, rest = b"", body
-    while rest:
-        size_line, _, rest = rest.partition(b"\r\n")
-        size = int(size_line, 16)
-        if size == 0:
-            break
-        out, rest = out + rest[:size], rest[size + 2 :]
-    return out
+    def _decode(self) -> None:
+        if self.head is None:
+            head, sep, rest = self.raw.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            assert head.startswith(b"HTTP/1.1 200"), head
+            self.head, self.raw = head, rest
+        while True:  # chunked transfer encoding
+            size_line, sep, rest = self.raw.partition(b"\r\n")
+            if not sep or len(rest) < int(size_line, 16) + 2:
+                break
+            size = int(size_line, 16)
+            self.body, self.raw = self.body + rest[:size], rest[size + 2 :]
+            if size == 0:
+                break
+        while b"\n\n" in self.body:
+            block, _, self.body = self.body.partition(b"\n\n")
+            fields = dict(line.partition(": ")[::2] for line in block.decode().split("\n"))
+            if "data" in fields:
+                self.ready.append(_frame(fields))
 
 
 async def test_resuming_from_the_beginning_replays_the_history_then_follows_live(
