@@ -148,10 +148,6 @@ class LiveFeed:
             },
         )
 
-    @property
-    def subscribers(self) -> int:
-        return len(self._subscribers)
-
     # ---- the consumer loop ----------------------------------------------------------------
 
     async def _run(self) -> None:

@@ -5,7 +5,9 @@ comma-separated; an event is delivered when it matches every filter given. The s
 is "now" (the default), "beginning", or a position token: the `id` of any message of
 a stream (SSE sends it back as `Last-Event-ID`, which wins over `?from=`), or the
 `position` a command returned. A partition the token does not name is read from its
-beginning: the token covers none of its records.
+beginning: the token covers none of its records. "Now" is the live feed's position,
+which may be a moment behind the log's end; the first message (`subscribed`) says
+exactly where the stream starts, and everything after it is delivered.
 
 A position is meaningful for the filters it was issued under: it says that every
 matching event before it has been delivered, and nothing about the others.
