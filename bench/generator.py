@@ -63,42 +63,50 @@ def _text(i: int, n: int) -> str:
     return " ".join(WORDS[(i * 7 + k * 13) % len(WORDS)] for k in range(n))
 
 
-def dataset_events(datasets: int, per_dataset: int) -> Iterator[EventRecord]:
-    """`datasets` x `per_dataset` events: a registration, then a cycle of changes."""
+def _dataset(d: int, per_dataset: int) -> Dataset:
+    dataset = Dataset.register(
+        uuid.uuid4(),
+        name=f"{_text(d, 3).title()} {d}",
+        description=f"{_text(d + 1, 12)}, from {d % 900 + 100} stations, quality controlled.",
+        owner=f"team-{d % 25}",
+        tags=[WORDS[d % len(WORDS)], WORDS[(d + 5) % len(WORDS)]],
+        metadata={"license": "CC-BY-4.0", "rows": d * 1000, "format": "parquet"},
+    )
+    for i in range(1, per_dataset):
+        match i % 4:
+            case 1:
+                dataset.set_metadata(f"k{i % 12}", {"rows": i * 1000, "checked": True, "by": f"job-{i}"})
+            case 2:
+                dataset.publish_version(f"1.{i}.0", f"release {i}: {_text(i, 6)}")
+            case 3:
+                dataset.record_quality_check("completeness", 0.9 + (i % 10) / 100, 0.95, ">=")
+            case _:
+                dataset.describe(None, f"{_text(d + i, 14)} (revision {i}).")
+    return dataset
+
+
+def dataset_events(datasets: int, per_dataset: int, live: int = 1) -> Iterator[EventRecord]:
+    """`datasets` x `per_dataset` events: a registration, then a cycle of changes. With
+    `live` > 1, that many datasets change at the same time: their events interleave in
+    the log (as they do in production), each dataset's in order."""
     codec = AvroCodec.from_directory()
-    command = CommandEnvelope(command_id="", command_type="bench", aggregate_id="", payload={}, actor="bench")
-    for d in range(datasets):
-        dataset = Dataset.register(
-            uuid.uuid4(),
-            name=f"{_text(d, 3).title()} {d}",
-            description=f"{_text(d + 1, 12)}, from {d % 900 + 100} stations, quality controlled.",
-            owner=f"team-{d % 25}",
-            tags=[WORDS[d % len(WORDS)], WORDS[(d + 5) % len(WORDS)]],
-            metadata={"license": "CC-BY-4.0", "rows": d * 1000, "format": "parquet"},
-        )
-        for i in range(1, per_dataset):
-            match i % 4:
-                case 1:
-                    dataset.set_metadata(f"k{i % 12}", {"rows": i * 1000, "checked": True, "by": f"job-{i}"})
-                case 2:
-                    dataset.publish_version(f"1.{i}.0", f"release {i}: {_text(i, 6)}")
-                case 3:
-                    dataset.record_quality_check("completeness", 0.9 + (i % 10) / 100, 0.95, ">=")
-                case _:
-                    dataset.describe(None, f"{_text(d + i, 14)} (revision {i}).")
-        for event in dataset.collect_events():
-            envelope = CommandEnvelope(
-                command_id=str(uuid.uuid4()),
-                command_type=command.command_type,
-                aggregate_id=str(dataset.id),
-                payload={},
-                actor=command.actor,
-            )
-            yield to_record(DATASETS, codec, event, envelope)
+    for first in range(0, datasets, live):
+        window = [_dataset(d, per_dataset) for d in range(first, min(first + live, datasets))]
+        events = [d.collect_events() for d in window]
+        for step in range(per_dataset):
+            for dataset, its in zip(window, events, strict=True):
+                envelope = CommandEnvelope(
+                    command_id=str(uuid.uuid4()),
+                    command_type="bench",
+                    aggregate_id=str(dataset.id),
+                    payload={},
+                    actor="bench",
+                )
+                yield to_record(DATASETS, codec, its[step], envelope)
 
 
 async def produce_dataset_events(
-    settings: Settings, events: int, per_dataset: int = 20, progress: bool = True
+    settings: Settings, events: int, per_dataset: int = 20, progress: bool = True, live: int = 1
 ) -> int:
     """Produce about `events` dataset events under the settings' prefix; returns how many."""
     topic = Topics(settings.topic_prefix).events("datasets")
@@ -107,7 +115,7 @@ async def produce_dataset_events(
     sent, started, last = 0, time.monotonic(), time.monotonic()
     try:
         pending = []
-        for record in dataset_events(max(1, events // per_dataset), per_dataset):
+        for record in dataset_events(max(1, events // per_dataset), per_dataset, live):
             pending.append(
                 await producer.send(topic, record.value, key=record.key, headers=list(record.headers))
             )

@@ -81,6 +81,7 @@ from bench.s4_queries import (
 )
 from projections.db import migrate, schema_name
 from projections.events import Record, decode
+from projections.postgres import EventsArchiveProjection
 from projections.registry import PROJECTIONS
 from shared_kernel import kafka
 from shared_kernel.avro import AvroCodec
@@ -95,20 +96,7 @@ POLL_S = 0.02
 PROGRESS_S = 5.0
 EVENTS_PER_DATASET = 20  # bench.generator's default
 LIMIT_TABLE = "s2_limit_events"
-COLUMNS = (
-    "event_id",
-    "topic",
-    "partition",
-    "offset",
-    "context",
-    "aggregate_type",
-    "aggregate_id",
-    "version",
-    "event_type",
-    "occurred_at",
-    "headers",
-    "payload",
-)
+COLUMNS = EventsArchiveProjection.columns
 
 # Who owns a worker's time (see bench.s4_queries.profile_summary): the innermost frame
 # matching (file marker, function-name prefix or "") gets the sample.

@@ -109,6 +109,31 @@ def run_projector(
     ProjectionApp(get_settings(), projection.at(version)).run()
 
 
+@run.command("replay")
+def run_replay(
+    name: Annotated[str, typer.Argument(help="the projection")],
+    version: Annotated[int, typer.Option(help="the version being built")],
+    lane: Annotated[int, typer.Option(help="which share of the partitions")] = 0,
+    lanes: Annotated[int, typer.Option(help="how many shares")] = 1,
+) -> None:
+    """Replay a version being built by the bulk path until it is close to the head (what
+    a rebuild starts before its Faust worker; see `cqrs projections rebuild`)."""
+    if not 0 <= lane < lanes:
+        console.print(f"[red]--lane must be in 0..{lanes - 1}[/]")
+        raise typer.Exit(2)
+    projection = _projection(name)
+    _logging()
+    from streams.replay import Replay
+
+    settings = get_settings()
+    replay = Replay(settings, projection.at(version), lane, lanes, settings.rebuild_bulk_until_behind)
+
+    async def main() -> None:
+        await replay.run()
+
+    _run_fast(main())
+
+
 def _projection(name: str) -> Projection:
     from projections.registry import PROJECTIONS
 

@@ -62,6 +62,22 @@ class Projection:
     async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
         raise NotImplementedError
 
+    async def load(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
+        """`apply` by the bulk path, for a replay far behind the head (a rebuild): big
+        batches, `COPY` where the rows are new. Used only by a replay that starts from
+        the version's own positions, so no event of `events` is applied yet; should one
+        be (a conflict), the replay applies the batch again with `apply`."""
+        await self.apply(conn, events)
+
+    def remember(self, rows: int) -> None:
+        """How many rows to keep in memory between batches (a replay keeps more)."""
+
+    async def begin_load(self, settings: Settings) -> None:
+        """A replay starts loading this version (e.g. pause an index's refreshes)."""
+
+    async def end_load(self, settings: Settings) -> None:
+        """The replay is done: what it loaded is visible to readers of this version."""
+
     async def create_storage(self, conn: asyncpg.Connection, settings: Settings) -> None:
         """Create this version's storage, empty, as the projection's code defines it now
         (a rebuild after a change of columns or mapping builds the new shape)."""
@@ -174,10 +190,48 @@ class FoldedRows(Projection):
     def rolled_back(self) -> None:
         self.known.discard()
 
+    def remember(self, rows: int) -> None:
+        self.known.size = rows
+
     async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
+        changed = await self._fold(conn, events)
+        if not changed:
+            return
+        cols = ", ".join(f'"{c}"' for c in self.columns)
+        placeholders = ", ".join(f"${i + 1}" for i in range(len(self.columns)))
+        await conn.executemany(
+            f"INSERT INTO {self.physical} ({cols}) VALUES ({placeholders}) {self._upsert()}",
+            [tuple(r[c] for c in self.columns) for r in changed.values()],
+        )
+
+    async def load(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
+        """The rows go to a temporary table by `COPY`, then into the version's table in
+        one statement (an upsert: a row may exist from before the replay's batch)."""
+        changed = await self._fold(conn, events)
+        if not changed:
+            return
+        stage = f"load_{self.physical}"
+        cols = ", ".join(f'"{c}"' for c in self.columns)
+        await conn.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {stage} "
+            f"(LIKE {self.physical} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+        await conn.copy_records_to_table(
+            stage, records=[tuple(r[c] for c in self.columns) for r in changed.values()], columns=self.columns
+        )
+        await conn.execute(
+            f"INSERT INTO {self.physical} ({cols}) SELECT {cols} FROM {stage} {self._upsert()}"
+        )
+
+    def _upsert(self) -> str:
+        updates = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in self.columns[1:])
+        return f"ON CONFLICT (id) DO UPDATE SET {updates} WHERE {self.physical}.version < EXCLUDED.version"
+
+    async def _fold(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> dict[UUID, Row]:
+        """The rows the events change, evolved (read once from the table when not known)."""
         relevant = [e for e in events if e.name in self.evolvers]
         if not relevant:
-            return
+            return {}
         key = _uuid_key
         rows, unknown = self.known.split(relevant, key)
         cols = ", ".join(f'"{c}"' for c in self.columns)
@@ -188,15 +242,7 @@ class FoldedRows(Projection):
                 rows[r["id"]] = dict(r)
         changed = fold(self.evolvers, rows, relevant, key)
         self.known.stage(changed)
-        if not changed:
-            return
-        placeholders = ", ".join(f"${i + 1}" for i in range(len(self.columns)))
-        updates = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in self.columns[1:])
-        await conn.executemany(
-            f"INSERT INTO {self.physical} ({cols}) VALUES ({placeholders}) "
-            f"ON CONFLICT (id) DO UPDATE SET {updates} WHERE {self.physical}.version < EXCLUDED.version",
-            [tuple(r[c] for c in self.columns) for r in changed.values()],
-        )
+        return changed
 
 
 # ---- datasets -------------------------------------------------------------------------
@@ -417,7 +463,31 @@ class IncidentsProjection(FoldedRows):
 # ---- append-only tables ---------------------------------------------------------------
 
 
-class QualityMetricsProjection(Projection):
+class AppendOnly(Projection):
+    """One row per event (of some types), never changed: the key of a row is its event's,
+    so an event delivered again is skipped by the key (`ON CONFLICT DO NOTHING`)."""
+
+    columns: ClassVar[tuple[str, ...]]
+
+    def rows(self, events: list[StoredEvent]) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
+        rows = self.rows(events)
+        if rows:
+            cols = ", ".join(f'"{c}"' for c in self.columns)
+            values = ", ".join(f"${i + 1}" for i in range(len(self.columns)))
+            await conn.executemany(
+                f"INSERT INTO {self.physical} ({cols}) VALUES ({values}) ON CONFLICT DO NOTHING", rows
+            )
+
+    async def load(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
+        rows = self.rows(events)
+        if rows:
+            await conn.copy_records_to_table(self.physical, records=rows, columns=self.columns)
+
+
+class QualityMetricsProjection(AppendOnly):
     """Every quality check, one row each (the history behind the summary)."""
 
     name = "quality_metrics"
@@ -438,8 +508,10 @@ class QualityMetricsProjection(Projection):
         CREATE INDEX IF NOT EXISTS {table}_metric ON {table} (dataset_id, metric, recorded_at);
     """
 
-    async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
-        rows = [
+    columns = ("dataset_id", "version", "metric", "value", "threshold", "comparator", "passed", "recorded_at")
+
+    def rows(self, events: list[StoredEvent]) -> list[tuple[Any, ...]]:
+        return [
             (
                 UUID(e.meta.aggregate_id),
                 e.version,
@@ -453,16 +525,9 @@ class QualityMetricsProjection(Projection):
             for e in events
             if e.name == "QualityCheckRecorded"
         ]
-        if rows:
-            await conn.executemany(
-                f"INSERT INTO {self.physical} (dataset_id, version, metric, value, "
-                "threshold, comparator, passed, recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
-                "ON CONFLICT DO NOTHING",
-                rows,
-            )
 
 
-class EventsArchiveProjection(Projection):
+class EventsArchiveProjection(AppendOnly):
     """Every event with its headers, payload as JSONB, partition and offset."""
 
     name = "events"
@@ -487,8 +552,23 @@ class EventsArchiveProjection(Projection):
         CREATE INDEX IF NOT EXISTS {table}_time ON {table} (aggregate_id, occurred_at);
     """
 
-    async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
-        rows = [
+    columns = (
+        "event_id",
+        "topic",
+        "partition",
+        "offset",
+        "context",
+        "aggregate_type",
+        "aggregate_id",
+        "version",
+        "event_type",
+        "occurred_at",
+        "headers",
+        "payload",
+    )
+
+    def rows(self, events: list[StoredEvent]) -> list[tuple[Any, ...]]:
+        return [
             (
                 e.meta.event_id,
                 e.topic,
@@ -505,13 +585,6 @@ class EventsArchiveProjection(Projection):
             )
             for e in events
         ]
-        if rows:
-            await conn.executemany(
-                f'INSERT INTO {self.physical} (event_id, topic, partition, "offset", context, '
-                "aggregate_type, aggregate_id, version, event_type, occurred_at, headers, payload) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT DO NOTHING",
-                rows,
-            )
 
 
 def _headers(e: StoredEvent) -> dict[str, str]:

@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Decoded:
+    events: list[StoredEvent] = field(default_factory=list)
+    dead: list[tuple[Record, str]] = field(default_factory=list)
+
+
+@dataclass
 class BatchOutcome:
     applied: int = 0
     dead: list[tuple[Record, str]] = field(default_factory=list)
@@ -47,18 +53,41 @@ class Projector:
         # A version being rebuilt replays events the live one has handled: it has no
         # side effects (no dead letters are produced again; they are still counted).
         self.silent = False
+        # A replay far behind the head loads its batches by the projection's bulk path.
+        self.bulk = False
 
-    async def handle(self, records: Sequence[Record]) -> BatchOutcome:
-        t0 = time.perf_counter()
-        outcome = BatchOutcome()
-        events: list[StoredEvent] = []
+    def decode(self, records: Sequence[Record]) -> Decoded:
+        """The events of `records`, and the records that are no events (with why)."""
+        decoded = Decoded()
         for r in records:
             try:
-                events.append(decode(self.codec, r))
+                decoded.events.append(decode(self.codec, r))
             except Exception as exc:
-                outcome.dead.append((r, f"cannot decode: {type(exc).__name__}: {exc}"))
+                decoded.dead.append((r, f"cannot decode: {type(exc).__name__}: {exc}"))
+        return decoded
+
+    async def handle(self, records: Sequence[Record], decoded: Decoded | None = None) -> BatchOutcome:
+        """Apply `records` (decoded already when `decoded` is given) in one transaction."""
+        t0 = time.perf_counter()
+        if decoded is None:
+            decoded = self.decode(records)
+        events = decoded.events
+        outcome = BatchOutcome(dead=list(decoded.dead))
         try:
-            await self._apply(events, records, outcome)
+            try:
+                await self._apply(events, records, outcome, bulk=self.bulk)
+            except (asyncpg.PostgresConnectionError, OSError):
+                raise
+            except Exception as exc:
+                if not self.bulk:
+                    raise
+                # e.g. a COPY that met a row already there: the batch again, row by row
+                log.warning(
+                    "bulk load failed; applying the batch the usual way",
+                    extra={"projection": self.projection.name, "error": repr(exc)},
+                )
+                outcome.applied = 0
+                await self._apply(events, records, outcome)
         except (asyncpg.PostgresConnectionError, OSError):
             raise  # the database is away: nothing applied, the batch comes again
         except Exception as exc:
@@ -89,7 +118,7 @@ class Projector:
         return outcome
 
     async def _apply(
-        self, events: list[StoredEvent], records: Sequence[Record], outcome: BatchOutcome
+        self, events: list[StoredEvent], records: Sequence[Record], outcome: BatchOutcome, bulk: bool = False
     ) -> None:
         # Dead letters are produced before the database commits: a crash in between
         # repeats a dead letter, it never loses one.
@@ -132,7 +161,10 @@ class Projector:
             try:
                 async with conn.transaction():
                     if events:
-                        await self.projection.apply(conn, events)
+                        if bulk:
+                            await self.projection.load(conn, events)
+                        else:
+                            await self.projection.apply(conn, events)
                         outcome.applied += len(events)
                     if records:
                         await self._record_positions(conn, records, outcome)

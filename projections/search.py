@@ -122,7 +122,31 @@ class SearchProjection(Projection):
             actions.append({"add": {"index": index_name(settings, self.index, self.version), "alias": alias}})
             await client.indices.update_aliases(body={"actions": actions})
 
+    def remember(self, rows: int) -> None:
+        self.known.size = rows
+
+    async def begin_load(self, settings: Settings) -> None:
+        """No periodic refreshes while a replay loads: each one makes a segment to merge."""
+        async with search_client(settings) as client:
+            await client.indices.put_settings(
+                index=index_name(settings, self.index, self.version),
+                body={"index": {"refresh_interval": "-1"}},
+            )
+
+    async def end_load(self, settings: Settings) -> None:
+        index = index_name(settings, self.index, self.version)
+        async with search_client(settings) as client:
+            await client.indices.put_settings(index=index, body={"index": {"refresh_interval": None}})
+            await client.indices.refresh(index=index)
+
     async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
+        await self._index_documents(events, refresh=True)
+
+    async def load(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
+        """As `apply`, without the refresh: nobody searches a version being built."""
+        await self._index_documents(events, refresh=False)
+
+    async def _index_documents(self, events: list[StoredEvent], refresh: bool) -> None:
         assert self.client is not None, "open() first"
         relevant = [e for e in events if e.name in self.evolvers]
         if not relevant:
@@ -140,7 +164,9 @@ class SearchProjection(Projection):
             action = {"index": {"_id": key, "version": doc["version"], "version_type": "external"}}
             lines += [orjson.dumps(action), orjson.dumps(doc)]
         body = b"\n".join(lines) + b"\n"
-        result = await self.client.bulk(body=body, index=self.physical, refresh="true")
+        result = await self.client.bulk(
+            body=body, index=self.physical, refresh="true" if refresh else "false"
+        )
         if result.get("errors"):
             refused = [
                 item["index"]["error"]

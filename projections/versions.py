@@ -29,6 +29,11 @@ class VersionError(Exception):
     """The requested change of versions is not possible now (the message says why)."""
 
 
+class NotCaughtUp(VersionError):
+    """The version to swap in has applied less than the live one on some partition:
+    readers would see the model step back."""
+
+
 class BuildRunning(VersionError):
     """Another builder reported progress recently; after `wait_s` without news from it,
     its version may be resumed."""
@@ -179,8 +184,15 @@ async def fail(conn: asyncpg.Connection | asyncpg.Pool, name: str, version: int,
     )
 
 
-async def swap(pool: asyncpg.Pool, settings: Settings, projection: Projection, to: int) -> int:
-    """Make version `to` live and the live one retired; returns the version retired."""
+async def swap(
+    pool: asyncpg.Pool, settings: Settings, projection: Projection, to: int, caught_up: bool = False
+) -> int:
+    """Make version `to` live and the live one retired; returns the version retired.
+
+    With `caught_up`, only if `to` has applied at least what the live version has, on
+    every partition (else `NotCaughtUp`): the live version's positions are locked until
+    the swap commits, so no reader sees the new version behind what the old one showed.
+    A rollback swaps without it (the retired version catches up once its worker runs)."""
     name = projection.name
     target = projection.at(to)
     async with pool.acquire() as conn, conn.transaction():
@@ -191,6 +203,8 @@ async def swap(pool: asyncpg.Pool, settings: Settings, projection: Projection, t
             raise VersionError(f"version {to} of {name} is live already")
         if await state_of(conn, name, to) is None:
             raise VersionError(f"{name} has no version {to}")
+        if caught_up:
+            await _check_caught_up(conn, name, live, to)
         await target.make_live(conn, settings)
         await conn.execute(
             "UPDATE projection_versions SET state = 'retired', retired_at = now(), updated_at = now() "
@@ -206,6 +220,25 @@ async def swap(pool: asyncpg.Pool, settings: Settings, projection: Projection, t
         )
     log.info("version swapped in", extra={"projection": name, "live": to, "retired": live})
     return live
+
+
+async def _check_caught_up(conn: asyncpg.Connection, name: str, live: int, to: int) -> None:
+    rows = await conn.fetch(
+        "SELECT l.topic, l.partition, l.next_offset AS live, coalesce(n.next_offset, 0) AS new "
+        "FROM projection_positions l LEFT JOIN projection_positions n ON n.projection = l.projection "
+        "AND n.version = $3 AND n.topic = l.topic AND n.partition = l.partition "
+        "WHERE l.projection = $1 AND l.version = $2 FOR UPDATE OF l",
+        name,
+        live,
+        to,
+    )
+    behind = [r for r in rows if r["new"] < r["live"]]
+    if behind:
+        r = behind[0]
+        raise NotCaughtUp(
+            f"version {to} of {name} is behind version {live} on {len(behind)} partition(s), "
+            f"e.g. {r['topic']}:{r['partition']} at {r['new']} < {r['live']}"
+        )
 
 
 async def previous(conn: asyncpg.Connection | asyncpg.Pool, name: str) -> int:

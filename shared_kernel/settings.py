@@ -49,6 +49,15 @@ class Settings(BaseSettings):
     rebuild_swap_max_behind: int = Field(
         default=100, ge=0, description="a rebuilt version is swapped in once at most this many events behind"
     )
+    rebuild_lanes: int = Field(
+        default=2, ge=1, description="replays a rebuild runs at once, each on a share of the partitions"
+    )
+    rebuild_batch_max: int = Field(default=10_000, ge=1, description="events per transaction of a replay")
+    rebuild_bulk_until_behind: int = Field(
+        default=1_000,
+        ge=0,
+        description="a rebuild replays in bulk until this many events behind; its Faust worker does the rest",
+    )
     rebuild_handover_s: float = Field(
         default=30, gt=0, description="how long a rebuild waits for a supervised worker of the new version"
     )

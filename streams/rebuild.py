@@ -2,11 +2,16 @@
 
 1. The next version is registered as `building`; its table (or index) is created
    beside the live one, which readers keep using.
-2. A worker for the new version (its own consumer group) replays every events topic
-   of the projection from offset 0. Progress (offsets done / total, rate, ETA) is
-   reported on every tick and stored with the version, so any API instance can show it.
-3. Once the new version is at most `rebuild_swap_max_behind` events behind, it is
-   swapped in: readers see the old version until that transaction, the new one after.
+2. Replays (`streams.replay`, `rebuild_lanes` processes, each on a share of the
+   partitions) load the new version from offset 0 by the bulk path (`COPY`, `_bulk`)
+   until it is close to the head; then a Faust worker of the new version (its own
+   consumer group, at the offsets the replays committed) follows the live events.
+   Progress (offsets done / total, rate, ETA) is reported on every tick and stored with
+   the version, so any API instance can show it.
+3. Once the new version is at most `rebuild_swap_max_behind` events behind the head and
+   has applied at least what the live version has on every partition, it is swapped
+   in: readers see the old version until that transaction, the new one after, never a
+   step back.
 4. The worker is handed over: once a supervised worker (`cqrs run projector NAME`)
    of the new version reports alive, the rebuild's own worker stops.
 
@@ -33,7 +38,7 @@ from projections.lag import LagProbe, lag_of
 from projections.postgres import Projection
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics
-from streams.supervisor import start_worker, stop_worker
+from streams.supervisor import start_replay, start_worker, stop_worker
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +49,7 @@ TICK_S = 1.0
 class Progress:
     projection: str
     version: int
-    phase: str  # replaying, swapping, handing over, done, failed
+    phase: str  # loading (bulk replay), replaying (Faust worker), swapping, handing over, done
     done: int
     total: int
     behind: int
@@ -114,16 +119,36 @@ class Rebuild:
         log_to = (
             Path(tempfile.gettempdir()) / f"cqrs-rebuild-{self.settings.topic_prefix}-{name}-v{version}.log"
         )
-        worker = await start_worker(name, version, log_to)
+        lanes = self.settings.rebuild_lanes
+        replays = [await start_replay(name, version, lane, lanes, log_to) for lane in range(lanes)]
+        worker: asyncio.subprocess.Process | None = None
         log.info(
             "rebuild started",
-            extra={"projection": name, "version": version, "total": total, "worker_log": str(log_to)},
+            extra={
+                "projection": name,
+                "version": version,
+                "total": total,
+                "lanes": lanes,
+                "log": str(log_to),
+            },
         )
         last_done, last_t = 0, started
         try:
             while True:
-                if worker.returncode is not None:
-                    raise RuntimeError(f"the rebuild's worker exited with code {worker.returncode}")
+                if replays:
+                    failed = [p.returncode for p in replays if p.returncode not in (None, 0)]
+                    if failed:
+                        raise RuntimeError(
+                            f"a replay of the rebuild exited with code {failed[0]}; see {log_to}"
+                        )
+                    if all(p.returncode == 0 for p in replays):
+                        # close to the head: the Faust worker takes over from the group's offsets
+                        replays = []
+                        worker = await start_worker(name, version, log_to)
+                elif worker is not None and worker.returncode is not None:
+                    raise RuntimeError(
+                        f"the rebuild's worker exited with code {worker.returncode}; see {log_to}"
+                    )
                 behind, done = await self._lag(pool, probe, name, version)
                 now = time.monotonic()
                 rate = (done - last_done) / max(now - last_t, 1e-6)
@@ -132,7 +157,7 @@ class Rebuild:
                 progress = Progress(
                     name,
                     version,
-                    "replaying",
+                    "loading" if replays else "replaying",
                     done,
                     total,
                     behind,
@@ -142,19 +167,29 @@ class Rebuild:
                 )
                 await versions.progress(pool, name, version, total, done, rate)
                 await self._tell(progress)
-                if behind <= self.settings.rebuild_swap_max_behind and await self._worker_running(
-                    pool, name, version
+                if (
+                    worker is not None
+                    and behind <= self.settings.rebuild_swap_max_behind
+                    and await self._worker_running(pool, name, version)
                 ):
-                    break
+                    if not swap:
+                        break
+                    progress.phase = "swapping"
+                    await self._tell(progress)
+                    try:
+                        retired = await versions.swap(
+                            pool, self.settings, self.projection, version, caught_up=True
+                        )
+                        break
+                    except versions.NotCaughtUp as exc:
+                        log.info("not swapped yet", extra={"projection": name, "why": str(exc)})
                 await asyncio.sleep(TICK_S)
             if not swap:
                 progress.phase = "done"
                 await self._tell(progress)
                 return progress
-            progress.phase = "swapping"
-            await self._tell(progress)
-            retired = await versions.swap(pool, self.settings, self.projection, version)
             log.info("rebuild swapped in", extra={"projection": name, "live": version, "retired": retired})
+            assert worker is not None
             progress.phase = "handing over"
             await self._tell(progress)
             await self._hand_over(pool, name, version, worker.pid)
@@ -163,7 +198,8 @@ class Rebuild:
             await self._tell(progress)
             return progress
         finally:
-            await stop_worker(worker)
+            for proc in [*replays, *([worker] if worker else [])]:
+                await stop_worker(proc)
 
     async def _lag(self, pool: asyncpg.Pool, probe: LagProbe, name: str, version: int) -> tuple[int, int]:
         rows = [

@@ -41,17 +41,39 @@ def _die_with_parent() -> None:
         pass  # not Linux: a worker outlives a killed supervisor until it is stopped
 
 
-async def start_worker(name: str, version: int, log_to: Path | None = None) -> asyncio.subprocess.Process:
-    """Start the worker of one version; its output goes to ours, or appended to `log_to`."""
+def replay_command(name: str, version: int, lane: int, lanes: int) -> list[str]:
+    return [
+        sys.executable,
+        *("-m", "cli", "run", "replay", name),
+        *("--version", str(version), "--lane", str(lane), "--lanes", str(lanes)),
+    ]
+
+
+async def _spawn(command: list[str], log_to: Path | None) -> asyncio.subprocess.Process:
+    """A child that dies with us; its output goes to ours, or appended to `log_to`."""
     out = log_to.open("ab") if log_to else None
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *worker_command(name, version), preexec_fn=_die_with_parent, stdout=out, stderr=out
+        return await asyncio.create_subprocess_exec(
+            *command, preexec_fn=_die_with_parent, stdout=out, stderr=out
         )
     finally:
         if out is not None:
             out.close()
+
+
+async def start_worker(name: str, version: int, log_to: Path | None = None) -> asyncio.subprocess.Process:
+    """Start the Faust worker of one version."""
+    proc = await _spawn(worker_command(name, version), log_to)
     log.info("worker started", extra={"projection": name, "version": version, "pid": proc.pid})
+    return proc
+
+
+async def start_replay(
+    name: str, version: int, lane: int, lanes: int, log_to: Path | None = None
+) -> asyncio.subprocess.Process:
+    """Start a bulk replay of one lane of a version being built (see streams.replay)."""
+    proc = await _spawn(replay_command(name, version, lane, lanes), log_to)
+    log.info("replay started", extra={"projection": name, "version": version, "lane": lane, "pid": proc.pid})
     return proc
 
 

@@ -35,6 +35,8 @@ WATCHED = ("incidents", "incidents_search")
 async def side(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WriteSide]:
     ws = WriteSide.create(settings, tmp_path_factory.mktemp("rebuild"))
     ws.env["APP_PROJECTION_BATCH_MAX"] = "40"  # many small batches: a kill lands inside one
+    ws.env["APP_REBUILD_BATCH_MAX"] = "40"  # the same for the bulk replays of a rebuild
+    ws.env["APP_REBUILD_BULK_UNTIL_BEHIND"] = "20"  # replays do nearly all, the Faust worker the rest
     await ws.start_serving()
     yield ws
     ws.stop()
