@@ -9,7 +9,15 @@ from typing import Any
 
 import uvloop
 
-from bench import s0_calibration, s1_commands, s2_projections, s3_search, s4_queries, s5_subscriptions
+from bench import (
+    s0_calibration,
+    s1_commands,
+    s2_projections,
+    s3_search,
+    s4_queries,
+    s5_subscriptions,
+    s6_rebuild,
+)
 from shared_kernel.settings import Settings
 
 SCENARIOS: dict[str, Callable[[Settings], Coroutine[Any, Any, dict[str, Any]]]] = {
@@ -19,6 +27,7 @@ SCENARIOS: dict[str, Callable[[Settings], Coroutine[Any, Any, dict[str, Any]]]] 
     "S3": s3_search.run,
     "S4": s4_queries.run,
     "S5": s5_subscriptions.run,
+    "S6": s6_rebuild.run,
 }
 
 

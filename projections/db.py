@@ -14,6 +14,7 @@ from shared_kernel.settings import Settings
 
 log = logging.getLogger(__name__)
 
+JSONB_V1 = b"\x01"  # jsonb's binary format: a version byte, then the JSON text
 MIGRATION_LOCK = 0x7265_6164  # advisory lock key: one migrator at a time
 
 
@@ -23,11 +24,18 @@ def schema_name(settings: Settings) -> str:
     return name if name[:1].isalpha() else f"p_{name}"
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
-    for kind in ("json", "jsonb"):
-        await conn.set_type_codec(
-            kind, encoder=lambda v: orjson.dumps(v).decode(), decoder=orjson.loads, schema="pg_catalog"
-        )
+async def init_connection(conn: asyncpg.Connection) -> None:
+    # binary codecs: `COPY` (the bulk path of rebuilds) takes nothing else
+    await conn.set_type_codec(
+        "json", encoder=orjson.dumps, decoder=orjson.loads, schema="pg_catalog", format="binary"
+    )
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda v: JSONB_V1 + orjson.dumps(v),
+        decoder=lambda b: orjson.loads(b[1:]),
+        schema="pg_catalog",
+        format="binary",
+    )
 
 
 async def create_pool(settings: Settings, role: str = "", **options: Any) -> asyncpg.Pool:
@@ -38,7 +46,7 @@ async def create_pool(settings: Settings, role: str = "", **options: Any) -> asy
     pool = await asyncpg.create_pool(
         settings.postgres_dsn,
         server_settings={"search_path": schema, "application_name": app_name[:63]},
-        init=_init_connection,
+        init=init_connection,
         **{"min_size": 1, "max_size": 10, **options},
     )
     assert pool is not None

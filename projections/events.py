@@ -32,6 +32,7 @@ class StoredEvent:
     type_name: str  # the Avro full name, e.g. datasets.DatasetRegistered
     payload: dict[str, Any]
     meta: EventMetadata
+    headers: Sequence[tuple[str, bytes]] = ()  # as the record carried them
 
     @property
     def name(self) -> str:
@@ -58,4 +59,5 @@ def decode(codec: AvroCodec, record: Record) -> StoredEvent:
         type_name=type_name,
         payload=payload,
         meta=meta,
+        headers=record.headers,
     )

@@ -588,4 +588,4 @@ class EventsArchiveProjection(AppendOnly):
 
 
 def _headers(e: StoredEvent) -> dict[str, str]:
-    return {k: v.decode() for k, v in e.meta.to_headers()}
+    return {k: v.decode() for k, v in e.headers or e.meta.to_headers()}

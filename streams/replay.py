@@ -63,9 +63,9 @@ class ReplayResult:
 
 
 def lane_of(partitions: list[TopicPartition], lane: int, lanes: int) -> list[TopicPartition]:
-    """The share of one lane: every `lanes`-th partition, counted across the topics."""
-    ordered = sorted(partitions, key=lambda tp: (tp.partition, tp.topic))
-    return [tp for i, tp in enumerate(ordered) if i % lanes == lane]
+    """The share of one lane: every `lanes`-th partition of each topic (a projection of
+    several contexts has as many busy partitions in each lane)."""
+    return sorted(tp for tp in partitions if tp.partition % lanes == lane)
 
 
 class Replay:

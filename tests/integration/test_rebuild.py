@@ -8,6 +8,7 @@ import hashlib
 import os
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -177,6 +178,14 @@ async def test_a_fresh_rebuild_equals_the_crashed_read_models_and_readers_never_
         await reader
         assert rebuild.returncode == 0, out.decode()
         assert f"{name} v2 is live".encode() in out
+        # loaded by the bulk path (replays, COPY / _bulk), never falling back to row by row
+        log = (
+            Path(tempfile.gettempdir()) / f"cqrs-rebuild-{side.settings.topic_prefix}-{name}-v2.log"
+        ).read_text()
+        caught_up = [orjson.loads(line) for line in log.splitlines() if '"replay caught up"' in line]
+        assert len(caught_up) == side.settings.rebuild_lanes
+        assert sum(c["applied"] for c in caught_up) > 0
+        assert "bulk load failed" not in log
 
     assert len(seen) > 10
     assert set(seen) == {(200, INCIDENTS)}  # the old version, then the new one: never a part
