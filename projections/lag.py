@@ -14,6 +14,7 @@ import asyncio
 import time
 from typing import Any
 
+import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from shared_kernel import kafka
@@ -131,3 +132,23 @@ async def lag_of(
         entry["events_behind"] = sum(p["events_behind"] for p in entry["positions"])
         entry["seconds_behind"] = seconds
     return out
+
+
+async def version_lag(
+    pool: asyncpg.Pool, probe: LagProbe, name: str, version: int, topics: list[str]
+) -> tuple[int, int]:
+    """(events behind, offsets done) of one version of a projection. Done is counted in
+    offsets, like the topics' ends: a caught-up partition is done up to its end (its
+    last offset is a transaction marker, never applied)."""
+    rows = [
+        dict(r)
+        for r in await pool.fetch(
+            "SELECT projection, topic, partition, next_offset, event_time FROM projection_positions "
+            "WHERE projection = $1 AND version = $2",
+            name,
+            version,
+        )
+    ]
+    lag = (await lag_of(probe, {name: topics}, rows, with_seconds=False))[name]
+    done = sum(p["end_offset"] - p["events_behind"] for p in lag["positions"])
+    return int(lag["events_behind"]), done

@@ -10,6 +10,7 @@ the next rebuild starts.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -98,8 +99,13 @@ async def state_of(conn: asyncpg.Connection | asyncpg.Pool, name: str, version: 
     return None if state is None else str(state)
 
 
+def lock_key(what: str) -> int:
+    """An advisory lock key for `what` (64 bits of its hash)."""
+    return int.from_bytes(hashlib.blake2b(what.encode(), digest_size=8).digest(), "big", signed=True)
+
+
 def _lock_key(name: str) -> int:
-    return int.from_bytes(f"rebuild:{name}".encode()[-8:].ljust(8, b"\0"), "big", signed=True)
+    return lock_key(f"rebuild:{name}")
 
 
 async def begin(pool: asyncpg.Pool, settings: Settings, projection: Projection) -> Projection:

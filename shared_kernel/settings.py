@@ -46,13 +46,24 @@ class Settings(BaseSettings):
         default_factory=list,
         description="modules that register projections of the deployment (comma-separated)",
     )
+    projection_catch_up_behind: int = Field(
+        default=50_000,
+        ge=0,
+        description="a projector starting this many events behind first catches up by the bulk path "
+        "(replays, as a rebuild does); 0: never",
+    )
     rebuild_swap_max_behind: int = Field(
         default=100, ge=0, description="a rebuilt version is swapped in once at most this many events behind"
     )
     rebuild_lanes: int = Field(
-        default=2, ge=1, description="replays a rebuild runs at once, each on a share of the partitions"
+        default=2,
+        ge=1,
+        description="replays run at once (rebuild, catch-up), each on a share of the partitions",
     )
     rebuild_batch_max: int = Field(default=10_000, ge=1, description="events per transaction of a replay")
+    rebuild_remember_rows: int = Field(
+        default=200_000, ge=0, description="rows a replay keeps in memory (others are read back when changed)"
+    )
     rebuild_bulk_until_behind: int = Field(
         default=1_000,
         ge=0,

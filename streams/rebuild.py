@@ -34,7 +34,7 @@ import asyncpg
 
 from projections import versions
 from projections.db import create_pool, migrate
-from projections.lag import LagProbe, lag_of
+from projections.lag import LagProbe, version_lag
 from projections.postgres import Projection
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics
@@ -149,7 +149,7 @@ class Rebuild:
                     raise RuntimeError(
                         f"the rebuild's worker exited with code {worker.returncode}; see {log_to}"
                     )
-                behind, done = await self._lag(pool, probe, name, version)
+                behind, done = await version_lag(pool, probe, name, version, self.topics)
                 now = time.monotonic()
                 rate = (done - last_done) / max(now - last_t, 1e-6)
                 last_done, last_t = done, now
@@ -200,22 +200,6 @@ class Rebuild:
         finally:
             for proc in [*replays, *([worker] if worker else [])]:
                 await stop_worker(proc)
-
-    async def _lag(self, pool: asyncpg.Pool, probe: LagProbe, name: str, version: int) -> tuple[int, int]:
-        rows = [
-            dict(r)
-            for r in await pool.fetch(
-                "SELECT projection, topic, partition, next_offset, event_time FROM projection_positions "
-                "WHERE projection = $1 AND version = $2",
-                name,
-                version,
-            )
-        ]
-        lag = (await lag_of(probe, {name: self.topics}, rows, with_seconds=False))[name]
-        # in offsets, like the total: a caught-up partition is done up to its end (its
-        # last offset is a transaction marker, never applied)
-        done = sum(p["end_offset"] - p["events_behind"] for p in lag["positions"])
-        return int(lag["events_behind"]), done
 
     async def _worker_running(self, pool: asyncpg.Pool, name: str, version: int) -> bool:
         return bool(await versions.workers(pool, name, version))

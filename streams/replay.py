@@ -1,4 +1,5 @@
-"""Bulk replay: how a version being rebuilt catches up while it is far behind the head.
+"""Bulk replay: how a version catches up while it is far behind the head (a version being
+rebuilt, or a live projector that starts with a backlog: see streams.supervisor).
 
 Faust's per-message machinery costs more CPU than the work itself when a projection
 reads history as fast as it can, so a rebuild does not start with its Faust worker. A
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 DECODE_CHUNK = 500  # records decoded between two yields to the event loop
 ENDS_EVERY_S = 1.0
 LOG_EVERY_S = 5.0
-REMEMBER_ROWS = 500_000  # rows a replay keeps in memory: most batches need none read back
 
 
 @dataclass
@@ -70,7 +70,9 @@ def lane_of(partitions: list[TopicPartition], lane: int, lanes: int) -> list[Top
 
 class Replay:
     """Replays one version's partitions (those of `lane` of `lanes`) until at most
-    `until_behind` events are left, in bulk; a Faust worker takes over from there."""
+    `until_behind` events are left, in bulk; a Faust worker takes over from there. No
+    Faust worker of the version may run meanwhile (the group's offsets are committed
+    from outside the group)."""
 
     def __init__(
         self, settings: Settings, projection: Projection, lane: int = 0, lanes: int = 1, until_behind: int = 0
@@ -95,22 +97,24 @@ class Replay:
         )
         await migrate(settings)
         await projection.open(settings)
-        projection.remember(REMEMBER_ROWS)
+        projection.remember(settings.rebuild_remember_rows)
         role = f"replay:{projection.name}:v{projection.version}:{self.lane}"
         pool = await create_pool(settings, role, min_size=1, max_size=1)
-        producer = kafka.producer(settings)  # dead letters: none while building (silent)
+        producer = kafka.producer(settings)
         projector = Projector(
             projection, pool, producer, AvroCodec.from_directory(), Topics(settings.topic_prefix)
         )
         projector.bulk = True
-        projector.silent = True
         started = time.monotonic()
         applied = records = 0
         await self.consumer.start()
         await producer.start()
         try:
-            if await versions.state_of(pool, projection.name, projection.version) != "building":
-                raise RuntimeError(f"{projection.name} v{projection.version} is not being built")
+            state = await versions.state_of(pool, projection.name, projection.version)
+            if state not in ("building", "live"):
+                raise RuntimeError(f"{projection.name} v{projection.version} is {state}: not replayed")
+            # a version being built sends no dead letters: the live one has sent them
+            projector.silent = state == "building"
             tps = await self._assign(pool)
             await projection.begin_load(settings)
             batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2)

@@ -1,5 +1,8 @@
 """`cqrs run projector NAME`: keeps a Faust worker running for the live version of NAME.
 
+Before it starts a worker, a version far behind the head is first caught up by bulk
+replays (see `catch_up`).
+
 The worker of one version is a child process (`cqrs run projector NAME --version N`).
 When a rebuild swaps another version in, the supervisor starts that version's worker
 first, then stops the retired one, so the live version never lacks a worker for
@@ -15,11 +18,18 @@ import ctypes.util
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
+from typing import Any
+
+import asyncpg
 
 from projections import versions
 from projections.db import create_pool, migrate
+from projections.lag import LagProbe, version_lag
+from projections.registry import PROJECTIONS
 from shared_kernel.settings import Settings
+from shared_kernel.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +125,10 @@ async def supervise(settings: Settings, name: str, stop: asyncio.Event) -> None:
                 break
             if worker is None or worker.returncode is not None or running != live:
                 previous = worker
+                if previous is None or previous.returncode is not None:
+                    await catch_up(settings, pool, name, live, stop)  # no worker of ours follows it now
+                if stop.is_set():
+                    break
                 worker, running = await start_worker(name, live), live
                 if previous is not None:
                     await stop_worker(previous)  # the retired version's worker
@@ -125,6 +139,69 @@ async def supervise(settings: Settings, name: str, stop: asyncio.Event) -> None:
         if worker is not None:
             await stop_worker(worker)
         await pool.close()
+
+
+async def catch_up(
+    settings: Settings, pool: asyncpg.Pool, name: str, version: int, stop: asyncio.Event
+) -> bool:
+    """A version far behind (`projection_catch_up_behind` events: a new deployment on a
+    long log, a long outage) is first brought close to the head by bulk replays, the
+    way a rebuild loads, since a Faust worker applies history at a fraction of that
+    speed. Returns whether it did. A failed catch-up is no failure: the Faust worker goes
+    on from the group's offsets. Another supervisor catching up the same version (an
+    advisory lock), or none configured, means nothing to do here."""
+    if not settings.projection_catch_up_behind:
+        return False
+    projection = PROJECTIONS[name]
+    topics = [Topics(settings.topic_prefix).events(c) for c in projection.contexts]
+    probe = LagProbe(settings)
+    try:
+        behind, _ = await version_lag(pool, probe, name, version, topics)
+    except Exception as exc:  # Kafka away: the worker will wait for it anyway
+        log.warning("lag unknown; no catch-up", extra={"projection": name, "error": repr(exc)})
+        return False
+    finally:
+        await probe.stop()
+    if behind < settings.projection_catch_up_behind:
+        return False
+    async with pool.acquire() as conn:
+        key = versions.lock_key(f"catch-up:{name}:{version}")
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
+            return False
+        try:
+            lanes = settings.rebuild_lanes
+            log.info(
+                "far behind; catching up by the bulk path",
+                extra={"projection": name, "version": version, "behind": behind, "lanes": lanes},
+            )
+            started = time.monotonic()
+            replays = [await start_replay(name, version, lane, lanes) for lane in range(lanes)]
+            waiting: asyncio.Future[Any] = asyncio.gather(*(p.wait() for p in replays))
+            stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait([waiting, stopping], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+                for proc in replays:
+                    await stop_worker(proc)
+            codes = [p.returncode for p in replays]
+            if any(codes):
+                log.warning(
+                    "catch-up failed; the Faust worker goes on from the group's offsets",
+                    extra={"projection": name, "version": version, "codes": codes},
+                )
+                return False
+            log.info(
+                "caught up by the bulk path",
+                extra={
+                    "projection": name,
+                    "version": version,
+                    "seconds": round(time.monotonic() - started, 2),
+                },
+            )
+            return True
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", key)
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:

@@ -24,7 +24,7 @@ from projections.db import create_pool
 from projections.search import index_name, search_client
 from shared_kernel.position import PositionToken
 from shared_kernel.settings import Settings
-from tests.integration.harness import CQRS, Proc, WriteSide
+from tests.integration.harness import CQRS, Proc, WriteSide, read_events
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -437,3 +437,40 @@ async def test_a_rebuild_after_a_code_change_serves_the_new_field(
     after = await client.get(f"/api/v1/incidents/{ident}")
     assert after.status_code == 200
     assert after.json()["title_length"] == len("twelve chars")
+
+
+async def test_a_projector_that_starts_far_behind_catches_up_in_bulk_then_follows_live_events(
+    side: WriteSide, client: httpx.AsyncClient
+) -> None:
+    # the events archive has had no worker in this module: all history is its backlog
+    env = {**side.env, "APP_PROJECTION_CATCH_UP_BEHIND": "100"}
+    supervisor = side._spawn("projector-events", "run", "projector", "events", env=env)
+    side.projectors.append(supervisor)
+    history = await read_events(side.settings, ["incidents"])
+    assert len(history) > 1000
+    pool = await create_pool(side.settings)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            archived = await pool.fetchval("SELECT count(*) FROM events")
+            if archived >= len(history) and "caught up by the bulk path" in supervisor.log.read_text():
+                break
+            assert supervisor.popen.poll() is None, supervisor.log.read_text()[-3000:]
+            await asyncio.sleep(0.1)
+        ids = {str(r["event_id"]) for r in await pool.fetch("SELECT event_id FROM events")}
+        assert ids == {str(e["meta"].event_id) for e in history}
+    finally:
+        await pool.close()
+    log = supervisor.log.read_text()
+    assert "far behind; catching up by the bulk path" in log
+    assert "caught up by the bulk path" in log
+    assert "bulk load failed" not in log
+
+    # then its Faust worker follows live events, from where the replays stopped
+    r = await client.post("/api/v1/incidents", json={"title": "after the catch-up"})
+    assert r.status_code == 201, r.text
+    events = await _until_consistent(
+        client, f"/api/v1/incidents/{r.json()['id']}/events", r.json()["position"]
+    )
+    assert events.status_code == 200, events.text
+    assert [e["event_type"] for e in events.json()["items"]] == ["incidents.IncidentOpened"]
