@@ -104,6 +104,8 @@ async def get_rebuild(name: str, rebuild_id: int, pool: PoolDep) -> dict[str, An
     }.get(found.state, found.state)
     remaining = (found.total or 0) - (found.done or 0)
     body["eta_s"] = round(remaining / found.rate, 1) if found.state == "building" and found.rate else None
+    if found.state != "building":
+        body["phase"] = None  # loading, replaying or swapping: while it runs
     body["workers"] = await versions.workers(pool, name, found.version)
     return body
 

@@ -20,7 +20,7 @@ from api import admin, errors, health, queries, search, subscriptions
 from api.datasets import commands as dataset_commands
 from api.incidents import commands as incident_commands
 from commands.bus import CommandBus
-from projections.db import create_pool, migrate
+from projections.db import create_pool, keep_session, migrate
 from projections.lag import LagProbe
 from projections.registry import PROJECTIONS
 from projections.search import SearchProjection, alias_name, ensure_index, index_name, search_client
@@ -49,7 +49,7 @@ async def _connect_read_models(app: FastAPI, settings: Settings) -> None:
     while True:
         try:
             await migrate(settings)  # the tables exist before any projector has run
-            app.state.pool = await create_pool(settings, min_size=2, max_size=10)
+            app.state.pool = await create_pool(settings, min_size=2, max_size=10, reset=keep_session)
             log.info("connected to the read models")
             return
         except (OSError, asyncpg.PostgresError) as exc:

@@ -38,6 +38,13 @@ async def init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """A pool `reset` for connections that leave no session state behind (no session
+    advisory locks, cursors, LISTEN or SET): asyncpg still rolls back an open transaction
+    on release, and this skips the second statement its default reset sends on every
+    release (unlock all, close all, unlisten, reset all), a round trip per query."""
+
+
 async def create_pool(settings: Settings, role: str = "", **options: Any) -> asyncpg.Pool:
     """A pool whose connections read and write the deployment's schema; `role` names
     the process in `pg_stat_activity` (after the service name)."""

@@ -38,6 +38,9 @@ class Projection:
 
     def __init__(self, version: int = 1) -> None:
         self.version = version
+        # Readers may see what this version writes (it is live): a bulk load must leave
+        # each batch readable when it records its positions (read-your-writes).
+        self.visible = True
 
     def at(self, version: int) -> Self:
         """This projection at another version (a fresh instance, not opened)."""

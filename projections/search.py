@@ -143,8 +143,8 @@ class SearchProjection(Projection):
         await self._index_documents(events, refresh=True)
 
     async def load(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
-        """As `apply`, without the refresh: nobody searches a version being built."""
-        await self._index_documents(events, refresh=False)
+        """As `apply`, without the refresh unless readers search this version."""
+        await self._index_documents(events, refresh=self.visible)
 
     async def _index_documents(self, events: list[StoredEvent], refresh: bool) -> None:
         assert self.client is not None, "open() first"

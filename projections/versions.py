@@ -57,6 +57,7 @@ class Version:
     rate: float | None
     detail: str | None
     updated_at: datetime
+    phase: str | None = None
 
     @classmethod
     def of(cls, row: asyncpg.Record) -> Version:
@@ -166,16 +167,23 @@ async def _forget(conn: asyncpg.Connection, name: str, version: int) -> None:
 
 
 async def progress(
-    conn: asyncpg.Connection | asyncpg.Pool, name: str, version: int, total: int, done: int, rate: float
+    conn: asyncpg.Connection | asyncpg.Pool,
+    name: str,
+    version: int,
+    total: int,
+    done: int,
+    rate: float,
+    phase: str | None = None,
 ) -> None:
     await conn.execute(
-        "UPDATE projection_versions SET total = $3, done = $4, rate = $5, updated_at = now() "
+        "UPDATE projection_versions SET total = $3, done = $4, rate = $5, phase = $6, updated_at = now() "
         "WHERE projection = $1 AND version = $2",
         name,
         version,
         total,
         done,
         rate,
+        phase,
     )
 
 

@@ -165,7 +165,7 @@ class Rebuild:
                     behind / rate if rate > 0 else None,
                     now - started,
                 )
-                await versions.progress(pool, name, version, total, done, rate)
+                await versions.progress(pool, name, version, total, done, rate, progress.phase)
                 await self._tell(progress)
                 if (
                     worker is not None

@@ -113,10 +113,13 @@ class Replay:
             state = await versions.state_of(pool, projection.name, projection.version)
             if state not in ("building", "live"):
                 raise RuntimeError(f"{projection.name} v{projection.version} is {state}: not replayed")
-            # a version being built sends no dead letters: the live one has sent them
+            # a version being built sends no dead letters (the live one has sent them)
+            # and has no readers to keep up to date batch by batch
             projector.silent = state == "building"
+            projection.visible = state == "live"
             tps = await self._assign(pool)
-            await projection.begin_load(settings)
+            if not projection.visible:
+                await projection.begin_load(settings)
             batches: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2)
             reader = asyncio.create_task(self._read(projector, tps, batches))
             last_log = started
@@ -141,7 +144,8 @@ class Replay:
                 behind = await reader
             finally:
                 reader.cancel()
-            await projection.end_load(settings)
+            if not projection.visible:
+                await projection.end_load(settings)
         finally:
             await self.consumer.stop()
             await producer.stop()

@@ -242,11 +242,15 @@ async def test_admin_shows_versions_and_lag_and_rolls_back(
 
 
 async def _rebuild_done(client: httpx.AsyncClient, href: str) -> dict[str, Any]:
+    """The rebuild's last state; what it reported on the way is under "phases"."""
     deadline = time.monotonic() + 180
+    phases: list[str | None] = []
     while time.monotonic() < deadline:
         body = (await client.get(href)).json()
         if body["state"] != "building":
-            return dict(body)
+            return {**body, "phases": phases}
+        if not phases or phases[-1] != body["phase"]:
+            phases.append(body["phase"])
         await asyncio.sleep(0.2)
     raise AssertionError(f"the rebuild did not finish: {body}")
 
@@ -299,6 +303,9 @@ async def test_a_rebuild_under_live_commands_and_reads_loses_nothing(
     await asyncio.gather(*tasks)
 
     assert done["state"] == "live", done
+    assert done["phase"] is None
+    assert set(done["phases"]) <= {None, "loading", "replaying", "swapping"}, done["phases"]
+    assert "replaying" in done["phases"] or "swapping" in done["phases"], done["phases"]
     assert done["total"] > 0
     assert done["total"] - done["done"] <= side.settings.rebuild_swap_max_behind  # swapped once caught up
     assert reads
