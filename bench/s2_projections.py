@@ -36,6 +36,12 @@ a breakdown of where the worker's time goes into the result (and its `notes`). B
 sides also report the CPU they spent per event (the Python process(es) and their
 PostgreSQL backends, from /proc), which CPU steal on a shared machine does not skew.
 
+Findings of the run on 2026-12-01 (100,000 events): the supervisor, catching up by bulk
+replays, applied 28,524 events/s into the archive and 42,904 into datasets, the limit
+16,156: ratios 1.77 and 2.66 (goal 0.8 met). The Faust worker alone: 4,436 and 5,257
+events/s, ratios 0.28 and 0.33 (binary JSON codecs and the record's own headers took it
+from about 2,000-2,500).
+
 Findings before the catch-up existed (the supervisor's figure was then the Faust
 worker's), two runs on 2026-11-22 (100,000 events; 2 vCPUs shared with another
 user, 0-23% CPU steal): events archive 2,486 and 1,893 events/s, datasets 2,263 and

@@ -17,6 +17,11 @@ What ours does more, per batch: an `mget` of the documents it changes, the fold 
 events into them, a `_bulk` that refreshes the index before it returns (so that a
 consistency token is honoured for search) and a PostgreSQL transaction that records
 its positions.
+
+Findings of the run on 2026-12-01 (100,000 events): the supervisor, catching up by bulk
+replays, indexed 33,803 events/s, the limit 10,472: ratio 3.23 (goal 0.7 met); the
+Faust worker alone 4,114 events/s, ratio 0.39 (an earlier session measured 0.59 with
+50,000 events: the live path's figure moves with the machine's load).
 """
 
 from __future__ import annotations
