@@ -439,18 +439,27 @@ def _notes(
     return notes
 
 
-async def run(base: Settings) -> dict[str, Any]:
+def isolated(base: Settings, scenario: str, log_level: str = "warning") -> tuple[Settings, dict[str, str]]:
+    """Settings under a prefix of their own (topics, schema, indexes, groups), and the
+    environment that gives the same to the processes a scenario starts."""
     prefix = f"bench{uuid.uuid4().hex[:6]}"
     settings = base.model_copy(update={"topic_prefix": prefix, "partitions": PARTITIONS})
     env = {
         **os.environ,
         "APP_TOPIC_PREFIX": prefix,
         "APP_PARTITIONS": str(PARTITIONS),
-        "APP_LOG_LEVEL": "warning",
-        "APP_SERVICE_NAME": f"bench-s2-{prefix}",  # names its PostgreSQL backends (CPU per event)
+        "APP_LOG_LEVEL": log_level,
+        "APP_SERVICE_NAME": f"bench-{scenario}-{prefix}",  # names its PostgreSQL backends (CPU)
         "APP_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
         "APP_POSTGRES_DSN": settings.postgres_dsn,
+        "APP_OPENSEARCH_URL": settings.opensearch_url,
     }
+    return settings, env
+
+
+async def run(base: Settings) -> dict[str, Any]:
+    settings, env = isolated(base, "s2")
+    prefix = settings.topic_prefix
     workdir = Path(tempfile.mkdtemp(prefix="bench-s2-"))
     names = ("events", "datasets")
     versions = (1, 2)

@@ -75,7 +75,7 @@ from aiokafka import TopicPartition
 from bench.generator import produce_dataset_events
 from bench.results import show, write
 from bench.s1_commands import _peer_environment
-from bench.s2_projections import Progress, _ends
+from bench.s2_projections import Progress, _ends, isolated
 from bench.s2_projections import _cleanup as s2_cleanup
 from bench.s4_queries import backends, cpu_seconds, host_cpu, steal_pct
 from commands.datasets import CONTEXT as DATASETS
@@ -88,6 +88,7 @@ from shared_kernel import kafka
 from shared_kernel.avro import AvroCodec
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics, contract_topics, ensure_topics
+from streams.rebuild import log_path as rebuild_log
 
 EVENTS = int(os.environ.get("BENCH_S6_EVENTS", "1000000"))
 PEER_S = float(os.environ.get("BENCH_S6_PEER_S", "300"))
@@ -321,9 +322,7 @@ async def _ours(
             rows, lo_hi = int(check["n"]), [check["lo"], check["hi"]]
     finally:
         await conn.close()
-    log_path = (
-        Path(tempfile.gettempdir()) / f"cqrs-rebuild-{settings.topic_prefix}-{name}-v{version['version']}.log"
-    )
+    log = rebuild_log(settings, name, version["version"])
     return {
         "seconds": round(seconds, 2),
         "seconds_is": "from spawning `cqrs projections rebuild` to the swap (readers see the new version)",
@@ -331,7 +330,7 @@ async def _ours(
         "wall_s_with_hand_over": round(wall, 2),
         "version": version["version"],
         "build_s_registered_to_live": round(float(version["build_s"]), 2),
-        **_phases(log_path),
+        **_phases(log),
         "applied": stats["applied"] if stats else None,
         "dead_lettered": stats["dead_lettered"] if stats else None,
         "rows_or_documents": rows,
@@ -557,23 +556,12 @@ async def _cleanup(settings: Settings) -> None:
         await client.indices.delete(index=f"{alias_name(settings, 'datasets')}-*", ignore_unavailable=True)
     for name in NAMES:
         for version in (1, 2):
-            log = Path(tempfile.gettempdir()) / f"cqrs-rebuild-{settings.topic_prefix}-{name}-v{version}.log"
-            log.unlink(missing_ok=True)
+            rebuild_log(settings, name, version).unlink(missing_ok=True)
 
 
 async def run(base: Settings) -> dict[str, Any]:
-    prefix = f"bench{uuid.uuid4().hex[:6]}"
-    settings = base.model_copy(update={"topic_prefix": prefix, "partitions": PARTITIONS})
-    env = {
-        **os.environ,
-        "APP_TOPIC_PREFIX": prefix,
-        "APP_PARTITIONS": str(PARTITIONS),
-        "APP_LOG_LEVEL": "info",
-        "APP_SERVICE_NAME": f"bench-s6-{prefix}",
-        "APP_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "APP_POSTGRES_DSN": settings.postgres_dsn,
-        "APP_OPENSEARCH_URL": settings.opensearch_url,
-    }
+    settings, env = isolated(base, "s6", log_level="info")  # the rebuild logs tell its phases
+    prefix = settings.topic_prefix
     workdir = Path(tempfile.mkdtemp(prefix="bench-s6-"))
     ours: dict[str, dict[str, Any]] = {}
     try:

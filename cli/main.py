@@ -125,13 +125,7 @@ def run_replay(
     _logging()
     from streams.replay import Replay
 
-    settings = get_settings()
-    replay = Replay(settings, projection.at(version), lane, lanes, settings.rebuild_bulk_until_behind)
-
-    async def main() -> None:
-        await replay.run()
-
-    _run_fast(main())
+    _run_fast(Replay(get_settings(), projection.at(version), lane, lanes).run())
 
 
 def _projection(name: str) -> Projection:

@@ -101,6 +101,14 @@ K = TypeVar("K")
 KNOWN_ROWS = 20_000  # rows a worker remembers per projection (see KnownRows)
 
 
+def _names(columns: tuple[str, ...]) -> str:
+    return ", ".join(f'"{c}"' for c in columns)
+
+
+def _params(columns: tuple[str, ...]) -> str:
+    return ", ".join(f"${i + 1}" for i in range(len(columns)))
+
+
 def _uuid_key(e: StoredEvent) -> UUID:
     return UUID(e.meta.aggregate_id)
 
@@ -200,10 +208,9 @@ class FoldedRows(Projection):
         changed = await self._fold(conn, events)
         if not changed:
             return
-        cols = ", ".join(f'"{c}"' for c in self.columns)
-        placeholders = ", ".join(f"${i + 1}" for i in range(len(self.columns)))
         await conn.executemany(
-            f"INSERT INTO {self.physical} ({cols}) VALUES ({placeholders}) {self._upsert()}",
+            f"INSERT INTO {self.physical} ({_names(self.columns)}) VALUES ({_params(self.columns)}) "
+            f"{self._upsert()}",
             [tuple(r[c] for c in self.columns) for r in changed.values()],
         )
 
@@ -214,7 +221,7 @@ class FoldedRows(Projection):
         if not changed:
             return
         stage = f"load_{self.physical}"
-        cols = ", ".join(f'"{c}"' for c in self.columns)
+        cols = _names(self.columns)
         await conn.execute(
             f"CREATE TEMP TABLE IF NOT EXISTS {stage} "
             f"(LIKE {self.physical} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
@@ -237,10 +244,9 @@ class FoldedRows(Projection):
             return {}
         key = _uuid_key
         rows, unknown = self.known.split(relevant, key)
-        cols = ", ".join(f'"{c}"' for c in self.columns)
         if unknown:
             for r in await conn.fetch(
-                f"SELECT {cols} FROM {self.physical} WHERE id = ANY($1::uuid[])", unknown
+                f"SELECT {_names(self.columns)} FROM {self.physical} WHERE id = ANY($1::uuid[])", unknown
             ):
                 rows[r["id"]] = dict(r)
         changed = fold(self.evolvers, rows, relevant, key)
@@ -478,10 +484,10 @@ class AppendOnly(Projection):
     async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
         rows = self.rows(events)
         if rows:
-            cols = ", ".join(f'"{c}"' for c in self.columns)
-            values = ", ".join(f"${i + 1}" for i in range(len(self.columns)))
             await conn.executemany(
-                f"INSERT INTO {self.physical} ({cols}) VALUES ({values}) ON CONFLICT DO NOTHING", rows
+                f"INSERT INTO {self.physical} ({_names(self.columns)}) VALUES ({_params(self.columns)}) "
+                "ON CONFLICT DO NOTHING",
+                rows,
             )
 
     async def load(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:

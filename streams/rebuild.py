@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 TICK_S = 1.0
 
 
+def log_path(settings: Settings, name: str, version: int) -> Path:
+    """Where the replays and the worker of a rebuild write their logs."""
+    return Path(tempfile.gettempdir()) / f"cqrs-rebuild-{settings.topic_prefix}-{name}-v{version}.log"
+
+
 @dataclass
 class Progress:
     projection: str
@@ -116,9 +121,7 @@ class Rebuild:
         name, version = new.name, new.version
         started = time.monotonic()
         total = sum(end for end in (await probe.ends(self.topics)).values())
-        log_to = (
-            Path(tempfile.gettempdir()) / f"cqrs-rebuild-{self.settings.topic_prefix}-{name}-v{version}.log"
-        )
+        log_to = log_path(self.settings, name, version)
         lanes = self.settings.rebuild_lanes
         replays = [await start_replay(name, version, lane, lanes, log_to) for lane in range(lanes)]
         worker: asyncio.subprocess.Process | None = None

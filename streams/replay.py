@@ -54,14 +54,6 @@ class Batch:
     ends: dict[TopicPartition, int]  # next offset per partition after this batch
 
 
-@dataclass
-class ReplayResult:
-    applied: int
-    records: int
-    seconds: float
-    behind: int
-
-
 def lane_of(partitions: list[TopicPartition], lane: int, lanes: int) -> list[TopicPartition]:
     """The share of one lane: every `lanes`-th partition of each topic (a projection of
     several contexts has as many busy partitions in each lane)."""
@@ -70,21 +62,18 @@ def lane_of(partitions: list[TopicPartition], lane: int, lanes: int) -> list[Top
 
 class Replay:
     """Replays one version's partitions (those of `lane` of `lanes`) until at most
-    `until_behind` events are left, in bulk; a Faust worker takes over from there. No
+    `rebuild_bulk_until_behind` events are left, in bulk; a Faust worker takes over from there. No
     Faust worker of the version may run meanwhile (the group's offsets are committed
     from outside the group)."""
 
-    def __init__(
-        self, settings: Settings, projection: Projection, lane: int = 0, lanes: int = 1, until_behind: int = 0
-    ) -> None:
+    def __init__(self, settings: Settings, projection: Projection, lane: int = 0, lanes: int = 1) -> None:
         self.settings = settings
         self.projection = projection
         self.lane, self.lanes = lane, lanes
-        self.until_behind = until_behind
         self.topics = [Topics(settings.topic_prefix).events(c) for c in projection.contexts]
         self.consumer: AIOKafkaConsumer
 
-    async def run(self) -> ReplayResult:
+    async def run(self) -> None:
         settings, projection = self.settings, self.projection
         self.consumer = kafka.consumer(
             settings,
@@ -164,7 +153,6 @@ class Replay:
                 "behind": behind,
             },
         )
-        return ReplayResult(applied, records, seconds, behind)
 
     async def _assign(self, pool: asyncpg.Pool) -> list[TopicPartition]:
         """Assign this lane's partitions, each at the version's position (or offset 0)."""
@@ -201,7 +189,7 @@ class Replay:
         behind = await self._behind(tps)
         checked = time.monotonic()
         try:
-            while behind > self.until_behind:
+            while behind > self.settings.rebuild_bulk_until_behind:
                 fetched = await consumer.getmany(*tps, timeout_ms=500)
                 records = [
                     Record(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers), r.timestamp)

@@ -143,15 +143,15 @@ async def supervise(settings: Settings, name: str, stop: asyncio.Event) -> None:
 
 async def catch_up(
     settings: Settings, pool: asyncpg.Pool, name: str, version: int, stop: asyncio.Event
-) -> bool:
+) -> None:
     """A version far behind (`projection_catch_up_behind` events: a new deployment on a
     long log, a long outage) is first brought close to the head by bulk replays, the
     way a rebuild loads, since a Faust worker applies history at a fraction of that
-    speed. Returns whether it did. A failed catch-up is no failure: the Faust worker goes
+    speed. A failed catch-up is no failure: the Faust worker goes
     on from the group's offsets. Another supervisor catching up the same version (an
     advisory lock), or none configured, means nothing to do here."""
     if not settings.projection_catch_up_behind:
-        return False
+        return
     projection = PROJECTIONS[name]
     topics = [Topics(settings.topic_prefix).events(c) for c in projection.contexts]
     probe = LagProbe(settings)
@@ -159,15 +159,15 @@ async def catch_up(
         behind, _ = await version_lag(pool, probe, name, version, topics)
     except Exception as exc:  # Kafka away: the worker will wait for it anyway
         log.warning("lag unknown; no catch-up", extra={"projection": name, "error": repr(exc)})
-        return False
+        return
     finally:
         await probe.stop()
     if behind < settings.projection_catch_up_behind:
-        return False
+        return
     async with pool.acquire() as conn:
         key = versions.lock_key(f"catch-up:{name}:{version}")
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
-            return False
+            return
         try:
             lanes = settings.rebuild_lanes
             log.info(
@@ -185,12 +185,14 @@ async def catch_up(
                 for proc in replays:
                     await stop_worker(proc)
             codes = [p.returncode for p in replays]
+            if stop.is_set():
+                return  # stopped midway: the next start resumes from the positions
             if any(codes):
                 log.warning(
                     "catch-up failed; the Faust worker goes on from the group's offsets",
                     extra={"projection": name, "version": version, "codes": codes},
                 )
-                return False
+                return
             log.info(
                 "caught up by the bulk path",
                 extra={
@@ -199,7 +201,6 @@ async def catch_up(
                     "seconds": round(time.monotonic() - started, 2),
                 },
             )
-            return True
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", key)
 

@@ -129,8 +129,8 @@ class WriteSide:
         async with httpx.AsyncClient(base_url=self.api_url, timeout=30) as client:
             await self.wait_until_commands_flow(client)
 
-    def start_projector(self, name: str) -> Proc:
-        proc = self._spawn(f"projector-{name}", "run", "projector", name)
+    def start_projector(self, name: str, env: dict[str, str] | None = None) -> Proc:
+        proc = self._spawn(f"projector-{name}", "run", "projector", name, env=env)
         self.projectors.append(proc)
         return proc
 

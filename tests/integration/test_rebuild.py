@@ -8,7 +8,6 @@ import hashlib
 import os
 import signal
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,6 +23,7 @@ from projections.db import create_pool
 from projections.search import index_name, search_client
 from shared_kernel.position import PositionToken
 from shared_kernel.settings import Settings
+from streams.rebuild import log_path as rebuild_log
 from tests.integration.harness import CQRS, Proc, WriteSide, read_events
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -179,9 +179,7 @@ async def test_a_fresh_rebuild_equals_the_crashed_read_models_and_readers_never_
         assert rebuild.returncode == 0, out.decode()
         assert f"{name} v2 is live".encode() in out
         # loaded by the bulk path (replays, COPY / _bulk), never falling back to row by row
-        log = (
-            Path(tempfile.gettempdir()) / f"cqrs-rebuild-{side.settings.topic_prefix}-{name}-v2.log"
-        ).read_text()
+        log = rebuild_log(side.settings, name, 2).read_text()
         caught_up = [orjson.loads(line) for line in log.splitlines() if '"replay caught up"' in line]
         assert len(caught_up) == side.settings.rebuild_lanes
         assert sum(c["applied"] for c in caught_up) > 0
@@ -451,8 +449,7 @@ async def test_a_projector_that_starts_far_behind_catches_up_in_bulk_then_follow
 ) -> None:
     # the events archive has had no worker in this module: all history is its backlog
     env = {**side.env, "APP_PROJECTION_CATCH_UP_BEHIND": "100"}
-    supervisor = side._spawn("projector-events", "run", "projector", "events", env=env)
-    side.projectors.append(supervisor)
+    supervisor = side.start_projector("events", env=env)
     history = await read_events(side.settings, ["incidents"])
     assert len(history) > 1000
     pool = await create_pool(side.settings)
