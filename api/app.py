@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from api import admin, errors, health, queries, search, subscriptions
 from api.datasets import commands as dataset_commands
 from api.incidents import commands as incident_commands
+from api.readcache import CachedReads, ChangeFollower, RenderedReads
 from commands.bus import CommandBus
 from projections.db import create_pool, keep_session, migrate
 from projections.lag import LagProbe
@@ -100,14 +101,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.rebuilds = set()
         app.state.feed = subscriptions.LiveFeed(settings)
         app.state.feed.start()
-        pooling = asyncio.create_task(_connect_read_models(app, settings))
-        indexing = asyncio.create_task(_connect_search(app, settings))
+        background = []
+        app.state.reads = app.state.changes = None
+        if settings.query_cache_entries:
+            app.state.reads = RenderedReads(settings.query_cache_entries)
+            app.state.changes = ChangeFollower(settings, app.state.reads)
+            background.append(asyncio.create_task(app.state.changes.run()))
+        background.append(asyncio.create_task(_connect_read_models(app, settings)))
+        background.append(asyncio.create_task(_connect_search(app, settings)))
         await bus.start()
-        connecting = asyncio.create_task(_connect_producer(bus))
+        background.append(asyncio.create_task(_connect_producer(bus)))
         try:
             yield
         finally:
-            for task in (connecting, pooling, indexing, *app.state.rebuilds):
+            for task in (*background, *app.state.rebuilds):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -128,6 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    app.add_middleware(CachedReads)
     app.include_router(health.router)
     app.include_router(dataset_commands.router)
     app.include_router(incident_commands.router)

@@ -6,7 +6,7 @@ from typing import Any
 
 import asyncpg
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from opensearchpy.exceptions import ConnectionError as SearchConnectionError
 from opensearchpy.exceptions import TransportError as SearchTransportError
 
@@ -31,6 +31,14 @@ class RequestProblem(Exception):
     def __init__(self, status: int, code: str, detail: str, **extra: Any) -> None:
         super().__init__(detail)
         self.status, self.code, self.detail, self.extra = status, code, detail, extra
+
+
+class NotModified(Exception):
+    """The caller has this version already (`If-None-Match`): 304 with its ETag."""
+
+    def __init__(self, etag: str) -> None:
+        super().__init__(etag)
+        self.etag = etag
 
 
 class ReadModelsUnavailable(Exception):
@@ -65,6 +73,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestProblem)
     async def _problem(_: Request, exc: RequestProblem) -> JSONResponse:
         return JSONResponse(_body(exc), status_code=exc.status)
+
+    @app.exception_handler(NotModified)
+    async def _not_modified(_: Request, exc: NotModified) -> Response:
+        return Response(status_code=304, headers={"ETag": exc.etag})
 
     @app.exception_handler(BusUnavailable)
     async def _unavailable(_: Request, exc: BusUnavailable) -> JSONResponse:

@@ -15,7 +15,7 @@ from uuid import UUID
 import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from api.errors import RequestProblem
+from api.errors import NotModified, RequestProblem
 from api.readmodels import PoolDep, TokenDep, consistent, wait_for
 from api.schemas import ErrorBody
 from projections.temporal import state_at
@@ -77,12 +77,24 @@ async def _page(
     return {"items": rows, "next_cursor": _cursor(rows[-1], time_column) if more and rows else None}
 
 
-async def _one(pool: Any, view: str, ident: UUID, what: str, response: Response) -> dict[str, Any]:
+async def _one(
+    pool: Any, view: str, ident: UUID, what: str, response: Response, if_none_match: str | None = None
+) -> dict[str, Any]:
     row = await pool.fetchrow(f"SELECT * FROM {view} WHERE id = $1", ident)
     if row is None:
         raise RequestProblem(404, "not_found", f"no {what} {ident}")
-    response.headers["ETag"] = f'"{row["version"]}"'
+    _etag(response, row["version"], if_none_match)
     return dict(row)
+
+
+def _etag(response: Response, version: int, if_none_match: str | None) -> None:
+    """`ETag` = the version; 304 when the caller's `If-None-Match` names it already."""
+    etag = f'"{version}"'
+    if if_none_match is not None:
+        tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+        if etag in tags or "*" in tags:
+            raise NotModified(etag)
+    response.headers["ETag"] = etag
 
 
 async def _history(pool: Any, ident: UUID, what: str) -> dict[str, Any]:
@@ -117,10 +129,11 @@ async def _current_or_past(
     at: datetime | None,
 ) -> dict[str, Any]:
     settings = request.app.state.settings
+    if_none_match = request.headers.get("if-none-match")
     if version is None and at is None:
         if token is not None:
             await wait_for(pool, settings, token, (view,))
-        return await _one(pool, view, ident, what, response)
+        return await _one(pool, view, ident, what, response, if_none_match)
     if at is not None and at.tzinfo is None:
         raise RequestProblem(
             422,
@@ -138,7 +151,7 @@ async def _current_or_past(
         raise RequestProblem(
             404, "not_found", f"{what} {ident} has no version {version}", current_version=state["version"]
         )
-    response.headers["ETag"] = f'"{state["version"]}"'
+    _etag(response, state["version"], if_none_match)
     return state
 
 

@@ -20,7 +20,11 @@ MIGRATION_LOCK = 0x7265_6164  # advisory lock key: one migrator at a time
 
 def schema_name(settings: Settings) -> str:
     """The read models of a deployment live in a schema named after its topic prefix."""
-    name = re.sub(r"[^a-z0-9_]", "_", settings.topic_prefix.lower())
+    return schema_of(settings.topic_prefix)
+
+
+def schema_of(topic_prefix: str) -> str:
+    name = re.sub(r"[^a-z0-9_]", "_", topic_prefix.lower())
     return name if name[:1].isalpha() else f"p_{name}"
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
+from projections.changes import channel, notify_applied
+from projections.db import schema_of
 from projections.events import Record, StoredEvent, decode
 from projections.postgres import Projection
 from shared_kernel.avro import AvroCodec
@@ -50,6 +52,7 @@ class Projector:
         self.producer = producer
         self.codec = codec
         self.dlq_topic = topics.dlq(projection.name)
+        self.channel = channel(schema_of(topics.prefix))
         # A version being rebuilt replays events the live one has handled: it has no
         # side effects (no dead letters are produced again; they are still counted).
         self.silent = False
@@ -166,21 +169,26 @@ class Projector:
                         else:
                             await self.projection.apply(conn, events)
                         outcome.applied += len(events)
+                    ends = _ends(records)
                     if records:
-                        await self._record_positions(conn, records, outcome)
+                        await self._record_positions(conn, ends, outcome)
+                    if events or records:
+                        await notify_applied(
+                            conn,
+                            self.channel,
+                            self.projection.name,
+                            self.projection.version,
+                            {k: end for k, (end, _) in ends.items()},
+                            (e.meta.aggregate_id for e in events),
+                        )
             except BaseException:
                 self.projection.rolled_back()
                 raise
             self.projection.committed()
 
     async def _record_positions(
-        self, conn: asyncpg.Connection, records: Sequence[Record], outcome: BatchOutcome
+        self, conn: asyncpg.Connection, ends: dict[tuple[str, int], tuple[int, int]], outcome: BatchOutcome
     ) -> None:
-        ends: dict[tuple[str, int], tuple[int, int]] = {}
-        for r in records:
-            key = (r.topic, r.partition)
-            if key not in ends or r.offset + 1 > ends[key][0]:
-                ends[key] = (r.offset + 1, r.timestamp_ms)
         await conn.executemany(
             "INSERT INTO projection_positions "
             "(projection, version, topic, partition, next_offset, event_time, updated_at) "
@@ -206,6 +214,16 @@ class Projector:
             len(outcome.dead),
             last_error,
         )
+
+
+def _ends(records: Sequence[Record]) -> dict[tuple[str, int], tuple[int, int]]:
+    """(topic, partition) -> (next offset, timestamp of the last record) of `records`."""
+    ends: dict[tuple[str, int], tuple[int, int]] = {}
+    for r in records:
+        key = (r.topic, r.partition)
+        if key not in ends or r.offset + 1 > ends[key][0]:
+            ends[key] = (r.offset + 1, r.timestamp_ms)
+    return ends
 
 
 def _record_of(records: Sequence[Record], e: StoredEvent) -> Record:

@@ -18,6 +18,8 @@ from typing import Any
 
 import asyncpg
 
+from projections.changes import channel, notify_swapped
+from projections.db import schema_name
 from projections.postgres import Projection
 from shared_kernel.settings import Settings
 
@@ -232,6 +234,7 @@ async def swap(
             name,
             to,
         )
+        await notify_swapped(conn, channel(schema_name(settings)), name, to)
     log.info("version swapped in", extra={"projection": name, "live": to, "retired": live})
     return live
 

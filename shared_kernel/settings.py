@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     query_consistency_timeout_s: float = Field(
         default=5.0, gt=0, description="how long a query waits for the position it was given (then 504)"
     )
+    query_cache_entries: int = Field(
+        default=10_000,
+        ge=0,
+        description="rendered single-resource reads the API keeps in memory, dropped as projectors "
+        "change them (0: every read goes to PostgreSQL); see api.readcache",
+    )
     kafka_fetch_max_wait_ms: int = Field(
         default=20,
         ge=1,

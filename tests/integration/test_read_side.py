@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -15,6 +17,8 @@ import orjson
 import pytest
 from aiokafka import TopicPartition
 
+from api.readcache import ChangeFollower, RenderedReads
+from projections.changes import applied_payload, channel
 from projections.db import create_pool, schema_name
 from projections.events import Record
 from projections.projector import Projector
@@ -394,3 +398,94 @@ async def test_filters_and_pages_over_a_thousand_incidents_are_correct_and_compl
             assert mine == expected, (filters, order, len(mine), len(expected))
             if "assignee" in filters:
                 assert set(got_ids) == expected  # no other test uses this assignee
+
+
+# ---- the API's memory of rendered reads (api.readcache) ----------------------------------
+
+
+async def _until_cached(client: httpx.AsyncClient, path: str, **headers: str) -> httpx.Response:
+    """Read `path` until the answer comes from the API's memory: the first reads go to
+    PostgreSQL until the change follower has seen the batch that wrote the row."""
+    deadline = time.monotonic() + 10
+    while True:
+        r = await client.get(path, headers=headers)
+        assert r.status_code == 200, r.text
+        if r.headers.get("x-read-cache") == "hit" or time.monotonic() > deadline:
+            return r
+        await asyncio.sleep(0.02)
+
+
+async def test_repeated_reads_come_from_memory_and_a_change_replaces_them(client: httpx.AsyncClient) -> None:
+    created = await _register(client)
+    path = f"/api/v1/datasets/{created['id']}"
+    r = await client.get(path, headers={"If-None-Match": '"1"', "X-Consistency-Token": created["position"]})
+    assert (r.status_code, r.headers["etag"], r.content) == (304, '"1"', b"")  # conditional, by the route
+    first = await client.get(path, params={"consistent_with": created["position"]})
+    assert first.status_code == 200
+    cached = await _until_cached(client, path)
+    assert cached.headers["x-read-cache"] == "hit"
+    assert cached.content == first.content
+    assert cached.headers["etag"] == '"1"'
+    assert cached.headers["content-type"] == first.headers["content-type"]
+    r = await client.get(path, headers={"If-None-Match": '"1"'})
+    assert (r.status_code, r.headers["etag"], r.headers["x-read-cache"]) == (304, '"1"', "hit")
+
+    r = await client.patch(path, json={"name": "Renamed"})
+    assert r.status_code == 200, r.text
+    token = r.json()["position"]
+    for _ in range(3):  # from PostgreSQL or from memory: the change, never the old row
+        after = await client.get(path, params={"consistent_with": token})
+        assert (after.json()["name"], after.json()["version"], after.headers["etag"]) == ("Renamed", 2, '"2"')
+    cached = await _until_cached(client, path, **{"X-Consistency-Token": token})
+    assert cached.headers["x-read-cache"] == "hit"
+    assert cached.json()["name"] == "Renamed"
+    r = await client.get(path, headers={"If-None-Match": '"1"'})
+    assert r.status_code == 200
+    assert r.json()["version"] == 2
+    old = await client.get(path, params={"as_of_version": 1})  # temporal reads are the route's
+    assert old.json()["name"] == "Weather"
+    assert "x-read-cache" not in old.headers
+
+
+async def test_a_lost_change_follower_forgets_what_it_kept(side: WriteSide) -> None:
+    settings = side.settings.model_copy(update={"service_name": f"follower-{uuid.uuid4().hex[:6]}"})
+    reads = RenderedReads(100)
+    follower = ChangeFollower(settings, reads)
+    running = asyncio.create_task(follower.run())
+    schema_channel = channel(schema_name(settings))
+    conn = await asyncpg.connect(settings.postgres_dsn)
+    try:
+        await _until(lambda: follower.connected)
+        k = ("datasets", str(uuid.uuid4()))
+
+        async def change_it() -> None:
+            await conn.execute(
+                "SELECT pg_notify($1, $2)", schema_channel, applied_payload("datasets", 1, {}, [k[1]])
+            )
+
+        assert reads.keep(k, reads.lease(k), [], b"v1")
+        await change_it()
+        await _until(lambda: reads.get(k) is None)  # a change, through PostgreSQL's LISTEN
+
+        assert reads.keep(k, reads.lease(k), [], b"v2")
+        killed = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+            f"{settings.service_name}:changes",
+        )
+        assert killed == 1
+        await _until(lambda: not follower.connected)
+        await change_it()  # nobody listens: this notification is lost
+        await _until(lambda: follower.connected)
+        assert reads.get(k) is None  # so what was kept is gone
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await conn.close()
+
+
+async def _until(condition: Callable[[], bool], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)

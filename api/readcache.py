@@ -1,0 +1,359 @@
+"""Rendered single-resource reads kept in memory, dropped when a projector changes them.
+
+`GET /api/v1/datasets/{id}` and `GET /api/v1/incidents/{id}` are the hot reads of a
+CQRS read side. This module keeps their answers (status 200, headers, body, exactly as
+the route rendered them) in a bounded LRU, and answers repeated reads from it without
+FastAPI's routing, validation and the PostgreSQL round trip.
+
+Correctness rests on the projectors' change notifications (`projections.changes`):
+
+- every batch transaction notifies the aggregates it touched (or "anything"), and
+  PostgreSQL delivers that notification after the commit, in commit order;
+- `ChangeFollower` listens on a connection of its own and drops what each notification
+  names; a swap of versions drops the whole projection;
+- a read that misses takes a *lease* on its key before it queries. A notification for
+  the key breaks the lease, and a broken lease's answer is not kept: an answer read
+  before a commit can never outlive that commit's notification;
+- a read with a position token is answered from memory only once the notifications of
+  the live version have reached the token's positions (every batch up to the token has
+  committed and invalidated what it changed); otherwise it goes to the route, which
+  waits in PostgreSQL;
+- while the listening connection is down nothing is answered from memory, and the
+  cache is emptied, since notifications may have been missed.
+
+Any other read (another route, `as_of`, `as_of_version`, an unknown query parameter,
+a malformed id or token) goes to the route untouched, so errors keep their one shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+from uuid import UUID
+
+import asyncpg
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from projections.changes import Change, channel
+from projections.db import schema_name
+from projections.registry import PROJECTIONS
+from shared_kernel.position import InvalidToken, PositionToken
+from shared_kernel.settings import Settings
+from shared_kernel.topics import Topics
+
+log = logging.getLogger(__name__)
+
+# path prefix -> the projection whose row, keyed by the id that follows, it renders
+CACHED_ROUTES = {"/api/v1/datasets/": "datasets", "/api/v1/incidents/": "incidents"}
+HIT = [(b"x-read-cache", b"hit")]
+MISS = (b"x-read-cache", b"miss")
+Key = tuple[str, str]  # (projection, aggregate id)
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    etag: bytes
+    generation: int
+
+
+class Lease:
+    """A read's claim to keep its answer; broken when the key changes meanwhile."""
+
+    __slots__ = ("generation",)
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+
+
+class RenderedReads:
+    """A bounded LRU of rendered answers per (projection, id), with leases."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[Key, Rendered] = OrderedDict()
+        self._leases: dict[Key, Lease] = {}
+        self._generation: dict[str, int] = {}  # bumped to drop a whole projection at once
+        self.hits = self.misses = self.kept = 0
+
+    def get(self, key: Key) -> Rendered | None:
+        entry = self._entries.get(key)
+        if entry is None or entry.generation != self._generation.get(key[0], 0):
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def lease(self, key: Key) -> Lease:
+        lease = Lease(self._generation.get(key[0], 0))
+        self._leases[key] = lease  # a newer read of the key supersedes an older one
+        return lease
+
+    def keep(self, key: Key, lease: Lease, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        """Keep an answer if its lease still holds (nothing changed the key meanwhile)."""
+        if self._leases.get(key) is not lease:
+            return False
+        del self._leases[key]
+        if lease.generation != self._generation.get(key[0], 0):
+            return False
+        etag = next((v for k, v in headers if k == b"etag"), b"")
+        self._entries[key] = Rendered(headers, body, etag, lease.generation)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+        self.kept += 1
+        return True
+
+    def release(self, key: Key, lease: Lease) -> None:
+        if self._leases.get(key) is lease:
+            del self._leases[key]
+
+    def invalidate(self, projection: str, aggregates: frozenset[str] | None) -> None:
+        """Drop what a batch changed: these aggregates of `projection`, or all of it."""
+        if aggregates is None:
+            self._generation[projection] = self._generation.get(projection, 0) + 1
+            return
+        for aggregate in aggregates:
+            key = (projection, aggregate)
+            self._entries.pop(key, None)
+            self._leases.pop(key, None)
+
+    def clear(self) -> None:
+        for projection in {*self._generation, *(k[0] for k in self._entries)}:
+            self.invalidate(projection, None)
+        self._entries.clear()
+        self._leases.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _canonical(aggregate: str) -> str:
+    try:
+        return str(UUID(aggregate))
+    except ValueError:
+        return aggregate
+
+
+class ChangeFollower:
+    """Follows the projectors' change notifications: what the live versions have
+    committed (per partition), and which cached answers that makes stale."""
+
+    RETRY_MAX_S = 5.0
+    PING_S = 5.0
+
+    def __init__(self, settings: Settings, reads: RenderedReads) -> None:
+        self.settings = settings
+        self.reads = reads
+        self.channel = channel(schema_name(settings))
+        self.topics = Topics(settings.topic_prefix)
+        self.live: dict[str, int] = {}
+        self.positions: dict[str, dict[tuple[str, int], int]] = {}
+        self.connected = False
+        self._lost = asyncio.Event()
+
+    def reached(self, projection: str, token: PositionToken) -> bool:
+        """Has every batch of `projection` up to the token's positions committed?"""
+        known = self.positions.get(projection, {})
+        for context in PROJECTIONS[projection].contexts:
+            topic = self.topics.events(context)
+            for partition, offset in token.offsets.get(topic, {}).items():
+                if known.get((topic, partition), 0) < offset:
+                    return False
+        return True
+
+    def on_change(self, change: Change) -> None:
+        if change.live is not None:
+            # Another version is live (a rebuild, or a rollback to one behind): what the
+            # previous one had reached says nothing about it.
+            self.live[change.projection] = change.live
+            self.positions.pop(change.projection, None)
+            self.reads.invalidate(change.projection, None)
+            return
+        if change.version != self.live.get(change.projection, 1):
+            return  # a version being built: readers do not see it
+        known = self.positions.setdefault(change.projection, {})
+        for topic, partition, offset in change.positions:
+            if known.get((topic, partition), 0) < offset:
+                known[(topic, partition)] = offset
+        aggregates = change.aggregates
+        self.reads.invalidate(
+            change.projection, None if aggregates is None else frozenset(map(_canonical, aggregates))
+        )
+
+    def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            change = Change.parse(payload)
+        except Exception as exc:  # a payload of another writer: forget everything, to be safe
+            log.warning("unreadable change notification", extra={"error": repr(exc)})
+            self.reads.clear()
+            return
+        self.on_change(change)
+
+    def _terminated(self, _conn: Any) -> None:
+        self._lost.set()
+
+    async def run(self) -> None:
+        delay = 0.5
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(
+                    self.settings.postgres_dsn,
+                    server_settings={
+                        "search_path": schema_name(self.settings),
+                        "application_name": f"{self.settings.service_name}:changes"[:63],
+                    },
+                )
+                self._lost.clear()
+                conn.add_termination_listener(self._terminated)
+                await conn.add_listener(self.channel, self._notified)
+                await self._load(conn)
+                self.reads.clear()
+                self.connected = True
+                log.info("following read model changes", extra={"channel": self.channel})
+                delay = 0.5
+                while not self._lost.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._lost.wait(), self.PING_S)
+                    if not self._lost.is_set():
+                        await asyncio.wait_for(conn.fetchval("SELECT 1"), self.PING_S)
+                raise ConnectionError("the connection following read model changes was lost")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure: answer nothing from memory until back
+                if self.connected:
+                    log.warning(
+                        "read model changes not followed; reads go to PostgreSQL", extra={"error": repr(exc)}
+                    )
+                self.connected = False
+                self.reads.clear()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.RETRY_MAX_S)
+            finally:
+                self.connected = False
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+
+    async def _load(self, conn: asyncpg.Connection) -> None:
+        """The live versions and their positions, read after LISTEN in one snapshot:
+        notifications delivered before it are of commits it sees; PostgreSQL holds back
+        the others until the snapshot's transaction ends, so they apply after it."""
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            live = await conn.fetch(
+                "SELECT projection, version FROM projection_versions WHERE state = 'live'"
+            )
+            rows = await conn.fetch(
+                "SELECT p.projection, p.topic, p.partition, p.next_offset FROM projection_positions p "
+                "LEFT JOIN projection_versions v ON v.projection = p.projection AND v.state = 'live' "
+                "WHERE p.version = coalesce(v.version, 1)"
+            )
+        self.live = {r["projection"]: r["version"] for r in live}
+        positions: dict[str, dict[tuple[str, int], int]] = {}
+        for r in rows:
+            positions.setdefault(r["projection"], {})[(r["topic"], r["partition"])] = r["next_offset"]
+        self.positions = positions
+
+
+def _request(scope: Scope) -> tuple[Key, str | None, bytes | None] | None:
+    """(key, token, If-None-Match) of a read this cache may answer, else None."""
+    if scope["type"] != "http" or scope["method"] != "GET":
+        return None
+    path: str = scope["path"]
+    prefix = next((p for p in CACHED_ROUTES if path.startswith(p)), None)
+    if prefix is None:
+        return None
+    projection, ident = CACHED_ROUTES[prefix], path[len(prefix) :]
+    if len(ident) != 36:
+        return None
+    try:
+        canonical = str(UUID(ident))
+    except ValueError:
+        return None
+    if canonical != ident.lower():
+        return None
+    token: str | None = None
+    if scope["query_string"]:
+        params = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+        if len(params) != 1 or params[0][0] != "consistent_with":
+            return None
+        token = params[0][1] or None
+    if_none_match: bytes | None = None
+    for name, value in scope["headers"]:
+        if name == b"x-consistency-token" and token is None:
+            token = value.decode("latin-1") or None
+        elif name == b"if-none-match":
+            if_none_match = value
+    return (projection, canonical), token, if_none_match
+
+
+def _matches(if_none_match: bytes, etag: bytes) -> bool:
+    tags = [t.strip().removeprefix(b"W/") for t in if_none_match.split(b",")]
+    return b"*" in tags or etag in tags
+
+
+class CachedReads:
+    """ASGI middleware answering cached single-resource reads (see the module's doc).
+    It finds its cache and follower on `app.state.reads` / `app.state.changes`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = _request(scope)
+        state = getattr(scope.get("app"), "state", None)
+        reads: RenderedReads | None = getattr(state, "reads", None)
+        follower: ChangeFollower | None = getattr(state, "changes", None)
+        if request is None or reads is None or follower is None or not follower.connected:
+            await self.app(scope, receive, send)
+            return
+        key, raw_token, if_none_match = request
+        if raw_token is not None:
+            try:
+                token = PositionToken.decode(raw_token)
+            except InvalidToken:
+                await self.app(scope, receive, send)  # the route answers 422
+                return
+            if not follower.reached(key[0], token):
+                await self.app(scope, receive, send)  # the route waits in PostgreSQL
+                return
+        entry = reads.get(key)
+        if entry is not None:
+            if if_none_match is not None and entry.etag and _matches(if_none_match, entry.etag):
+                headers = [(b"etag", entry.etag), *HIT]
+                await send({"type": "http.response.start", "status": 304, "headers": headers})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            await send({"type": "http.response.start", "status": 200, "headers": entry.headers + HIT})
+            await send({"type": "http.response.body", "body": entry.body})
+            return
+        lease = reads.lease(key)
+        try:
+            await self.app(scope, receive, _capture(send, reads, key, lease))
+        finally:
+            reads.release(key, lease)
+
+
+def _capture(send: Send, reads: RenderedReads, key: Key, lease: Lease) -> Callable[[Message], Any]:
+    """A `send` that passes the route's answer on and keeps it when it is a whole 200."""
+    start: dict[str, Any] = {}
+
+    async def capture(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            start.update(message)
+            message = {**message, "headers": [*message.get("headers", ()), MISS]}
+        elif message["type"] == "http.response.body" and start.get("status") == 200:
+            if not message.get("more_body", False):
+                reads.keep(key, lease, list(start.get("headers", ())), message.get("body", b""))
+            start["status"] = None  # a streamed body is not kept
+        await send(message)
+
+    return capture

@@ -1,0 +1,270 @@
+"""The API's cache of rendered reads: leases, invalidation, tokens, the ASGI layer.
+
+No services: the follower is fed decoded notifications, the route is a stub ASGI app
+that counts its calls and renders the version it is told.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import MutableMapping
+from typing import Any
+
+import orjson
+import pytest
+
+from api.readcache import CachedReads, ChangeFollower, RenderedReads, _request
+from projections.changes import PAYLOAD_MAX, Change, applied_payload
+from shared_kernel.position import PositionToken
+from shared_kernel.settings import Settings
+
+SETTINGS = Settings(environment="test", topic_prefix="unit")
+TOPIC = "unit.events.datasets"
+HEADERS = [(b"content-type", b"application/json"), (b"etag", b'"1"')]
+
+
+def key(ident: str | None = None) -> tuple[str, str]:
+    return ("datasets", ident or str(uuid.uuid4()))
+
+
+def test_an_answer_read_before_a_change_is_not_kept() -> None:
+    reads = RenderedReads(10)
+    k = key()
+    lease = reads.lease(k)
+    reads.invalidate("datasets", frozenset({k[1]}))  # a batch committed while the read ran
+    assert not reads.keep(k, lease, HEADERS, b"old")
+    assert reads.get(k) is None
+
+    lease = reads.lease(k)
+    assert reads.keep(k, lease, HEADERS, b"new")
+    entry = reads.get(k)
+    assert entry is not None
+    assert entry.body == b"new"
+    assert entry.etag == b'"1"'
+
+
+def test_a_batch_too_big_to_name_drops_the_whole_projection_and_only_it() -> None:
+    reads = RenderedReads(10)
+    a, b, other = key(), key(), ("incidents", str(uuid.uuid4()))
+    for k in (a, b, other):
+        assert reads.keep(k, reads.lease(k), HEADERS, b"x")
+    pending = reads.lease(key())
+    reads.invalidate("datasets", None)
+    assert reads.get(a) is None
+    assert reads.get(b) is None
+    assert reads.get(other) is not None
+    assert not reads.keep(("datasets", "late"), pending, HEADERS, b"x")
+
+
+def test_the_newest_read_of_a_key_wins_and_the_cache_stays_bounded() -> None:
+    reads = RenderedReads(3)
+    k = key()
+    first, second = reads.lease(k), reads.lease(k)
+    assert not reads.keep(k, first, HEADERS, b"first")
+    assert reads.keep(k, second, HEADERS, b"second")
+    keys = [key() for _ in range(5)]
+    for k2 in keys:
+        reads.keep(k2, reads.lease(k2), HEADERS, b"x")
+    assert len(reads) == 3
+    assert reads.get(keys[0]) is None
+    assert reads.get(keys[-1]) is not None
+
+
+def test_requests_the_cache_may_answer() -> None:
+    ident = str(uuid.uuid4())
+
+    def scope(
+        path: str, query: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None
+    ) -> dict[str, Any]:
+        return {
+            "type": "http",
+            "method": "GET",
+            "path": path,
+            "query_string": query,
+            "headers": headers or [],
+        }
+
+    assert _request(scope(f"/api/v1/datasets/{ident}")) == (("datasets", ident), None, None)
+    assert _request(scope(f"/api/v1/incidents/{ident}", b"consistent_with=abc")) == (
+        ("incidents", ident),
+        "abc",
+        None,
+    )
+    header = scope(
+        f"/api/v1/datasets/{ident}", headers=[(b"x-consistency-token", b"t"), (b"if-none-match", b'"3"')]
+    )
+    assert _request(header) == (("datasets", ident), "t", b'"3"')
+    # everything else is the route's: temporal reads, other routes, ids spelled otherwise
+    assert _request(scope(f"/api/v1/datasets/{ident}", b"as_of_version=2")) is None
+    assert _request(scope(f"/api/v1/datasets/{ident}", b"consistent_with=a&consistent_with=b")) is None
+    assert _request(scope(f"/api/v1/datasets/{ident}/events")) is None
+    assert _request(scope(f"/api/v1/datasets/{ident.upper()}")) == (("datasets", ident), None, None)
+    assert _request(scope(f"/api/v1/datasets/{ident.replace('-', '')}")) is None
+    assert _request(scope("/api/v1/datasets/not-a-uuid-but-thirty-six-characters")) is None
+    assert _request({**scope(f"/api/v1/datasets/{ident}"), "method": "POST"}) is None
+
+
+def test_the_follower_knows_what_the_live_version_committed() -> None:
+    reads = RenderedReads(10)
+    follower = ChangeFollower(SETTINGS, reads)
+    token = PositionToken({TOPIC: {0: 5, 2: 3}})
+    assert not follower.reached("datasets", token)
+    follower.on_change(Change("datasets", 1, ((TOPIC, 0, 5),), frozenset()))
+    assert not follower.reached("datasets", token)
+    follower.on_change(Change("datasets", 2, ((TOPIC, 2, 9),), frozenset()))  # being built
+    assert not follower.reached("datasets", token)
+    follower.on_change(Change("datasets", 1, ((TOPIC, 2, 3),), frozenset()))
+    assert follower.reached("datasets", token)
+    assert follower.reached("datasets", PositionToken({"unit.events.incidents": {0: 99}}))  # not its topic
+
+
+def test_a_change_drops_its_aggregates_and_a_swap_forgets_positions() -> None:
+    reads = RenderedReads(10)
+    follower = ChangeFollower(SETTINGS, reads)
+    ident = uuid.uuid4()
+    k = ("datasets", str(ident))
+    reads.keep(k, reads.lease(k), HEADERS, b"v1")
+    follower.on_change(Change("datasets", 2, ((TOPIC, 0, 1),), frozenset({str(ident)})))  # not live
+    assert reads.get(k) is not None
+    follower.on_change(Change("datasets", 1, ((TOPIC, 0, 7),), frozenset({ident.hex.upper()})))
+    assert reads.get(k) is None  # ids are compared in their canonical spelling
+
+    reads.keep(k, reads.lease(k), HEADERS, b"v2")
+    follower.on_change(Change("datasets", 3, live=3))  # e.g. a rollback, or a rebuild
+    assert reads.get(k) is None
+    assert not follower.reached("datasets", PositionToken({TOPIC: {0: 1}}))
+    follower.on_change(Change("datasets", 1, ((TOPIC, 0, 9),), frozenset()))  # the retired one
+    assert not follower.reached("datasets", PositionToken({TOPIC: {0: 1}}))
+
+
+def test_a_notification_names_its_aggregates_or_says_anything_changed() -> None:
+    ends = {(TOPIC, 0): 10, (TOPIC, 1): 4}
+    few = Change.parse(applied_payload("datasets", 1, ends, ["b", "a", "a"]))
+    assert few == Change("datasets", 1, ((TOPIC, 0, 10), (TOPIC, 1, 4)), frozenset({"a", "b"}))
+    many = applied_payload("datasets", 1, ends, (str(uuid.uuid4()) for _ in range(1000)))
+    assert len(many.encode()) <= PAYLOAD_MAX
+    assert Change.parse(many).aggregates is None
+    assert orjson.loads(many)["at"] == [[TOPIC, 0, 10], [TOPIC, 1, 4]]
+
+
+class Route:
+    """The FastAPI app behind the cache: renders `version`, counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.version = 1
+        self.during: Any = None  # called while "querying", to interleave a change
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.calls += 1
+        version = self.version
+        if self.during:
+            self.during()
+        body = orjson.dumps({"version": version})
+        headers = [(b"content-type", b"application/json"), (b"etag", f'"{version}"'.encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class State:
+    pass
+
+
+async def call(
+    app: CachedReads,
+    state: State,
+    path: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    query: bytes = b"",
+) -> tuple[int, dict[bytes, bytes], bytes]:
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    holder = type("App", (), {"state": state})()
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "query_string": query,
+        "headers": headers or [],
+        "app": holder,
+    }
+    await app(scope, receive, send)
+    return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def cached(route: Route) -> tuple[CachedReads, State, ChangeFollower]:
+    state = State()
+    state.reads = RenderedReads(100)  # type: ignore[attr-defined]
+    state.changes = follower = ChangeFollower(SETTINGS, state.reads)  # type: ignore[attr-defined]
+    follower.connected = True
+    return CachedReads(route), state, follower
+
+
+@pytest.mark.asyncio
+async def test_repeated_reads_skip_the_route_until_a_change_names_them() -> None:
+    route = Route()
+    app, state, follower = cached(route)
+    ident = str(uuid.uuid4())
+    path = f"/api/v1/datasets/{ident}"
+    status, headers, body = await call(app, state, path)
+    assert (status, headers[b"x-read-cache"], orjson.loads(body)) == (200, b"miss", {"version": 1})
+    status, headers, body = await call(app, state, path)
+    assert (status, headers[b"x-read-cache"], orjson.loads(body)) == (200, b"hit", {"version": 1})
+    assert headers[b"etag"] == b'"1"'
+    assert route.calls == 1
+    status, headers, body = await call(app, state, path, [(b"if-none-match", b'"1"')])
+    assert (status, body, headers[b"etag"]) == (304, b"", b'"1"')
+
+    route.version = 2
+    follower.on_change(Change("datasets", 1, ((TOPIC, 0, 3),), frozenset({ident})))
+    status, headers, body = await call(app, state, path)
+    assert orjson.loads(body) == {"version": 2}
+    assert route.calls == 2
+
+
+@pytest.mark.asyncio
+async def test_a_change_during_the_read_is_not_kept() -> None:
+    route = Route()
+    app, state, follower = cached(route)
+    ident = str(uuid.uuid4())
+    path = f"/api/v1/datasets/{ident}"
+
+    def commit() -> None:  # the read got version 1; version 2 commits before it answers
+        route.version = 2
+        follower.on_change(Change("datasets", 1, ((TOPIC, 0, 3),), frozenset({ident})))
+
+    route.during = commit
+    assert orjson.loads((await call(app, state, path))[2]) == {"version": 1}
+    route.during = None
+    assert orjson.loads((await call(app, state, path))[2]) == {"version": 2}
+    assert orjson.loads((await call(app, state, path))[2]) == {"version": 2}
+    assert route.calls == 2
+
+
+@pytest.mark.asyncio
+async def test_a_token_not_reached_goes_to_the_route_and_the_follower_down_answers_nothing() -> None:
+    route = Route()
+    app, state, follower = cached(route)
+    path = f"/api/v1/datasets/{uuid.uuid4()}"
+    await call(app, state, path)
+    token = PositionToken({TOPIC: {0: 4}}).encode()
+    await call(app, state, path, [(b"x-consistency-token", token.encode())])
+    assert route.calls == 2  # not reached: the route waits for it in PostgreSQL
+    follower.on_change(Change("datasets", 1, ((TOPIC, 0, 4),), frozenset()))
+    _, headers, _ = await call(app, state, path, query=f"consistent_with={token}".encode())
+    assert headers[b"x-read-cache"] == b"hit"
+    assert route.calls == 2
+    _, headers, _ = await call(app, state, path, query=b"consistent_with=garbage")
+    assert b"x-read-cache" not in headers
+    assert route.calls == 3
+
+    follower.connected = False
+    _, headers, _ = await call(app, state, path)
+    assert b"x-read-cache" not in headers
+    assert route.calls == 4
