@@ -6,6 +6,14 @@ beside a bare Starlette app answering constant JSON of the same size.
   (`projections.db.migrate`). `BENCH_S4_DATASETS` datasets are seeded straight into
   `datasets_v1` by the real `DatasetsProjection` from realistic events made by the real
   aggregate (`bench.generator`), so no Kafka processor or projector runs.
+  It keeps rendered answers in memory (`api.readcache`, on by default) and serves
+  repeated reads from there until a projector's change notification drops them.
+- **ours while datasets change**: the same API while `BENCH_S4_CHANGES_PER_S` (500)
+  seeded datasets a second, picked at random, are notified as changed exactly as a
+  projector's batch does (`projections.changes`): their next reads go to PostgreSQL
+  again. Their rows stay the same, so every answer is still the same bytes.
+- **ours without the read cache**: a second API process with
+  `APP_QUERY_CACHE_ENTRIES=0`: every read is FastAPI's route and a PostgreSQL query.
 - **limit**: a Starlette app with one route of the same path that answers the bytes the
   real API gave for a dataset of median size (with an ETag, like ours), served by
   uvicorn with the options `cqrs serve api` uses (one worker, uvloop and httptools as

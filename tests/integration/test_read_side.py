@@ -489,3 +489,47 @@ async def _until(condition: Callable[[], bool], seconds: float = 10) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+async def test_reads_under_concurrent_changes_never_miss_a_write_nor_step_back(
+    client: httpx.AsyncClient,
+) -> None:
+    datasets = [(await _register(client))["id"] for _ in range(4)]
+    latest = dict.fromkeys(datasets, 1)
+    hits = 0
+    writing = True
+
+    async def writer(ident: str, changes: int) -> None:
+        for n in range(changes):
+            r = await client.patch(f"/api/v1/datasets/{ident}", json={"description": f"change {n}"})
+            assert r.status_code == 200, r.text
+            version, token = r.json()["version"], r.json()["position"]
+            latest[ident] = max(latest[ident], version)
+            read = await client.get(f"/api/v1/datasets/{ident}", headers={"X-Consistency-Token": token})
+            assert read.json()["version"] >= version  # its own write, from memory or not
+
+    async def reader(offset: int) -> None:
+        nonlocal hits
+        seen = dict.fromkeys(datasets, 0)  # what this reader saw (its reads are in order)
+        i = offset
+        while writing:
+            ident = datasets[i % len(datasets)]
+            i += 1
+            r = await client.get(f"/api/v1/datasets/{ident}")
+            assert r.status_code == 200, r.text
+            version = r.json()["version"]
+            assert version >= seen[ident], f"{ident} stepped back from {seen[ident]} to {version}"
+            seen[ident] = version
+            hits += r.headers.get("x-read-cache") == "hit"
+
+    readers = [asyncio.create_task(reader(k)) for k in range(4)]
+    try:
+        await asyncio.gather(*(writer(ident, 12) for ident in datasets))
+    finally:
+        writing = False
+        await asyncio.gather(*readers)
+    assert hits > 0  # the memory answered some of them
+    for ident in datasets:
+        final = await _until_cached(client, f"/api/v1/datasets/{ident}")
+        assert final.json()["version"] == latest[ident] == 13
+        assert final.json()["description"] == "change 11"
