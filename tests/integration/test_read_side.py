@@ -494,7 +494,14 @@ async def _until(condition: Callable[[], bool], seconds: float = 10) -> None:
 async def test_reads_under_concurrent_changes_never_miss_a_write_nor_step_back(
     client: httpx.AsyncClient,
 ) -> None:
-    datasets = [(await _register(client))["id"] for _ in range(4)]
+    datasets = []
+    for _ in range(4):
+        created = await _register(client)
+        r = await client.get(
+            f"/api/v1/datasets/{created['id']}", params={"consistent_with": created["position"]}
+        )
+        assert r.status_code == 200  # readers without a token start once it is there
+        datasets.append(created["id"])
     latest = dict.fromkeys(datasets, 1)
     hits = 0
     writing = True
