@@ -101,12 +101,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.rebuilds = set()
         app.state.feed = subscriptions.LiveFeed(settings)
         app.state.feed.start()
-        background = []
-        app.state.reads = app.state.changes = None
-        if settings.query_cache_entries:
-            app.state.reads = RenderedReads(settings.query_cache_entries)
-            app.state.changes = ChangeFollower(settings, app.state.reads)
-            background.append(asyncio.create_task(app.state.changes.run()))
+        # what projectors commit, as they commit it: read-your-writes waits on it, and
+        # the rendered reads kept in memory are dropped by it
+        app.state.reads = (
+            RenderedReads(settings.query_cache_entries) if settings.query_cache_entries else None
+        )
+        app.state.changes = ChangeFollower(settings, app.state.reads)
+        background = [asyncio.create_task(app.state.changes.run())]
         background.append(asyncio.create_task(_connect_read_models(app, settings)))
         background.append(asyncio.create_task(_connect_search(app, settings)))
         await bus.start()

@@ -128,11 +128,11 @@ async def _current_or_past(
     version: int | None,
     at: datetime | None,
 ) -> dict[str, Any]:
-    settings = request.app.state.settings
+    settings, follower = request.app.state.settings, request.app.state.changes
     if_none_match = request.headers.get("if-none-match")
     if version is None and at is None:
         if token is not None:
-            await wait_for(pool, settings, token, (view,))
+            await wait_for(pool, settings, token, (view,), follower)
         return await _one(pool, view, ident, what, response, if_none_match)
     if at is not None and at.tzinfo is None:
         raise RequestProblem(
@@ -143,7 +143,7 @@ async def _current_or_past(
             location="query",
         )
     if token is not None:
-        await wait_for(pool, settings, token, ("events",))
+        await wait_for(pool, settings, token, ("events",), follower)
     state = await state_at(pool, view, str(ident), version, at)
     if state is None:
         raise RequestProblem(404, "not_found", f"no {what} {ident}" + (f" at {at.isoformat()}" if at else ""))

@@ -21,6 +21,11 @@ Correctness rests on the projectors' change notifications (`projections.changes`
 - while the listening connection is down nothing is answered from memory, and the
   cache is emptied, since notifications may have been missed.
 
+The same follower serves read-your-writes everywhere (`api.readmodels.wait_for`): a
+query with a token returns as soon as the notifications show the token applied, with no
+query of the positions, and a waiting one wakes on the notification of its batch
+instead of polling.
+
 Any other read (another route, `as_of`, `as_of_version`, an unknown query parameter,
 a malformed id or token) goes to the route untouched, so errors keep their one shape.
 """
@@ -150,15 +155,16 @@ class ChangeFollower:
     RETRY_MAX_S = 5.0
     PING_S = 5.0
 
-    def __init__(self, settings: Settings, reads: RenderedReads) -> None:
+    def __init__(self, settings: Settings, reads: RenderedReads | None = None) -> None:
         self.settings = settings
-        self.reads = reads
+        self.reads = reads if reads is not None else RenderedReads(0)
         self.channel = channel(schema_name(settings))
         self.topics = Topics(settings.topic_prefix)
         self.live: dict[str, int] = {}
         self.positions: dict[str, dict[tuple[str, int], int]] = {}
         self.connected = False
         self._lost = asyncio.Event()
+        self._changed = asyncio.Event()
 
     def reached(self, projection: str, token: PositionToken) -> bool:
         """Has every batch of `projection` up to the token's positions committed?"""
@@ -170,7 +176,23 @@ class ChangeFollower:
                     return False
         return True
 
+    def reached_all(self, projections: tuple[str, ...], token: PositionToken) -> bool:
+        """Connected, and every projection named has committed up to the token."""
+        return self.connected and all(self.reached(p, token) for p in projections)
+
+    async def changed(self, seconds: float) -> None:
+        """Until the next change notification arrives, or `seconds`."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), max(seconds, 0.0))
+
     def on_change(self, change: Change) -> None:
+        try:
+            self._apply(change)
+        finally:
+            self._changed.set()  # wake the readers waiting for a position
+            self._changed = asyncio.Event()
+
+    def _apply(self, change: Change) -> None:
         if change.live is not None:
             # Another version is live (a rebuild, or a rollback to one behind): what the
             # previous one had reached says nothing about it.

@@ -17,12 +17,14 @@ import asyncpg
 from fastapi import Depends, Header, Query, Request
 
 from api.errors import ReadModelsUnavailable, RequestProblem
+from api.readcache import ChangeFollower
 from projections.registry import PROJECTIONS
 from shared_kernel.position import InvalidToken, PositionToken
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics
 
-POLL_S = 0.01
+POLL_S = 0.01  # how often PostgreSQL is asked while no change follower is connected
+RECHECK_S = 0.1  # how often it is asked anyway while one is
 
 
 async def get_pool(request: Request) -> asyncpg.Pool:
@@ -62,14 +64,26 @@ def consistent(*projections: str) -> Callable[..., Coroutine[Any, Any, None]]:
 
     async def wait(request: Request, pool: PoolDep, token: TokenDep) -> None:
         if token is not None:
-            await wait_for(pool, request.app.state.settings, token, projections)
+            state = request.app.state
+            await wait_for(pool, state.settings, token, projections, state.changes)
 
     return wait
 
 
 async def wait_for(
-    pool: asyncpg.Pool, settings: Settings, token: PositionToken, names: tuple[str, ...]
+    pool: asyncpg.Pool,
+    settings: Settings,
+    token: PositionToken,
+    names: tuple[str, ...],
+    follower: ChangeFollower | None = None,
 ) -> None:
+    """Return once the live versions of `names` have applied the token (504 after
+    `query_consistency_timeout_s`). With a connected `follower` the projectors' change
+    notifications say so as soon as their batches commit; PostgreSQL is asked once
+    first and then every `RECHECK_S` (its positions are the truth, the follower's a
+    lower bound: after a swap it knows nothing of the new version until it commits)."""
+    if follower is not None and follower.reached_all(names, token):
+        return
     topics = Topics(settings.topic_prefix)
     wanted = [
         (name, topic, partition, offset)
@@ -104,4 +118,11 @@ async def wait_for(
                 f"{settings.query_consistency_timeout_s:g} s; retry",
                 projections=behind,
             )
-        await asyncio.sleep(POLL_S)
+        if follower is None or not follower.connected:
+            await asyncio.sleep(POLL_S)
+            continue
+        recheck = min(time.monotonic() + RECHECK_S, deadline)
+        while time.monotonic() < recheck and follower.connected:
+            await follower.changed(recheck - time.monotonic())
+            if follower.reached_all(names, token):
+                return

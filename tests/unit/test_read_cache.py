@@ -6,6 +6,7 @@ that counts its calls and renders the version it is told.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import MutableMapping
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
+from api.errors import RequestProblem
 from api.readcache import CachedReads, ChangeFollower, RenderedReads, _request
 from projections.changes import PAYLOAD_MAX, Change, applied_payload
 from shared_kernel.position import PositionToken
@@ -268,3 +270,42 @@ async def test_a_token_not_reached_goes_to_the_route_and_the_follower_down_answe
     _, headers, _ = await call(app, state, path)
     assert b"x-read-cache" not in headers
     assert route.calls == 4
+
+
+class BehindPool:
+    """A pool whose positions never reach any token: PostgreSQL is behind (or slow)."""
+
+    def __init__(self) -> None:
+        self.queries = 0
+
+    async def fetch(self, *_: Any) -> list[dict[str, str]]:
+        self.queries += 1
+        return [{"projection": "datasets"}]
+
+
+@pytest.mark.asyncio
+async def test_a_token_wait_ends_with_the_notification_of_its_batch() -> None:
+    from api.readmodels import wait_for
+
+    settings = SETTINGS.model_copy(update={"query_consistency_timeout_s": 5.0})
+    follower = ChangeFollower(settings, RenderedReads(10))
+    follower.connected = True
+    pool = BehindPool()
+    token = PositionToken({TOPIC: {1: 8}})
+    follower.on_change(Change("datasets", 1, ((TOPIC, 1, 8),), frozenset()))
+    await wait_for(pool, settings, token, ("datasets",), follower)
+    assert pool.queries == 0  # known from the notifications: no query at all
+
+    later = PositionToken({TOPIC: {1: 20}})
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.05, follower.on_change, Change("datasets", 1, ((TOPIC, 1, 20),), frozenset()))
+    started = loop.time()
+    await wait_for(pool, settings, later, ("datasets",), follower)
+    assert loop.time() - started < settings.query_consistency_timeout_s  # woken, not timed out
+    assert pool.queries >= 1
+
+    follower.connected = False  # without notifications PostgreSQL is the only source: 504
+    short = settings.model_copy(update={"query_consistency_timeout_s": 0.1})
+    with pytest.raises(RequestProblem) as failed:
+        await wait_for(pool, short, PositionToken({TOPIC: {1: 21}}), ("datasets",), follower)
+    assert failed.value.status == 504
