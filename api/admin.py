@@ -48,6 +48,19 @@ async def list_projections(request: Request, pool: PoolDep) -> dict[str, Any]:
     return {"projections": found}
 
 
+@router.get("/read-cache", operation_id="getReadCache")
+async def read_cache(request: Request) -> dict[str, Any]:
+    """The single reads this API process keeps in memory (`api.readcache`): whether it
+    follows the projectors' change notifications (else every read goes to PostgreSQL),
+    its size and its hits, misses and answers kept since the process started."""
+    reads, follower = request.app.state.reads, request.app.state.changes
+    return {
+        "enabled": reads is not None,
+        "following_changes": follower.connected,
+        **(reads.stats() if reads is not None else {}),
+    }
+
+
 @router.get("/projections/{name}", operation_id="getProjection", responses=NOT_FOUND)
 async def get_projection(name: str, request: Request, pool: PoolDep) -> dict[str, Any]:
     """One projection's versions: state, rebuild progress (done/total, rate, ETA), workers."""

@@ -104,7 +104,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # what projectors commit, as they commit it: read-your-writes waits on it, and
         # the rendered reads kept in memory are dropped by it
         app.state.reads = (
-            RenderedReads(settings.query_cache_entries) if settings.query_cache_entries else None
+            RenderedReads(settings.query_cache_entries, settings.query_cache_mb << 20)
+            if settings.query_cache_entries
+            else None
         )
         app.state.changes = ChangeFollower(settings, app.state.reads)
         background = [asyncio.create_task(app.state.changes.run())]

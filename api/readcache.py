@@ -67,6 +67,7 @@ class Rendered:
     body: bytes
     etag: bytes
     generation: int
+    size: int
 
 
 class Lease:
@@ -79,10 +80,14 @@ class Lease:
 
 
 class RenderedReads:
-    """A bounded LRU of rendered answers per (projection, id), with leases."""
+    """A bounded LRU of rendered answers per (projection, id), with leases: at most
+    `capacity` answers and `max_bytes` of bodies and headers (one answer bigger than a
+    sixteenth of that is never kept)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, max_bytes: int = 64 << 20) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._entries: OrderedDict[Key, Rendered] = OrderedDict()
         self._leases: dict[Key, Lease] = {}
         self._generation: dict[str, int] = {}  # bumped to drop a whole projection at once
@@ -107,13 +112,15 @@ class RenderedReads:
         if self._leases.get(key) is not lease:
             return False
         del self._leases[key]
-        if lease.generation != self._generation.get(key[0], 0):
+        size = len(body) + sum(len(k) + len(v) for k, v in headers)
+        if lease.generation != self._generation.get(key[0], 0) or size > self.max_bytes // 16:
             return False
         etag = next((v for k, v in headers if k == b"etag"), b"")
-        self._entries[key] = Rendered(headers, body, etag, lease.generation)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        self._drop(key)
+        self._entries[key] = Rendered(headers, body, etag, lease.generation, size)
+        self.bytes += size
+        while len(self._entries) > self.capacity or self.bytes > self.max_bytes:
+            self.bytes -= self._entries.popitem(last=False)[1].size
         self.kept += 1
         return True
 
@@ -128,17 +135,34 @@ class RenderedReads:
             return
         for aggregate in aggregates:
             key = (projection, aggregate)
-            self._entries.pop(key, None)
+            self._drop(key)
             self._leases.pop(key, None)
+
+    def _drop(self, key: Key) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry.size
 
     def clear(self) -> None:
         for projection in {*self._generation, *(k[0] for k in self._entries)}:
             self.invalidate(projection, None)
         self._entries.clear()
         self._leases.clear()
+        self.bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "entries": len(self._entries),
+            "bytes": self.bytes,
+            "max_entries": self.capacity,
+            "max_bytes": self.max_bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+            "kept": self.kept,
+        }
 
 
 def _canonical(aggregate: str) -> str:

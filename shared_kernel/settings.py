@@ -81,6 +81,7 @@ class Settings(BaseSettings):
         description="rendered single-resource reads the API keeps in memory, dropped as projectors "
         "change them (0: every read goes to PostgreSQL); see api.readcache",
     )
+    query_cache_mb: int = Field(default=64, ge=1, description="memory for those reads, bodies and headers")
     kafka_fetch_max_wait_ms: int = Field(
         default=20,
         ge=1,

@@ -442,6 +442,11 @@ async def test_repeated_reads_come_from_memory_and_a_change_replaces_them(client
     r = await client.get(path, headers={"If-None-Match": '"1"'})
     assert r.status_code == 200
     assert r.json()["version"] == 2
+    stats = (await client.get("/api/v1/admin/read-cache")).json()
+    assert stats["enabled"] is True
+    assert stats["following_changes"] is True
+    assert stats["hits"] >= 3
+    assert 0 < stats["entries"] <= stats["max_entries"]
     old = await client.get(path, params={"as_of_version": 1})  # temporal reads are the route's
     assert old.json()["name"] == "Weather"
     assert "x-read-cache" not in old.headers

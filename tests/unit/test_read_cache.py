@@ -72,6 +72,23 @@ def test_the_newest_read_of_a_key_wins_and_the_cache_stays_bounded() -> None:
     assert reads.get(keys[-1]) is not None
 
 
+def test_the_cache_stays_within_its_memory() -> None:
+    reads = RenderedReads(100, max_bytes=16_000)
+    big = key()
+    assert not reads.keep(big, reads.lease(big), HEADERS, b"x" * 1_001)  # over a sixteenth
+    keys = [key() for _ in range(40)]
+    for k in keys:
+        assert reads.keep(k, reads.lease(k), HEADERS, b"x" * 900)
+    assert reads.bytes <= 16_000
+    assert len(reads) == 16_000 // (900 + sum(len(a) + len(b) for a, b in HEADERS))
+    assert reads.get(keys[-1]) is not None
+    assert reads.get(keys[0]) is None
+    reads.keep(keys[-1], reads.lease(keys[-1]), HEADERS, b"y" * 10)  # replaces, counted once
+    assert reads.bytes == sum(e.size for e in reads._entries.values())
+    reads.invalidate("datasets", frozenset({keys[-1][1]}))
+    assert reads.bytes == sum(e.size for e in reads._entries.values())
+
+
 def test_requests_the_cache_may_answer() -> None:
     ident = str(uuid.uuid4())
 
