@@ -248,46 +248,49 @@ class ChangeFollower:
         self._lost.set()
 
     async def run(self) -> None:
+        """Follow until cancelled; reconnect (with backoff) whenever the connection is lost."""
         delay = 0.5
         while True:
-            conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(
-                    self.settings.postgres_dsn,
-                    server_settings={
-                        "search_path": schema_name(self.settings),
-                        "application_name": f"{self.settings.service_name}:changes"[:63],
-                    },
-                )
-                self._lost.clear()
-                conn.add_termination_listener(self._terminated)
-                await conn.add_listener(self.channel, self._notified)
-                await self._load(conn)
-                self.reads.clear()
-                self.connected = True
-                log.info("following read model changes", extra={"channel": self.channel})
-                delay = 0.5
-                while not self._lost.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._lost.wait(), self.PING_S)
-                    if not self._lost.is_set():
-                        await asyncio.wait_for(conn.fetchval("SELECT 1"), self.PING_S)
-                raise ConnectionError("the connection following read model changes was lost")
+                await self._follow()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure: answer nothing from memory until back
-                if self.connected:
-                    log.warning(
-                        "read model changes not followed; reads go to PostgreSQL", extra={"error": repr(exc)}
-                    )
-                self.connected = False
-                self.reads.clear()
+                log.warning(
+                    "read model changes not followed; reads go to PostgreSQL", extra={"error": repr(exc)}
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.RETRY_MAX_S)
-            finally:
-                self.connected = False
-                if conn is not None and not conn.is_closed():
-                    conn.terminate()
+            else:
+                delay = 0.5
+
+    async def _follow(self) -> None:
+        conn = await asyncpg.connect(
+            self.settings.postgres_dsn,
+            server_settings={
+                "search_path": schema_name(self.settings),
+                "application_name": f"{self.settings.service_name}:changes"[:63],
+            },
+        )
+        try:
+            self._lost.clear()
+            conn.add_termination_listener(self._terminated)
+            await conn.add_listener(self.channel, self._notified)
+            await self._load(conn)
+            self.reads.clear()
+            self.connected = True
+            log.info("following read model changes", extra={"channel": self.channel})
+            while not self._lost.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lost.wait(), self.PING_S)
+                if not self._lost.is_set():
+                    await asyncio.wait_for(conn.fetchval("SELECT 1"), self.PING_S)
+            log.warning("the connection following read model changes was lost; reconnecting")
+        finally:
+            self.connected = False
+            self.reads.clear()  # notifications may be missed from here on
+            if not conn.is_closed():
+                conn.terminate()
 
     async def _load(self, conn: asyncpg.Connection) -> None:
         """The live versions and their positions, read after LISTEN in one snapshot:
