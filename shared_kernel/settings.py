@@ -49,8 +49,11 @@ class Settings(BaseSettings):
     projection_catch_up_behind: int = Field(
         default=50_000,
         ge=0,
-        description="a projector starting this many events behind first catches up by the bulk path "
-        "(replays, as a rebuild does); 0: never",
+        description="a projector starting, or falling, this many events behind catches up by the bulk "
+        "path (replays, as a rebuild does) before its Faust worker goes on; 0: never",
+    )
+    projection_lag_check_s: float = Field(
+        default=10.0, gt=0, description="how often a projector's supervisor checks its running worker's lag"
     )
     rebuild_swap_max_behind: int = Field(
         default=100, ge=0, description="a rebuilt version is swapped in once at most this many events behind"
@@ -122,6 +125,17 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [m.strip() for m in value.split(",") if m.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _catch_up_beyond_the_bulk_path(self) -> Settings:
+        # a catch-up hands over at rebuild_bulk_until_behind: starting one at or below
+        # that would hand a worker a lag that starts the next catch-up at once
+        if 0 < self.projection_catch_up_behind <= self.rebuild_bulk_until_behind:
+            raise ValueError(
+                "APP_PROJECTION_CATCH_UP_BEHIND must be 0 or above APP_REBUILD_BULK_UNTIL_BEHIND "
+                f"({self.projection_catch_up_behind} <= {self.rebuild_bulk_until_behind})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _refuse_unsafe_production_defaults(self) -> Settings:

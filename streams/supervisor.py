@@ -1,7 +1,10 @@
 """`cqrs run projector NAME`: keeps a Faust worker running for the live version of NAME.
 
 Before it starts a worker, a version far behind the head is first caught up by bulk
-replays (see `catch_up`).
+replays (see `catch_up`). A running worker that falls that far behind (a burst of
+events beyond what the Faust path applies, a stalled worker, a slow database) is
+stopped, the version caught up the same way, and a worker started again: the way a
+catch-up subscription drops from live to catching up and back.
 
 The worker of one version is a child process (`cqrs run projector NAME --version N`).
 When a rebuild swaps another version in, the supervisor starts that version's worker
@@ -102,9 +105,11 @@ async def stop_worker(proc: asyncio.subprocess.Process) -> None:
 async def supervise(settings: Settings, name: str, stop: asyncio.Event) -> None:
     await migrate(settings)
     pool = await create_pool(settings, min_size=1, max_size=1)
+    probe = LagProbe(settings)
     worker: asyncio.subprocess.Process | None = None
     running = 0
     pause = 0.5
+    next_check = time.monotonic() + settings.projection_lag_check_s
     try:
         await versions.register(pool, name)
         while not stop.is_set():
@@ -134,11 +139,46 @@ async def supervise(settings: Settings, name: str, stop: asyncio.Event) -> None:
                     await stop_worker(previous)  # the retired version's worker
             elif pause > 0.5:
                 pause = 0.5
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + settings.projection_lag_check_s
+                if await _fell_behind(settings, pool, probe, name, running):
+                    await stop_worker(worker)  # it commits what it applied: replays go on from there
+                    worker = None  # caught up, then started again, on the next turn
+                    continue
             await _sleep(stop, POLL_S)
     finally:
         if worker is not None:
             await stop_worker(worker)
+        await probe.stop()
         await pool.close()
+
+
+async def _behind(
+    settings: Settings, pool: asyncpg.Pool, probe: LagProbe, name: str, version: int
+) -> int | None:
+    """Events the version has still to apply, or None when Kafka or PostgreSQL cannot say."""
+    topics = [Topics(settings.topic_prefix).events(c) for c in PROJECTIONS[name].contexts]
+    try:
+        behind, _ = await version_lag(pool, probe, name, version, topics)
+    except Exception as exc:  # Kafka away: the worker waits for it anyway
+        log.warning("lag unknown", extra={"projection": name, "error": repr(exc)})
+        return None
+    return behind
+
+
+async def _fell_behind(
+    settings: Settings, pool: asyncpg.Pool, probe: LagProbe, name: str, version: int
+) -> bool:
+    if not settings.projection_catch_up_behind:
+        return False
+    behind = await _behind(settings, pool, probe, name, version)
+    if behind is None or behind < settings.projection_catch_up_behind:
+        return False
+    log.warning(
+        "worker fell far behind; handing over to the bulk path",
+        extra={"projection": name, "version": version, "behind": behind},
+    )
+    return True
 
 
 async def catch_up(
@@ -152,17 +192,12 @@ async def catch_up(
     advisory lock), or none configured, means nothing to do here."""
     if not settings.projection_catch_up_behind:
         return
-    projection = PROJECTIONS[name]
-    topics = [Topics(settings.topic_prefix).events(c) for c in projection.contexts]
     probe = LagProbe(settings)
     try:
-        behind, _ = await version_lag(pool, probe, name, version, topics)
-    except Exception as exc:  # Kafka away: the worker will wait for it anyway
-        log.warning("lag unknown; no catch-up", extra={"projection": name, "error": repr(exc)})
-        return
+        behind = await _behind(settings, pool, probe, name, version)
     finally:
         await probe.stop()
-    if behind < settings.projection_catch_up_behind:
+    if behind is None or behind < settings.projection_catch_up_behind:
         return
     async with pool.acquire() as conn:
         key = versions.lock_key(f"catch-up:{name}:{version}")

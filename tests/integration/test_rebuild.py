@@ -444,11 +444,11 @@ async def test_a_rebuild_after_a_code_change_serves_the_new_field(
     assert after.json()["title_length"] == len("twelve chars")
 
 
-async def test_a_projector_that_starts_far_behind_catches_up_in_bulk_then_follows_live_events(
+async def test_a_projector_far_behind_catches_up_in_bulk_then_follows_live_events_and_again_after_a_stall(
     side: WriteSide, client: httpx.AsyncClient
 ) -> None:
     # the events archive has had no worker in this module: all history is its backlog
-    env = {**side.env, "APP_PROJECTION_CATCH_UP_BEHIND": "100"}
+    env = {**side.env, "APP_PROJECTION_CATCH_UP_BEHIND": "100", "APP_PROJECTION_LAG_CHECK_S": "0.5"}
     supervisor = side.start_projector("events", env=env)
     history = await read_events(side.settings, ["incidents"])
     assert len(history) > 1000
@@ -478,3 +478,41 @@ async def test_a_projector_that_starts_far_behind_catches_up_in_bulk_then_follow
     )
     assert events.status_code == 200, events.text
     assert [e["event_type"] for e in events.json()["items"]] == ["incidents.IncidentOpened"]
+
+    # its worker stalls while a burst arrives: the supervisor sees it fall far behind,
+    # stops it, catches up in bulk again and starts a worker that follows live events
+    (worker,) = _children(supervisor.popen.pid)
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        burst = await asyncio.gather(
+            *(client.post("/api/v1/incidents", json={"title": f"burst {i}"}) for i in range(150))
+        )
+        assert [r.status_code for r in burst] == [201] * 150
+        await _until_logged(supervisor, "worker fell far behind; handing over to the bulk path")
+    finally:
+        os.kill(worker, signal.SIGCONT)  # it gets the supervisor's SIGTERM, and stops
+    await _until_logged(supervisor, "caught up by the bulk path", times=2)
+    r = await client.post("/api/v1/incidents", json={"title": "after the stall"})
+    events = await _until_consistent(
+        client, f"/api/v1/incidents/{r.json()['id']}/events", r.json()["position"]
+    )
+    assert [e["event_type"] for e in events.json()["items"]] == ["incidents.IncidentOpened"]
+    assert worker not in _children(supervisor.popen.pid)  # a new worker follows them
+    history = await read_events(side.settings, ["incidents"])
+    pool = await create_pool(side.settings)
+    try:
+        ids = {str(r["event_id"]) for r in await pool.fetch("SELECT event_id FROM events")}
+    finally:
+        await pool.close()
+    assert ids == {str(e["meta"].event_id) for e in history}
+    assert "bulk load failed" not in supervisor.log.read_text()
+
+
+async def _until_logged(proc: Proc, line: str, times: int = 1, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while proc.log.read_text().count(line) < times:
+        assert proc.popen.poll() is None, proc.log.read_text()[-3000:]
+        assert time.monotonic() < deadline, (
+            f"never logged {line!r} {times} time(s):\n{proc.log.read_text()[-3000:]}"
+        )
+        await asyncio.sleep(0.05)
