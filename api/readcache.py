@@ -189,6 +189,7 @@ class ChangeFollower:
         self.connected = False
         self._lost = asyncio.Event()
         self._changed = asyncio.Event()
+        self._held: list[Change] | None = None  # notifications delivered while loading
 
     def reached(self, projection: str, token: PositionToken) -> bool:
         """Has every batch of `projection` up to the token's positions committed?"""
@@ -238,11 +239,13 @@ class ChangeFollower:
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         try:
             change = Change.parse(payload)
-        except Exception as exc:  # a payload of another writer: forget everything, to be safe
+            if self._held is not None:
+                self._held.append(change)
+            else:
+                self.on_change(change)
+        except Exception as exc:  # e.g. a payload of another writer: forget everything, to be safe
             log.warning("unreadable change notification", extra={"error": repr(exc)})
             self.reads.clear()
-            return
-        self.on_change(change)
 
     def _terminated(self, _conn: Any) -> None:
         self._lost.set()
@@ -275,6 +278,7 @@ class ChangeFollower:
         try:
             self._lost.clear()
             conn.add_termination_listener(self._terminated)
+            self._held = []
             await conn.add_listener(self.channel, self._notified)
             await self._load(conn)
             self.reads.clear()
@@ -288,14 +292,17 @@ class ChangeFollower:
             log.warning("the connection following read model changes was lost; reconnecting")
         finally:
             self.connected = False
+            self._held = None
             self.reads.clear()  # notifications may be missed from here on
             if not conn.is_closed():
                 conn.terminate()
 
     async def _load(self, conn: asyncpg.Connection) -> None:
-        """The live versions and their positions, read after LISTEN in one snapshot:
-        notifications delivered before it are of commits it sees; PostgreSQL holds back
-        the others until the snapshot's transaction ends, so they apply after it."""
+        """The live versions and their positions, read after LISTEN in one snapshot.
+        Notifications delivered meanwhile are held and applied after it, in order: those
+        of commits the snapshot saw change nothing (positions only grow, a swap only
+        forgets), those of later commits (PostgreSQL sends them as the snapshot's
+        transaction ends, before its COMMIT returns) bring it up to date."""
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             live = await conn.fetch(
                 "SELECT projection, version FROM projection_versions WHERE state = 'live'"
@@ -310,6 +317,9 @@ class ChangeFollower:
         for r in rows:
             positions.setdefault(r["projection"], {})[(r["topic"], r["partition"])] = r["next_offset"]
         self.positions = positions
+        held, self._held = self._held or [], None
+        for change in held:
+            self.on_change(change)
 
 
 def _request(scope: Scope) -> tuple[Key, str | None, bytes | None] | None:
@@ -317,6 +327,9 @@ def _request(scope: Scope) -> tuple[Key, str | None, bytes | None] | None:
     if scope["type"] != "http" or scope["method"] != "GET":
         return None
     path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):  # served under a prefix (--root-path): the route's path
+        path = path[len(root) :]
     prefix = next((p for p in CACHED_ROUTES if path.startswith(p)), None)
     if prefix is None:
         return None
@@ -335,12 +348,15 @@ def _request(scope: Scope) -> tuple[Key, str | None, bytes | None] | None:
         if len(params) != 1 or params[0][0] != "consistent_with":
             return None
         token = params[0][1] or None
+    header_token: bytes | None = None
     if_none_match: bytes | None = None
-    for name, value in scope["headers"]:
-        if name == b"x-consistency-token" and token is None:
-            token = value.decode("latin-1") or None
-        elif name == b"if-none-match":
+    for name, value in scope["headers"]:  # the first of each, as the route reads them
+        if name == b"x-consistency-token" and header_token is None:
+            header_token = value
+        elif name == b"if-none-match" and if_none_match is None:
             if_none_match = value
+    if token is None and header_token:
+        token = header_token.decode("latin-1")
     return (projection, canonical), token, if_none_match
 
 

@@ -122,7 +122,7 @@ async def wait_for(
             await asyncio.sleep(POLL_S)
             continue
         recheck = min(time.monotonic() + RECHECK_S, deadline)
-        while time.monotonic() < recheck and follower.connected:
+        while follower.connected and not follower.reached_all(names, token) and time.monotonic() < recheck:
             await follower.changed(recheck - time.monotonic())
-            if follower.reached_all(names, token):
-                return
+        if follower.reached_all(names, token):
+            return

@@ -98,7 +98,7 @@ import orjson
 
 from bench.generator import dataset_events
 from bench.results import RESULTS, show, summary_ms, write
-from projections.changes import applied_payload, channel
+from projections.changes import channel, notify_applied
 from projections.db import create_pool, migrate, schema_name
 from projections.events import Record, decode
 from projections.postgres import DatasetsProjection
@@ -580,7 +580,7 @@ async def change(settings: Settings, ids: list[str], per_s: int, until: float, l
         next_at = time.perf_counter()
         while time.perf_counter() < until:
             picked = rng.sample(ids, max(1, round(per_s * tick)))
-            await conn.execute("SELECT pg_notify($1, $2)", chan, applied_payload("datasets", 1, {}, picked))
+            await notify_applied(conn, chan, "datasets", 1, {}, picked)
             level.changes += len(picked)
             next_at += tick
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import orjson
@@ -46,22 +47,37 @@ class Change:
             version=int(body["v"]),
             positions=tuple((str(t), int(p), int(o)) for t, p, o in body.get("at", ())),
             aggregates=None if keys is None else frozenset(map(str, keys)),
-            live=body.get("live"),
+            live=None if body.get("live") is None else int(body["live"]),
         )
 
 
-def applied_payload(
-    projection: str, version: int, ends: Mapping[tuple[str, int], int], aggregates: Iterable[str]
-) -> str:
+def applied_payloads(
+    projection: str, version: int, ends: Mapping[tuple[str, int], int], aggregates: Iterable[str] | None
+) -> list[str]:
+    """The notifications of one batch: its positions, in as many payloads as PostgreSQL's
+    limit needs (all are delivered together, at its commit), the first naming the
+    aggregates it touched, or null when they are too many to name or unknown."""
+    named = None if aggregates is None else set(aggregates)
     positions = [[t, p, o] for (t, p), o in sorted(ends.items())]
-    named = set(aggregates)
     # a uuid takes 39 bytes in the list: a bulk batch's thousands are not even encoded
-    body = {"p": projection, "v": version, "at": positions, "a": sorted(named) if len(named) < 200 else None}
-    text = orjson.dumps(body).decode()
-    if len(text) > PAYLOAD_MAX:
-        body["a"] = None
-        text = orjson.dumps(body).decode()
-    return text
+    first: dict[str, Any] = {"p": projection, "v": version, "at": positions}
+    first["a"] = sorted(named) if named is not None and len(named) < 200 else None
+    text = orjson.dumps(first).decode()
+    if len(text) <= PAYLOAD_MAX:
+        return [text]
+    if first["a"] is not None:
+        first["a"] = None
+        text = orjson.dumps(first).decode()
+        if len(text) <= PAYLOAD_MAX:
+            return [text]
+    # many partitions: their positions in chunks, the aggregates ("any") in the first
+    chunk = max(1, len(positions) * PAYLOAD_MAX // len(text) - 1)
+    return [
+        orjson.dumps(
+            {"p": projection, "v": version, "at": positions[i : i + chunk], "a": None if i == 0 else []}
+        ).decode()
+        for i in range(0, len(positions), chunk)
+    ]
 
 
 async def notify_applied(
@@ -70,12 +86,17 @@ async def notify_applied(
     projection: str,
     version: int,
     ends: Mapping[tuple[str, int], int],
-    aggregates: Iterable[str],
+    aggregates: Iterable[str] | None,
 ) -> None:
     """In the batch's transaction: tell listeners what it changes once it commits."""
-    await conn.execute(
-        "SELECT pg_notify($1, $2)", channel_name, applied_payload(projection, version, ends, aggregates)
-    )
+    for payload in applied_payloads(projection, version, ends, aggregates):
+        await conn.execute("SELECT pg_notify($1, $2)", channel_name, payload)
+
+
+def queue_full(exc: BaseException) -> bool:
+    """PostgreSQL's notification queue is full (a listener that reads nothing holds it):
+    a commit fails until it drains, which is no fault of the batch."""
+    return isinstance(exc, asyncpg.ProgramLimitExceededError) and "NOTIFY queue" in str(exc)
 
 
 async def notify_swapped(conn: asyncpg.Connection, channel_name: str, projection: str, live: int) -> None:

@@ -75,6 +75,13 @@ class Projection:
     def remember(self, rows: int) -> None:
         """How many rows to keep in memory between batches (a replay keeps more)."""
 
+    def touched(self, events: list[StoredEvent]) -> set[str] | None:
+        """The ids of the rows readers see that applying `events` may change, or None for
+        "any": told to readers with the batch (`projections.changes`), so what they keep
+        of these rows is dropped. A projection keyed otherwise than by aggregate id, or
+        one denormalising other aggregates, says so here."""
+        return None
+
     async def begin_load(self, settings: Settings) -> None:
         """A replay starts loading this version (e.g. pause an index's refreshes)."""
 
@@ -203,6 +210,9 @@ class FoldedRows(Projection):
 
     def remember(self, rows: int) -> None:
         self.known.size = rows
+
+    def touched(self, events: list[StoredEvent]) -> set[str] | None:
+        return {str(_uuid_key(e)) for e in events if e.name in self.evolvers}
 
     async def apply(self, conn: asyncpg.Connection, events: list[StoredEvent]) -> None:
         changed = await self._fold(conn, events)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from projections.changes import channel, notify_applied
+from projections.changes import channel, notify_applied, queue_full
 from projections.db import schema_of
 from projections.events import Record, StoredEvent, decode
 from projections.postgres import Projection
@@ -79,10 +79,8 @@ class Projector:
         try:
             try:
                 await self._apply(events, records, outcome, bulk=self.bulk)
-            except (asyncpg.PostgresConnectionError, OSError):
-                raise
             except Exception as exc:
-                if not self.bulk:
+                if not self.bulk or unavailable(exc):
                     raise
                 # e.g. a COPY that met a row already there: the batch again, row by row
                 log.warning(
@@ -91,9 +89,9 @@ class Projector:
                 )
                 outcome.applied = 0
                 await self._apply(events, records, outcome)
-        except (asyncpg.PostgresConnectionError, OSError):
-            raise  # the database is away: nothing applied, the batch comes again
         except Exception as exc:
+            if unavailable(exc):
+                raise  # the database is away: nothing applied, the batch comes again
             # One bad event must not stop the projection: find it by applying one by one.
             log.warning(
                 "batch failed; applying its events one by one",
@@ -103,9 +101,9 @@ class Projector:
             for e in events:
                 try:
                     await self._apply([e], [], outcome)
-                except (asyncpg.PostgresConnectionError, OSError):
-                    raise
                 except Exception as one_exc:
+                    if unavailable(one_exc):
+                        raise
                     outcome.dead.append((_record_of(records, e), f"{type(one_exc).__name__}: {one_exc}"))
             await self._apply([], records, outcome)  # positions and counters of the whole batch
         if log.isEnabledFor(logging.DEBUG):
@@ -179,7 +177,7 @@ class Projector:
                             self.projection.name,
                             self.projection.version,
                             {k: end for k, (end, _) in ends.items()},
-                            (e.meta.aggregate_id for e in events),
+                            self.projection.touched(events),
                         )
             except BaseException:
                 self.projection.rolled_back()
@@ -214,6 +212,12 @@ class Projector:
             len(outcome.dead),
             last_error,
         )
+
+
+def unavailable(exc: BaseException) -> bool:
+    """The database cannot take any batch now (away, or its notification queue full):
+    the batch is retried as it is, never taken apart into dead letters."""
+    return isinstance(exc, (asyncpg.PostgresConnectionError, OSError)) or queue_full(exc)
 
 
 def _ends(records: Sequence[Record]) -> dict[tuple[str, int], tuple[int, int]]:

@@ -18,7 +18,7 @@ import pytest
 from aiokafka import TopicPartition
 
 from api.readcache import ChangeFollower, RenderedReads
-from projections.changes import applied_payload, channel
+from projections.changes import channel, notify_applied
 from projections.db import create_pool, schema_name
 from projections.events import Record
 from projections.projector import Projector
@@ -457,22 +457,21 @@ async def test_a_lost_change_follower_forgets_what_it_kept(side: WriteSide) -> N
     reads = RenderedReads(100)
     follower = ChangeFollower(settings, reads)
     running = asyncio.create_task(follower.run())
-    schema_channel = channel(schema_name(settings))
     conn = await asyncpg.connect(settings.postgres_dsn)
     try:
         await _until(lambda: follower.connected)
         k = ("datasets", str(uuid.uuid4()))
 
         async def change_it() -> None:
-            await conn.execute(
-                "SELECT pg_notify($1, $2)", schema_channel, applied_payload("datasets", 1, {}, [k[1]])
-            )
+            await notify_applied(conn, channel(schema_name(settings)), "datasets", 1, {}, [k[1]])
 
         assert reads.keep(k, reads.lease(k), [], b"v1")
         await change_it()
         await _until(lambda: reads.get(k) is None)  # a change, through PostgreSQL's LISTEN
 
         assert reads.keep(k, reads.lease(k), [], b"v2")
+        # the connection is lost, and PostgreSQL refuses new ones for a while
+        follower.settings = settings.model_copy(update={"postgres_dsn": f"{settings.postgres_dsn}_gone"})
         killed = await conn.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
             f"{settings.service_name}:changes",
@@ -480,6 +479,7 @@ async def test_a_lost_change_follower_forgets_what_it_kept(side: WriteSide) -> N
         assert killed == 1
         await _until(lambda: not follower.connected)
         await change_it()  # nobody listens: this notification is lost
+        follower.settings = settings
         await _until(lambda: follower.connected)
         assert reads.get(k) is None  # so what was kept is gone
     finally:
@@ -508,6 +508,7 @@ async def test_reads_under_concurrent_changes_never_miss_a_write_nor_step_back(
         assert r.status_code == 200  # readers without a token start once it is there
         datasets.append(created["id"])
     latest = dict.fromkeys(datasets, 1)
+    tokens = dict.fromkeys(datasets, "")
     hits = 0
     writing = True
 
@@ -516,7 +517,7 @@ async def test_reads_under_concurrent_changes_never_miss_a_write_nor_step_back(
             r = await client.patch(f"/api/v1/datasets/{ident}", json={"description": f"change {n}"})
             assert r.status_code == 200, r.text
             version, token = r.json()["version"], r.json()["position"]
-            latest[ident] = max(latest[ident], version)
+            latest[ident], tokens[ident] = version, token  # one writer per dataset
             read = await client.get(f"/api/v1/datasets/{ident}", headers={"X-Consistency-Token": token})
             assert read.json()["version"] >= version  # its own write, from memory or not
 
@@ -542,6 +543,8 @@ async def test_reads_under_concurrent_changes_never_miss_a_write_nor_step_back(
         await asyncio.gather(*readers)
     assert hits > 0  # the memory answered some of them
     for ident in datasets:
-        final = await _until_cached(client, f"/api/v1/datasets/{ident}")
+        final = await _until_cached(
+            client, f"/api/v1/datasets/{ident}", **{"X-Consistency-Token": tokens[ident]}
+        )
         assert final.json()["version"] == latest[ident] == 13
         assert final.json()["description"] == "change 11"

@@ -11,12 +11,13 @@ import uuid
 from collections.abc import MutableMapping
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
 
 from api.errors import RequestProblem
 from api.readcache import CachedReads, ChangeFollower, RenderedReads, _request
-from projections.changes import PAYLOAD_MAX, Change, applied_payload
+from projections.changes import PAYLOAD_MAX, Change, applied_payloads
 from shared_kernel.position import PositionToken
 from shared_kernel.settings import Settings
 
@@ -113,6 +114,14 @@ def test_requests_the_cache_may_answer() -> None:
         f"/api/v1/datasets/{ident}", headers=[(b"x-consistency-token", b"t"), (b"if-none-match", b'"3"')]
     )
     assert _request(header) == (("datasets", ident), "t", b'"3"')
+    twice = [(b"x-consistency-token", b""), (b"x-consistency-token", b"t"), (b"if-none-match", b'"1"')]
+    assert _request(scope(f"/api/v1/datasets/{ident}", headers=[*twice, (b"if-none-match", b'"2"')])) == (
+        ("datasets", ident),
+        None,  # the first header is the route's too: empty, so no token
+        b'"1"',
+    )
+    under = {**scope(f"/svc/api/v1/datasets/{ident}"), "root_path": "/svc"}
+    assert _request(under) == (("datasets", ident), None, None)
     # everything else is the route's: temporal reads, other routes, ids spelled otherwise
     assert _request(scope(f"/api/v1/datasets/{ident}", b"as_of_version=2")) is None
     assert _request(scope(f"/api/v1/datasets/{ident}", b"consistent_with=a&consistent_with=b")) is None
@@ -158,12 +167,26 @@ def test_a_change_drops_its_aggregates_and_a_swap_forgets_positions() -> None:
 
 def test_a_notification_names_its_aggregates_or_says_anything_changed() -> None:
     ends = {(TOPIC, 0): 10, (TOPIC, 1): 4}
-    few = Change.parse(applied_payload("datasets", 1, ends, ["b", "a", "a"]))
-    assert few == Change("datasets", 1, ((TOPIC, 0, 10), (TOPIC, 1, 4)), frozenset({"a", "b"}))
-    many = applied_payload("datasets", 1, ends, (str(uuid.uuid4()) for _ in range(1000)))
-    assert len(many.encode()) <= PAYLOAD_MAX
+    (few,) = applied_payloads("datasets", 1, ends, ["b", "a", "a"])
+    assert Change.parse(few) == Change("datasets", 1, ((TOPIC, 0, 10), (TOPIC, 1, 4)), frozenset({"a", "b"}))
+    (many,) = applied_payloads("datasets", 1, ends, (str(uuid.uuid4()) for _ in range(1000)))
     assert Change.parse(many).aggregates is None
     assert orjson.loads(many)["at"] == [[TOPIC, 0, 10], [TOPIC, 1, 4]]
+    (unknown,) = applied_payloads("events", 1, ends, None)
+    assert Change.parse(unknown).aggregates is None
+
+
+def test_a_batch_over_many_partitions_is_told_in_several_notifications() -> None:
+    topic = "acme-production-eu-west-1.data-platform.events.datasets"
+    ends = {(topic, p): 1_000_000 + p for p in range(300)}
+    payloads = applied_payloads("datasets", 1, ends, [str(uuid.uuid4()) for _ in range(5)])
+    assert len(payloads) > 1
+    assert all(len(p.encode()) <= PAYLOAD_MAX for p in payloads)
+    changes = [Change.parse(p) for p in payloads]
+    assert sorted(at for c in changes for at in c.positions) == sorted(
+        (t, p, o) for (t, p), o in ends.items()
+    )
+    assert changes[0].aggregates is None  # "anything": too much to name with the positions
 
 
 class Route:
@@ -319,10 +342,57 @@ async def test_a_token_wait_ends_with_the_notification_of_its_batch() -> None:
     started = loop.time()
     await wait_for(pool, settings, later, ("datasets",), follower)
     assert loop.time() - started < settings.query_consistency_timeout_s  # woken, not timed out
-    assert pool.queries >= 1
+    assert pool.queries == 1  # by the notification, before PostgreSQL was asked again
 
     follower.connected = False  # without notifications PostgreSQL is the only source: 504
     short = settings.model_copy(update={"query_consistency_timeout_s": 0.1})
     with pytest.raises(RequestProblem) as failed:
         await wait_for(pool, short, PositionToken({TOPIC: {1: 21}}), ("datasets",), follower)
     assert failed.value.status == 504
+
+
+class LoadingConnection:
+    """A listening connection whose snapshot of the live versions predates a swap that
+    commits while it loads: PostgreSQL delivers the swap's notification mid-load."""
+
+    def __init__(self, follower: ChangeFollower, swap: str) -> None:
+        self.follower, self.swap = follower, swap
+
+    def transaction(self, **_: Any) -> Any:
+        return _NoTransaction()
+
+    async def fetch(self, query: str) -> list[dict[str, Any]]:
+        if "projection_versions" in query and "projection_positions" not in query:
+            return [{"projection": "datasets", "version": 1}]
+        self.follower._notified(None, 0, "", self.swap)  # delivered before the COMMIT returns
+        return [{"projection": "datasets", "topic": TOPIC, "partition": 0, "next_offset": 50}]
+
+
+class _NoTransaction:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *_: object) -> None:
+        return None
+
+
+@pytest.mark.asyncio
+async def test_a_swap_notified_while_the_follower_loads_is_not_lost() -> None:
+    reads = RenderedReads(10)
+    follower = ChangeFollower(SETTINGS, reads)
+    follower._held = []  # as `_follow` does before LISTEN
+    swap = orjson.dumps({"p": "datasets", "v": 2, "live": 2}).decode()
+    await follower._load(LoadingConnection(follower, swap))
+    assert follower.live["datasets"] == 2
+    assert not follower.reached("datasets", PositionToken({TOPIC: {0: 1}}))  # v1's positions forgotten
+    follower.on_change(Change("datasets", 1, ((TOPIC, 0, 90),), frozenset()))  # the retired one
+    assert not follower.reached("datasets", PositionToken({TOPIC: {0: 60}}))
+
+
+def test_a_full_notification_queue_is_no_fault_of_the_batch() -> None:
+    from projections.projector import unavailable
+
+    assert unavailable(asyncpg.ProgramLimitExceededError("too many notifications in the NOTIFY queue"))
+    assert not unavailable(asyncpg.ProgramLimitExceededError("index row size 9000 exceeds maximum 2712"))
+    assert unavailable(ConnectionResetError())
+    assert not unavailable(ValueError("a poison event"))
