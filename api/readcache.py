@@ -177,7 +177,7 @@ class ChangeFollower:
     committed (per partition), and which cached answers that makes stale."""
 
     RETRY_MAX_S = 5.0
-    PING_S = 5.0
+    PING_S = 2.0  # a half-open connection is noticed within two of these
 
     def __init__(self, settings: Settings, reads: RenderedReads | None = None) -> None:
         self.settings = settings
