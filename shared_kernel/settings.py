@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     )
     command_batch_max: int = Field(default=500, ge=1)
     projection_batch_max: int = Field(default=1000, ge=1, description="events per projection transaction")
+    projection_batch_wait_ms: int = Field(
+        default=10,
+        ge=1,
+        le=1000,
+        description="longest a Faust worker waits to fill a batch: the latency it adds to a lone event",
+    )
     projection_modules: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="modules that register projections of the deployment (comma-separated)",

@@ -157,7 +157,10 @@ class ProjectionApp:
             },
         )
         try:
-            async for events in stream.take_events(self.settings.projection_batch_max, within=0.05):
+            batches = stream.take_events(
+                self.settings.projection_batch_max, within=self.settings.projection_batch_wait_ms / 1000
+            )
+            async for events in batches:
                 # Faust acks a batch when this iteration ends, however it ends (even when
                 # the worker is stopping or the agent crashes), and then commits its
                 # offsets: so an iteration ends only once its batch is applied, or the
