@@ -5,7 +5,8 @@ beside a bare Starlette app answering constant JSON of the same size.
   prefix; its read models live in the PostgreSQL schema named after the prefix
   (`projections.db.migrate`). `BENCH_S4_DATASETS` datasets are seeded straight into
   `datasets_v1` by the real `DatasetsProjection` from realistic events made by the real
-  aggregate (`bench.generator`), so no Kafka processor or projector runs.
+  aggregate (`bench.generator`), so no Kafka processor or projector runs. The prefix's
+  topics exist (as in a deployment), so the API's live feed follows them as it would.
   It keeps rendered answers in memory (`api.readcache`, on by default) and serves
   repeated reads from there until a projector's change notification drops them.
 - **ours while datasets change**: the same API while `BENCH_S4_CHANGES_PER_S` (500)
@@ -106,7 +107,7 @@ from projections.search import alias_name, search_client
 from shared_kernel import kafka
 from shared_kernel.avro import AvroCodec
 from shared_kernel.settings import Settings
-from shared_kernel.topics import Topics
+from shared_kernel.topics import Topics, contract_topics, ensure_topics
 
 LEVELS = [int(x) for x in os.environ.get("BENCH_S4_CLIENTS", "16,64").split(",")]
 SECONDS = float(os.environ.get("BENCH_S4_SECONDS", "5"))
@@ -691,6 +692,10 @@ async def run(base: Settings) -> dict[str, Any]:
     try:
         print(f"S4: seeding {DATASETS:,} datasets into schema {schema_name(settings)}", flush=True)
         ids = await seed(settings, DATASETS)
+        # the prefix's topics exist, as in a deployment: the API's live feed is assigned
+        # to them (while they are missing it asks Kafka for the whole cluster's metadata
+        # every second, which is not what a deployment's API does)
+        await ensure_topics(settings, contract_topics(settings, ["datasets", "incidents"]))
         cqrs = str(Path(sys.executable).parent / "cqrs")
         ours = _spawn("api", [cqrs, "serve", "api"], env, workdir)
         servers.append(ours)
