@@ -52,6 +52,7 @@ async def _connect_read_models(app: FastAPI, settings: Settings) -> None:
             await migrate(settings)  # the tables exist before any projector has run
             app.state.pool = await create_pool(settings, min_size=2, max_size=10, reset=keep_session)
             log.info("connected to the read models")
+            app.state.follows = asyncio.create_task(app.state.changes.run())  # its tables exist now
             return
         except (OSError, asyncpg.PostgresError) as exc:
             log.warning("PostgreSQL unreachable; retrying", extra={"error": repr(exc), "retry_in_s": delay})
@@ -109,15 +110,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             else None
         )
         app.state.changes = ChangeFollower(settings, app.state.reads)
-        background = [asyncio.create_task(app.state.changes.run())]
-        background.append(asyncio.create_task(_connect_read_models(app, settings)))
+        app.state.follows = None
+        background = [asyncio.create_task(_connect_read_models(app, settings))]
         background.append(asyncio.create_task(_connect_search(app, settings)))
         await bus.start()
         background.append(asyncio.create_task(_connect_producer(bus)))
         try:
             yield
         finally:
-            for task in (*background, *app.state.rebuilds):
+            for task in (
+                *background,
+                *([app.state.follows] if app.state.follows else []),
+                *app.state.rebuilds,
+            ):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
