@@ -46,18 +46,19 @@ async def _connect_producer(bus: CommandBus) -> None:
 
 
 async def _connect_read_models(app: FastAPI, settings: Settings) -> None:
+    """Migrate and open the pool, then follow the projectors' changes (until shutdown)."""
     delay = 0.5
     while True:
         try:
             await migrate(settings)  # the tables exist before any projector has run
             app.state.pool = await create_pool(settings, min_size=2, max_size=10, reset=keep_session)
             log.info("connected to the read models")
-            app.state.follows = asyncio.create_task(app.state.changes.run())  # its tables exist now
-            return
+            break
         except (OSError, asyncpg.PostgresError) as exc:
             log.warning("PostgreSQL unreachable; retrying", extra={"error": repr(exc), "retry_in_s": delay})
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10)
+    await app.state.changes.run()  # its tables exist now
 
 
 async def _connect_search(app: FastAPI, settings: Settings) -> None:
@@ -110,7 +111,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             else None
         )
         app.state.changes = ChangeFollower(settings, app.state.reads)
-        app.state.follows = None
         background = [asyncio.create_task(_connect_read_models(app, settings))]
         background.append(asyncio.create_task(_connect_search(app, settings)))
         await bus.start()
@@ -118,11 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            for task in (
-                *background,
-                *([app.state.follows] if app.state.follows else []),
-                *app.state.rebuilds,
-            ):
+            for task in (*background, *app.state.rebuilds):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

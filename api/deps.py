@@ -15,6 +15,12 @@ from commands.bus import CommandBus
 _ETAG = re.compile(r'^(?:W/)?"?(\d{1,18})"?$')
 
 
+def etag_named(if_none_match: str, etag: str) -> bool:
+    """Does an `If-None-Match` header name this ETag (weak or strong, or `*`)?"""
+    tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+    return etag in tags or "*" in tags
+
+
 async def get_bus(request: Request) -> CommandBus:
     bus: CommandBus = request.app.state.bus
     return bus

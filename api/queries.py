@@ -15,6 +15,7 @@ from uuid import UUID
 import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
 
+from api.deps import etag_named
 from api.errors import NotModified, RequestProblem
 from api.readmodels import PoolDep, TokenDep, consistent, wait_for
 from api.schemas import ErrorBody
@@ -90,10 +91,8 @@ async def _one(
 def _etag(response: Response, version: int, if_none_match: str | None) -> None:
     """`ETag` = the version; 304 when the caller's `If-None-Match` names it already."""
     etag = f'"{version}"'
-    if if_none_match is not None:
-        tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
-        if etag in tags or "*" in tags:
-            raise NotModified(etag)
+    if if_none_match is not None and etag_named(if_none_match, etag):
+        raise NotModified(etag)
     response.headers["ETag"] = etag
 
 

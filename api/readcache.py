@@ -45,6 +45,7 @@ from uuid import UUID
 import asyncpg
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.deps import etag_named
 from projections.changes import Change, channel
 from projections.db import schema_name
 from projections.registry import PROJECTIONS
@@ -144,8 +145,7 @@ class RenderedReads:
             self.bytes -= entry.size
 
     def clear(self) -> None:
-        for projection in {*self._generation, *(k[0] for k in self._entries)}:
-            self.invalidate(projection, None)
+        """Forget everything; reads in flight keep nothing (their leases are gone)."""
         self._entries.clear()
         self._leases.clear()
         self.bytes = 0
@@ -360,11 +360,6 @@ def _request(scope: Scope) -> tuple[Key, str | None, bytes | None] | None:
     return (projection, canonical), token, if_none_match
 
 
-def _matches(if_none_match: bytes, etag: bytes) -> bool:
-    tags = [t.strip().removeprefix(b"W/") for t in if_none_match.split(b",")]
-    return b"*" in tags or etag in tags
-
-
 class CachedReads:
     """ASGI middleware answering cached single-resource reads (see the module's doc).
     It finds its cache and follower on `app.state.reads` / `app.state.changes`."""
@@ -392,7 +387,11 @@ class CachedReads:
                 return
         entry = reads.get(key)
         if entry is not None:
-            if if_none_match is not None and entry.etag and _matches(if_none_match, entry.etag):
+            if (
+                if_none_match is not None
+                and entry.etag
+                and etag_named(if_none_match.decode("latin-1"), entry.etag.decode("latin-1"))
+            ):
                 headers = [(b"etag", entry.etag), *HIT]
                 await send({"type": "http.response.start", "status": 304, "headers": headers})
                 await send({"type": "http.response.body", "body": b""})
