@@ -17,8 +17,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from api.errors import ReadModelsUnavailable, RequestProblem
-from api.queries import NOT_FOUND
 from api.readmodels import PoolDep
+from api.reads import READ_RESPONSES
 from projections import versions
 from projections.registry import PROJECTIONS
 from projections.status import describe, overview
@@ -35,7 +35,7 @@ def _known(name: str) -> None:
         raise RequestProblem(404, "not_found", f"no projection {name!r}; known: {', '.join(PROJECTIONS)}")
 
 
-@router.get("/projections", operation_id="listProjections", responses=NOT_FOUND)
+@router.get("/projections", operation_id="listProjections", responses=READ_RESPONSES)
 async def list_projections(request: Request, pool: PoolDep) -> dict[str, Any]:
     """Every projection: its live version, how far it is behind (events and seconds,
     per partition too), events applied and dead-lettered, the last error, a rebuild."""
@@ -61,7 +61,7 @@ async def read_cache(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/projections/{name}", operation_id="getProjection", responses=NOT_FOUND)
+@router.get("/projections/{name}", operation_id="getProjection", responses=READ_RESPONSES)
 async def get_projection(name: str, request: Request, pool: PoolDep) -> dict[str, Any]:
     """One projection's versions: state, rebuild progress (done/total, rate, ETA), workers."""
     _known(name)
@@ -72,7 +72,7 @@ async def get_projection(name: str, request: Request, pool: PoolDep) -> dict[str
     "/projections/{name}/rebuild",
     operation_id="rebuildProjection",
     status_code=202,
-    responses={**NOT_FOUND, 409: {"description": "A rebuild of this projection is running."}},
+    responses={**READ_RESPONSES, 409: {"description": "A rebuild of this projection is running."}},
 )
 async def rebuild_projection(name: str, request: Request) -> JSONResponse:
     """Start replaying the projection from offset 0 into its next version (or resume an
@@ -101,7 +101,7 @@ async def rebuild_projection(name: str, request: Request) -> JSONResponse:
     )
 
 
-@router.get("/projections/{name}/rebuilds/{rebuild_id}", operation_id="getRebuild", responses=NOT_FOUND)
+@router.get("/projections/{name}/rebuilds/{rebuild_id}", operation_id="getRebuild", responses=READ_RESPONSES)
 async def get_rebuild(name: str, rebuild_id: int, pool: PoolDep) -> dict[str, Any]:
     """A rebuild (the version it builds): state, events done of total, rate, ETA."""
     _known(name)
@@ -135,7 +135,7 @@ def _finished(tasks: set[asyncio.Task[Any]]) -> Any:
 @router.post(
     "/projections/{name}/rollback",
     operation_id="rollbackProjection",
-    responses={**NOT_FOUND, 409: {"description": "There is no retired version to return to."}},
+    responses={**READ_RESPONSES, 409: {"description": "There is no retired version to return to."}},
 )
 async def rollback_projection(name: str, request: Request, pool: PoolDep) -> dict[str, Any]:
     """Swap the previous (retired) version back in; it catches up from where it stopped."""

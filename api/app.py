@@ -16,13 +16,16 @@ from aiokafka.errors import KafkaError
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from api import admin, errors, health, queries, search, subscriptions
-from api.datasets import commands as dataset_commands
-from api.incidents import commands as incident_commands
-from api.readcache import CachedReads, ChangeFollower, RenderedReads
+from api import admin, errors, health, subscriptions
+from api.changes import ChangeFollower, ChangeListener
+from api.consistency import CommittedPositions
+from api.readcache import CachedReads
+from api.registry import CONTEXTS, cached_routes
+from api.rendered import RenderedReads
 from commands.bus import CommandBus
-from projections.db import create_pool, keep_session, migrate
+from projections.db import create_pool, keep_session
 from projections.lag import LagProbe
+from projections.migrations import migrate
 from projections.registry import PROJECTIONS
 from projections.search import SearchProjection, alias_name, ensure_index, index_name, search_client
 from shared_kernel import kafka
@@ -110,7 +113,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if settings.query_cache_entries
             else None
         )
-        app.state.changes = ChangeFollower(settings, app.state.reads)
+        app.state.positions = CommittedPositions(settings.topic_prefix)
+        listeners: list[ChangeListener] = [app.state.positions]
+        if app.state.reads is not None:
+            listeners.append(app.state.reads)
+        app.state.changes = ChangeFollower(settings, *listeners)
         background = [asyncio.create_task(_connect_read_models(app, settings))]
         background.append(asyncio.create_task(_connect_search(app, settings)))
         await bus.start()
@@ -139,12 +146,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
-    app.add_middleware(CachedReads)
+    app.add_middleware(CachedReads, routes=cached_routes())
     app.include_router(health.router)
-    app.include_router(dataset_commands.router)
-    app.include_router(incident_commands.router)
-    app.include_router(queries.router)
-    app.include_router(search.router)
+    for context in CONTEXTS:
+        for router in context.routers:
+            app.include_router(router)
     app.include_router(admin.router)
     subscriptions.install(app)
     return app

@@ -16,14 +16,14 @@ from typing import Annotated, Any
 import asyncpg
 from fastapi import Depends, Header, Query, Request
 
+from api.consistency import CommittedPositions
 from api.errors import ReadModelsUnavailable, RequestProblem
-from api.readcache import ChangeFollower
 from projections.registry import PROJECTIONS
 from shared_kernel.position import InvalidToken, PositionToken
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics
 
-POLL_S = 0.01  # how often PostgreSQL is asked while no change follower is connected
+POLL_S = 0.01  # how often PostgreSQL is asked while the change notifications are not followed
 RECHECK_S = 0.1  # how often it is asked anyway while one is
 
 
@@ -65,7 +65,7 @@ def consistent(*projections: str) -> Callable[..., Coroutine[Any, Any, None]]:
     async def wait(request: Request, pool: PoolDep, token: TokenDep) -> None:
         if token is not None:
             state = request.app.state
-            await wait_for(pool, state.settings, token, projections, state.changes)
+            await wait_for(pool, state.settings, token, projections, state.positions)
 
     return wait
 
@@ -75,14 +75,14 @@ async def wait_for(
     settings: Settings,
     token: PositionToken,
     names: tuple[str, ...],
-    follower: ChangeFollower | None = None,
+    committed: CommittedPositions | None = None,
 ) -> None:
     """Return once the live versions of `names` have applied the token (504 after
-    `query_consistency_timeout_s`). With a connected `follower` the projectors' change
-    notifications say so as soon as their batches commit; PostgreSQL is asked once
-    first and then every `RECHECK_S` (its positions are the truth, the follower's a
-    lower bound: after a swap it knows nothing of the new version until it commits)."""
-    if follower is not None and follower.reached_all(names, token):
+    `query_consistency_timeout_s`). While the change notifications are followed
+    (`committed`), they say so as soon as the batches commit; PostgreSQL is asked once
+    first and then every `RECHECK_S` (its positions are the truth, the notifications' a
+    lower bound: after a swap they know nothing of the new version until it commits)."""
+    if committed is not None and committed.reached_all(names, token):
         return
     topics = Topics(settings.topic_prefix)
     wanted = [
@@ -118,11 +118,11 @@ async def wait_for(
                 f"{settings.query_consistency_timeout_s:g} s; retry",
                 projections=behind,
             )
-        if follower is None or not follower.connected:
+        if committed is None or not committed.connected:
             await asyncio.sleep(POLL_S)
             continue
         recheck = min(time.monotonic() + RECHECK_S, deadline)
-        while follower.connected and not follower.reached_all(names, token) and time.monotonic() < recheck:
-            await follower.changed(recheck - time.monotonic())
-        if follower.reached_all(names, token):
+        while committed.connected and not committed.reached_all(names, token) and time.monotonic() < recheck:
+            await committed.changed(recheck - time.monotonic())
+        if committed.reached_all(names, token):
             return

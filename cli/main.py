@@ -25,7 +25,7 @@ from shared_kernel.settings import get_settings
 from shared_kernel.telemetry import configure_logging
 
 if TYPE_CHECKING:
-    from projections.postgres import Projection
+    from projections.projection import Projection
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Kafka-native event-sourced CQRS backend.")
 serve = typer.Typer(no_args_is_help=True, help="Serve HTTP.")

@@ -1,10 +1,9 @@
-"""PostgreSQL access of the read side: one schema per topic prefix, migrations at start."""
+"""PostgreSQL access of the read side: one schema per topic prefix, pools, codecs."""
 
 from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -15,7 +14,6 @@ from shared_kernel.settings import Settings
 log = logging.getLogger(__name__)
 
 JSONB_V1 = b"\x01"  # jsonb's binary format: a version byte, then the JSON text
-MIGRATION_LOCK = 0x7265_6164  # advisory lock key: one migrator at a time
 
 
 def schema_name(settings: Settings) -> str:
@@ -62,40 +60,3 @@ async def create_pool(settings: Settings, role: str = "", **options: Any) -> asy
     )
     assert pool is not None
     return pool
-
-
-SQL_DIR = Path(__file__).resolve().parent / "sql"
-
-
-def migrations() -> list[tuple[str, str]]:
-    return sorted((f.name, f.read_text()) for f in SQL_DIR.glob("*.sql"))
-
-
-async def migrate(settings: Settings) -> list[str]:
-    """Apply the migrations not applied yet, in order, each in its own transaction."""
-    schema = schema_name(settings)
-    conn = await asyncpg.connect(settings.postgres_dsn)
-    applied: list[str] = []
-    try:
-        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
-        try:
-            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
-            await conn.execute(f'SET search_path TO "{schema}"')
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations "
-                "(name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
-            for name, sql in migrations():
-                if name in done:
-                    continue
-                async with conn.transaction():
-                    await conn.execute(sql)
-                    await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
-                applied.append(name)
-                log.info("migration applied", extra={"schema": schema, "migration": name})
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
-    finally:
-        await conn.close()
-    return applied

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaProducer
 from projections.changes import channel, notify_applied, queue_full
 from projections.db import schema_of
 from projections.events import Record, StoredEvent, decode
-from projections.postgres import Projection
+from projections.projection import Projection
 from shared_kernel.avro import AvroCodec
 from shared_kernel.topics import Topics
 

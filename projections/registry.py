@@ -1,4 +1,7 @@
-"""Every projection by name: the PostgreSQL read models and the OpenSearch indexes.
+"""Every projection by name: each context's read models, and the events archive.
+
+`CONTEXTS` is the one list to change when a context is added (its package under
+`projections/<context>/` says which read models it has).
 
 A deployment may add projections, or replace one with a changed version of its code,
 from modules of its own (`APP_PROJECTION_MODULES=pkg.mod,...`): each module calls
@@ -10,25 +13,17 @@ from __future__ import annotations
 
 import importlib
 
-from projections.postgres import (
-    DatasetsProjection,
-    EventsArchiveProjection,
-    IncidentsProjection,
-    Projection,
-    QualityMetricsProjection,
-)
-from projections.search import DatasetsSearch, IncidentsSearch
+from projections import datasets, incidents
+from projections.archive import EventsArchiveProjection
+from projections.context import ReadContext
+from projections.projection import Projection
+
+CONTEXTS: tuple[ReadContext, ...] = (datasets.CONTEXT, incidents.CONTEXT)
+
+EventsArchiveProjection.contexts = tuple(c.name for c in CONTEXTS)  # it keeps every event
 
 PROJECTIONS: dict[str, Projection] = {
-    p.name: p
-    for p in (
-        DatasetsProjection(),
-        QualityMetricsProjection(),
-        IncidentsProjection(),
-        EventsArchiveProjection(),
-        DatasetsSearch(),
-        IncidentsSearch(),
-    )
+    p.name: p for p in (*(p for c in CONTEXTS for p in c.projections), EventsArchiveProjection())
 }
 
 

@@ -1,4 +1,4 @@
-"""The OpenSearch projections: full-text search over datasets and incidents.
+"""OpenSearch projections: full-text search documents, one per aggregate.
 
 Each projection writes one document per aggregate into a versioned index
 (`<schema>-<name>-v<N>`) that readers reach through an alias (`<schema>-<name>`); a
@@ -23,17 +23,8 @@ from opensearchpy import AsyncOpenSearch
 
 from projections.db import schema_name
 from projections.events import StoredEvent
-from projections.postgres import (
-    KNOWN_ROWS,
-    DatasetsProjection,
-    Evolver,
-    FoldedRows,
-    IncidentsProjection,
-    KnownRows,
-    Projection,
-    Row,
-    fold,
-)
+from projections.folded import KNOWN_ROWS, Evolver, FoldedRows, KnownRows, fold
+from projections.projection import Projection, Row
 from shared_kernel.settings import Settings
 
 
@@ -206,82 +197,5 @@ async def ensure_index(
         await client.indices.update_aliases(body={"actions": [{"add": {"index": index, "alias": alias}}]})
 
 
-_SETTINGS = {"number_of_shards": 1, "number_of_replicas": 0}
-_TEXT_WITH_KEYWORD = {"type": "text", "fields": {"raw": {"type": "keyword", "ignore_above": 256}}}
-
-
-# ---- datasets ---------------------------------------------------------------------------
-
-
-class DatasetsSearch(SearchProjection):
-    name = "datasets_search"
-    contexts = ("datasets",)
-    rows = DatasetsProjection()
-    index = "datasets"
-    mapping = {
-        "settings": _SETTINGS,
-        "mappings": {
-            "dynamic": False,
-            "properties": {
-                "id": {"type": "keyword"},
-                "version": {"type": "long"},
-                "name": _TEXT_WITH_KEYWORD,
-                "description": {"type": "text"},
-                "owner": {"type": "keyword"},
-                "status": {"type": "keyword"},
-                "tags": {"type": "keyword"},
-                "metadata": {"type": "flat_object"},
-                "latest_version": {"type": "keyword"},
-                "versions": {"type": "integer"},
-                "archived_reason": {"type": "text"},
-                "created_at": {"type": "date"},
-                "updated_at": {"type": "date"},
-            },
-        },
-    }
-
-
-# ---- incidents --------------------------------------------------------------------------
-
-
-def _comment_text(doc: Row | None, e: StoredEvent) -> Row | None:
-    if doc is not None:
-        doc["comment_texts"] = [*doc.get("comment_texts", []), e.payload["body"]]
-    return doc
-
-
-def _no_comments(doc: Row | None, e: StoredEvent) -> Row | None:
-    if doc is not None:
-        doc["comment_texts"] = []
-    return doc
-
-
-class IncidentsSearch(SearchProjection):
-    name = "incidents_search"
-    contexts = ("incidents",)
-    rows = IncidentsProjection()
-    extra = {"IncidentOpened": _no_comments, "IncidentCommented": _comment_text}
-    index = "incidents"
-    mapping = {
-        "settings": _SETTINGS,
-        "mappings": {
-            "dynamic": False,
-            "properties": {
-                "id": {"type": "keyword"},
-                "version": {"type": "long"},
-                "title": _TEXT_WITH_KEYWORD,
-                "description": {"type": "text"},
-                "comment_texts": {"type": "text"},
-                "priority": {"type": "keyword"},
-                "source": {"type": "keyword"},
-                "external_id": {"type": "keyword"},
-                "status": {"type": "keyword"},
-                "assignee": {"type": "keyword"},
-                "comments": {"type": "integer"},
-                "opened_at": {"type": "date"},
-                "updated_at": {"type": "date"},
-                "resolved_at": {"type": "date"},
-                "closed_at": {"type": "date"},
-            },
-        },
-    }
+INDEX_SETTINGS = {"number_of_shards": 1, "number_of_replicas": 0}
+TEXT_WITH_KEYWORD = {"type": "text", "fields": {"raw": {"type": "keyword", "ignore_above": 256}}}

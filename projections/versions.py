@@ -20,7 +20,7 @@ import asyncpg
 
 from projections.changes import channel, notify_swapped
 from projections.db import schema_name
-from projections.postgres import Projection
+from projections.projection import Projection
 from shared_kernel.settings import Settings
 
 log = logging.getLogger(__name__)

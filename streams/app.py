@@ -24,9 +24,10 @@ import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from projections import versions
-from projections.db import create_pool, migrate
+from projections.db import create_pool
 from projections.events import Record
-from projections.postgres import Projection
+from projections.migrations import migrate
+from projections.projection import Projection
 from projections.projector import Projector
 from shared_kernel import kafka
 from shared_kernel.avro import AvroCodec

@@ -33,9 +33,10 @@ from pathlib import Path
 import asyncpg
 
 from projections import versions
-from projections.db import create_pool, migrate
+from projections.db import create_pool
 from projections.lag import LagProbe, version_lag
-from projections.postgres import Projection
+from projections.migrations import migrate
+from projections.projection import Projection
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics
 from streams.supervisor import start_replay, start_worker, stop_worker

@@ -30,9 +30,10 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from projections import versions
-from projections.db import create_pool, migrate
+from projections.db import create_pool
 from projections.events import Record
-from projections.postgres import Projection
+from projections.migrations import migrate
+from projections.projection import Projection
 from projections.projector import Decoded, Projector
 from shared_kernel import kafka
 from shared_kernel.avro import AvroCodec

@@ -28,8 +28,9 @@ from typing import Any
 import asyncpg
 
 from projections import versions
-from projections.db import create_pool, migrate
+from projections.db import create_pool
 from projections.lag import LagProbe, version_lag
+from projections.migrations import migrate
 from projections.registry import PROJECTIONS
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics

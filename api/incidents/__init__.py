@@ -1,1 +1,12 @@
-"""HTTP routes of the incidents context."""
+"""The incidents context over HTTP: its commands, queries, search and streams."""
+
+from __future__ import annotations
+
+from api.context import ApiContext
+from api.incidents import commands, queries, search, streams
+
+CONTEXT = ApiContext(
+    name="incidents",
+    routers=(commands.router, queries.router, search.router, streams.router),
+    cached={"/api/v1/incidents/": "incidents"},
+)

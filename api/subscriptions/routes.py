@@ -163,39 +163,20 @@ async def stream_events(
     return _stream(request, spec)
 
 
-@router.get("/api/v1/datasets/{dataset_id}/stream", operation_id="streamDataset", responses=SSE_RESPONSES)
-async def stream_dataset(
+def aggregate_stream(
     request: Request,
-    dataset_id: UUID,
-    event_type: EventTypes = None,
-    from_: From = None,
-    last_event_id: LastEventId = None,
+    context: str,
+    aggregate_id: UUID,
+    event_type: list[str] | None,
+    from_: str | None,
+    last_event_id: str | None,
 ) -> SubscriptionStream:
-    """One dataset's events as Server-Sent Events (`from=beginning` for its history first)."""
+    """One aggregate's events as Server-Sent Events: what each context's stream route
+    (`/api/v1/<context>/{id}/stream`) answers."""
     spec = _spec(
         request,
-        contexts=["datasets"],
-        aggregate_ids=[str(dataset_id)],
-        event_types=event_type,
-        from_=from_,
-        last_event_id=last_event_id,
-    )
-    return _stream(request, spec)
-
-
-@router.get("/api/v1/incidents/{incident_id}/stream", operation_id="streamIncident", responses=SSE_RESPONSES)
-async def stream_incident(
-    request: Request,
-    incident_id: UUID,
-    event_type: EventTypes = None,
-    from_: From = None,
-    last_event_id: LastEventId = None,
-) -> SubscriptionStream:
-    """One incident's events as Server-Sent Events (`from=beginning` for its history first)."""
-    spec = _spec(
-        request,
-        contexts=["incidents"],
-        aggregate_ids=[str(incident_id)],
+        contexts=[context],
+        aggregate_ids=[str(aggregate_id)],
         event_types=event_type,
         from_=from_,
         last_event_id=last_event_id,

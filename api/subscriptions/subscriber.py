@@ -29,15 +29,14 @@ import asyncio
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from api.subscriptions.messages import LogEvent, Message
+from api.subscriptions.messages import Layout, LogEvent, Message
 from api.subscriptions.spec import StreamSpec
-
-if TYPE_CHECKING:
-    from api.subscriptions.feed import LiveFeed
+from shared_kernel.avro import AvroCodec
+from shared_kernel.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +60,24 @@ class Ended(Exception):
         self.failure = failure
 
 
+class Feed(Protocol):
+    """What a subscriber reads of the live feed that offers it records (`LiveFeed`)."""
+
+    settings: Settings
+    codec: AvroCodec
+    layout: Layout
+    frontier: list[int]  # per index of `layout`, the offset after what the feed has offered
+    readers: asyncio.Semaphore  # catch-up readers allowed at once
+
+    def reader(self) -> AIOKafkaConsumer: ...
+
+
 class Subscriber:
     """The server side of one subscription (one SSE response or one WebSocket)."""
 
     def __init__(
         self,
-        feed: LiveFeed,
+        feed: Feed,
         spec: StreamSpec,
         indices: tuple[int, ...],
         readable: frozenset[int],

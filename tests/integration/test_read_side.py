@@ -17,7 +17,8 @@ import orjson
 import pytest
 from aiokafka import TopicPartition
 
-from api.readcache import ChangeFollower, RenderedReads
+from api.changes import ChangeFollower
+from api.rendered import RenderedReads
 from projections.changes import channel, notify_applied
 from projections.db import create_pool, schema_name
 from projections.events import Record

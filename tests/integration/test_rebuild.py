@@ -390,8 +390,9 @@ async def test_a_rebuild_killed_midway_resumes_from_its_own_positions(
 
 
 CHANGED = """
-from projections.postgres import IncidentsProjection, Row
 from projections.events import StoredEvent
+from projections.incidents.rows import IncidentsProjection
+from projections.projection import Row
 from projections.registry import register
 
 

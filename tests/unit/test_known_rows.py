@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from uuid import uuid4
 
 from projections.events import StoredEvent
-from projections.postgres import KnownRows
+from projections.folded import KnownRows
 from shared_kernel.envelope import EventMetadata
 
 

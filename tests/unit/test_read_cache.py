@@ -15,8 +15,12 @@ import asyncpg
 import orjson
 import pytest
 
+from api.changes import ChangeFollower
+from api.consistency import CommittedPositions
 from api.errors import RequestProblem
-from api.readcache import CachedReads, ChangeFollower, RenderedReads, _request
+from api.readcache import CachedReads, _request
+from api.registry import cached_routes
+from api.rendered import RenderedReads
 from projections.changes import PAYLOAD_MAX, Change, applied_payloads
 from shared_kernel.position import PositionToken
 from shared_kernel.settings import Settings
@@ -24,6 +28,29 @@ from shared_kernel.settings import Settings
 SETTINGS = Settings(environment="test", topic_prefix="unit")
 TOPIC = "unit.events.datasets"
 HEADERS = [(b"content-type", b"application/json"), (b"etag", b'"1"')]
+
+
+def follow(reads: RenderedReads | None = None, settings: Settings = SETTINGS) -> ChangeFollower:
+    """A follower that tells `reads` and read-your-writes (its first listener)."""
+    committed = CommittedPositions(settings.topic_prefix)
+    return ChangeFollower(settings, committed, *([reads] if reads is not None else []))
+
+
+def positions(follower: ChangeFollower) -> CommittedPositions:
+    committed = follower.listeners[0]
+    assert isinstance(committed, CommittedPositions)
+    return committed
+
+
+def listening(follower: ChangeFollower) -> None:
+    """As when its LISTEN connection has loaded the (empty) snapshot."""
+    for listener in follower.listeners:
+        listener.following({}, {})
+
+
+def lost(follower: ChangeFollower) -> None:
+    for listener in follower.listeners:
+        listener.lost()
 
 
 def key(ident: str | None = None) -> tuple[str, str]:
@@ -92,6 +119,10 @@ def test_the_cache_stays_within_its_memory() -> None:
 
 def test_requests_the_cache_may_answer() -> None:
     ident = str(uuid.uuid4())
+    routes = cached_routes()  # each context registers its single reads
+
+    def request(scope: dict[str, Any]) -> Any:
+        return _request(scope, routes)
 
     def scope(
         path: str, query: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None
@@ -104,8 +135,8 @@ def test_requests_the_cache_may_answer() -> None:
             "headers": headers or [],
         }
 
-    assert _request(scope(f"/api/v1/datasets/{ident}")) == (("datasets", ident), None, None)
-    assert _request(scope(f"/api/v1/incidents/{ident}", b"consistent_with=abc")) == (
+    assert request(scope(f"/api/v1/datasets/{ident}")) == (("datasets", ident), None, None)
+    assert request(scope(f"/api/v1/incidents/{ident}", b"consistent_with=abc")) == (
         ("incidents", ident),
         "abc",
         None,
@@ -113,42 +144,42 @@ def test_requests_the_cache_may_answer() -> None:
     header = scope(
         f"/api/v1/datasets/{ident}", headers=[(b"x-consistency-token", b"t"), (b"if-none-match", b'"3"')]
     )
-    assert _request(header) == (("datasets", ident), "t", b'"3"')
+    assert request(header) == (("datasets", ident), "t", b'"3"')
     twice = [(b"x-consistency-token", b""), (b"x-consistency-token", b"t"), (b"if-none-match", b'"1"')]
-    assert _request(scope(f"/api/v1/datasets/{ident}", headers=[*twice, (b"if-none-match", b'"2"')])) == (
+    assert request(scope(f"/api/v1/datasets/{ident}", headers=[*twice, (b"if-none-match", b'"2"')])) == (
         ("datasets", ident),
         None,  # the first header is the route's too: empty, so no token
         b'"1"',
     )
     under = {**scope(f"/svc/api/v1/datasets/{ident}"), "root_path": "/svc"}
-    assert _request(under) == (("datasets", ident), None, None)
+    assert request(under) == (("datasets", ident), None, None)
     # everything else is the route's: temporal reads, other routes, ids spelled otherwise
-    assert _request(scope(f"/api/v1/datasets/{ident}", b"as_of_version=2")) is None
-    assert _request(scope(f"/api/v1/datasets/{ident}", b"consistent_with=a&consistent_with=b")) is None
-    assert _request(scope(f"/api/v1/datasets/{ident}/events")) is None
-    assert _request(scope(f"/api/v1/datasets/{ident.upper()}")) == (("datasets", ident), None, None)
-    assert _request(scope(f"/api/v1/datasets/{ident.replace('-', '')}")) is None
-    assert _request(scope("/api/v1/datasets/not-a-uuid-but-thirty-six-characters")) is None
-    assert _request({**scope(f"/api/v1/datasets/{ident}"), "method": "POST"}) is None
+    assert request(scope(f"/api/v1/datasets/{ident}", b"as_of_version=2")) is None
+    assert request(scope(f"/api/v1/datasets/{ident}", b"consistent_with=a&consistent_with=b")) is None
+    assert request(scope(f"/api/v1/datasets/{ident}/events")) is None
+    assert request(scope(f"/api/v1/datasets/{ident.upper()}")) == (("datasets", ident), None, None)
+    assert request(scope(f"/api/v1/datasets/{ident.replace('-', '')}")) is None
+    assert request(scope("/api/v1/datasets/not-a-uuid-but-thirty-six-characters")) is None
+    assert request({**scope(f"/api/v1/datasets/{ident}"), "method": "POST"}) is None
 
 
 def test_the_follower_knows_what_the_live_version_committed() -> None:
-    reads = RenderedReads(10)
-    follower = ChangeFollower(SETTINGS, reads)
+    follower = follow()
     token = PositionToken({TOPIC: {0: 5, 2: 3}})
-    assert not follower.reached("datasets", token)
+    assert not positions(follower).reached("datasets", token)
     follower.on_change(Change("datasets", 1, ((TOPIC, 0, 5),), frozenset()))
-    assert not follower.reached("datasets", token)
+    assert not positions(follower).reached("datasets", token)
     follower.on_change(Change("datasets", 2, ((TOPIC, 2, 9),), frozenset()))  # being built
-    assert not follower.reached("datasets", token)
+    assert not positions(follower).reached("datasets", token)
     follower.on_change(Change("datasets", 1, ((TOPIC, 2, 3),), frozenset()))
-    assert follower.reached("datasets", token)
-    assert follower.reached("datasets", PositionToken({"unit.events.incidents": {0: 99}}))  # not its topic
+    assert positions(follower).reached("datasets", token)
+    other_topic = PositionToken({"unit.events.incidents": {0: 99}})
+    assert positions(follower).reached("datasets", other_topic)
 
 
 def test_a_change_drops_its_aggregates_and_a_swap_forgets_positions() -> None:
     reads = RenderedReads(10)
-    follower = ChangeFollower(SETTINGS, reads)
+    follower = follow(reads)
     ident = uuid.uuid4()
     k = ("datasets", str(ident))
     reads.keep(k, reads.lease(k), HEADERS, b"v1")
@@ -160,9 +191,9 @@ def test_a_change_drops_its_aggregates_and_a_swap_forgets_positions() -> None:
     reads.keep(k, reads.lease(k), HEADERS, b"v2")
     follower.on_change(Change("datasets", 3, live=3))  # e.g. a rollback, or a rebuild
     assert reads.get(k) is None
-    assert not follower.reached("datasets", PositionToken({TOPIC: {0: 1}}))
+    assert not positions(follower).reached("datasets", PositionToken({TOPIC: {0: 1}}))
     follower.on_change(Change("datasets", 1, ((TOPIC, 0, 9),), frozenset()))  # the retired one
-    assert not follower.reached("datasets", PositionToken({TOPIC: {0: 1}}))
+    assert not positions(follower).reached("datasets", PositionToken({TOPIC: {0: 1}}))
 
 
 def test_a_notification_names_its_aggregates_or_says_anything_changed() -> None:
@@ -243,9 +274,10 @@ async def call(
 def cached(route: Route) -> tuple[CachedReads, State, ChangeFollower]:
     state = State()
     state.reads = RenderedReads(100)  # type: ignore[attr-defined]
-    state.changes = follower = ChangeFollower(SETTINGS, state.reads)  # type: ignore[attr-defined]
-    follower.connected = True
-    return CachedReads(route), state, follower
+    state.changes = follower = follow(state.reads)  # type: ignore[attr-defined]
+    state.positions = positions(follower)  # type: ignore[attr-defined]
+    listening(follower)
+    return CachedReads(route, cached_routes()), state, follower
 
 
 @pytest.mark.asyncio
@@ -306,7 +338,7 @@ async def test_a_token_not_reached_goes_to_the_route_and_the_follower_down_answe
     assert b"x-read-cache" not in headers
     assert route.calls == 3
 
-    follower.connected = False
+    lost(follower)
     _, headers, _ = await call(app, state, path)
     assert b"x-read-cache" not in headers
     assert route.calls == 4
@@ -328,26 +360,26 @@ async def test_a_token_wait_ends_with_the_notification_of_its_batch() -> None:
     from api.readmodels import wait_for
 
     settings = SETTINGS.model_copy(update={"query_consistency_timeout_s": 5.0})
-    follower = ChangeFollower(settings, RenderedReads(10))
-    follower.connected = True
+    follower = follow(RenderedReads(10), settings)
+    listening(follower)
     pool = BehindPool()
     token = PositionToken({TOPIC: {1: 8}})
     follower.on_change(Change("datasets", 1, ((TOPIC, 1, 8),), frozenset()))
-    await wait_for(pool, settings, token, ("datasets",), follower)
+    await wait_for(pool, settings, token, ("datasets",), positions(follower))
     assert pool.queries == 0  # known from the notifications: no query at all
 
     later = PositionToken({TOPIC: {1: 20}})
     loop = asyncio.get_running_loop()
     loop.call_later(0.05, follower.on_change, Change("datasets", 1, ((TOPIC, 1, 20),), frozenset()))
     started = loop.time()
-    await wait_for(pool, settings, later, ("datasets",), follower)
+    await wait_for(pool, settings, later, ("datasets",), positions(follower))
     assert loop.time() - started < settings.query_consistency_timeout_s  # woken, not timed out
     assert pool.queries == 1  # by the notification, before PostgreSQL was asked again
 
-    follower.connected = False  # without notifications PostgreSQL is the only source: 504
+    lost(follower)  # without notifications PostgreSQL is the only source: 504
     short = settings.model_copy(update={"query_consistency_timeout_s": 0.1})
     with pytest.raises(RequestProblem) as failed:
-        await wait_for(pool, short, PositionToken({TOPIC: {1: 21}}), ("datasets",), follower)
+        await wait_for(pool, short, PositionToken({TOPIC: {1: 21}}), ("datasets",), positions(follower))
     assert failed.value.status == 504
 
 
@@ -378,15 +410,15 @@ class _NoTransaction:
 
 @pytest.mark.asyncio
 async def test_a_swap_notified_while_the_follower_loads_is_not_lost() -> None:
-    reads = RenderedReads(10)
-    follower = ChangeFollower(SETTINGS, reads)
+    follower = follow(RenderedReads(10))
     follower._held = []  # as `_follow` does before LISTEN
     swap = orjson.dumps({"p": "datasets", "v": 2, "live": 2}).decode()
     await follower._load(LoadingConnection(follower, swap))
     assert follower.live["datasets"] == 2
-    assert not follower.reached("datasets", PositionToken({TOPIC: {0: 1}}))  # v1's positions forgotten
+    # v1's positions are forgotten
+    assert not positions(follower).reached("datasets", PositionToken({TOPIC: {0: 1}}))
     follower.on_change(Change("datasets", 1, ((TOPIC, 0, 90),), frozenset()))  # the retired one
-    assert not follower.reached("datasets", PositionToken({TOPIC: {0: 60}}))
+    assert not positions(follower).reached("datasets", PositionToken({TOPIC: {0: 60}}))
 
 
 def test_a_full_notification_queue_is_no_fault_of_the_batch() -> None:

@@ -1,6 +1,7 @@
 """Temporal queries: an aggregate's state at a version or an instant, rebuilt from the
 events archive by the aggregate's own code (the same `@event` methods that decide
-commands), so the past is never a second implementation of the domain."""
+commands), so the past is never a second implementation of the domain. The API is
+where the read side (the archive) and the write side (the aggregates) may meet."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Full-text search over the OpenSearch indexes: ranked hits, highlights, counts by status.
+"""What every context's search routes share: ranked hits, highlights, counts by status.
 
 The query text is read with OpenSearch's `simple_query_string` (words, "phrases",
 +must, -must-not, prefix*), which never fails on syntax: any text is a valid query.
@@ -8,17 +8,13 @@ matches of the text and the other filters by status, so a client can show facets
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Depends, Query, Request
 from opensearchpy import AsyncOpenSearch
 
 from api.errors import ReadModelsUnavailable, RequestProblem
-from api.queries import NOT_FOUND
-from api.readmodels import consistent
 from projections.search import alias_name
-
-router = APIRouter(prefix="/api/v1/search", tags=["search"])
 
 MAX_WINDOW = 10_000  # OpenSearch's index.max_result_window
 
@@ -36,7 +32,7 @@ Size = Annotated[int, Query(ge=1, le=100, description="page size")]
 Offset = Annotated[int, Query(ge=0, le=MAX_WINDOW, description="hits to skip")]
 
 
-async def _search(
+async def search(
     request: Request,
     client: AsyncOpenSearch,
     index: str,
@@ -88,63 +84,3 @@ async def _search(
         "counts": {"status": {b["key"]: b["doc_count"] for b in found["aggregations"]["status"]["buckets"]}},
         "next_offset": offset + limit if offset + limit < hits["total"]["value"] else None,
     }
-
-
-@router.get(
-    "/datasets",
-    operation_id="searchDatasets",
-    responses=NOT_FOUND,
-    dependencies=[Depends(consistent("datasets_search"))],
-)
-async def search_datasets(
-    request: Request,
-    client: SearchDep,
-    q: Text = "",
-    status: Annotated[Literal["active", "archived"] | None, Query()] = None,
-    owner: Annotated[str | None, Query()] = None,
-    tag: Annotated[str | None, Query()] = None,
-    limit: Size = 20,
-    offset: Offset = 0,
-) -> dict[str, Any]:
-    """Datasets whose name, description, tags or archive reason match `q`, best first."""
-    return await _search(
-        request,
-        client,
-        "datasets",
-        q,
-        ["name^3", "description", "tags^2", "archived_reason"],
-        ["name", "description"],
-        {"status": status, "owner": owner, "tags": tag.strip().lower() if tag else None},
-        limit,
-        offset,
-    )
-
-
-@router.get(
-    "/incidents",
-    operation_id="searchIncidents",
-    responses=NOT_FOUND,
-    dependencies=[Depends(consistent("incidents_search"))],
-)
-async def search_incidents(
-    request: Request,
-    client: SearchDep,
-    q: Text = "",
-    status: Annotated[Literal["open", "in_progress", "resolved", "closed"] | None, Query()] = None,
-    priority: Annotated[Literal["low", "medium", "high", "critical"] | None, Query()] = None,
-    assignee: Annotated[str | None, Query()] = None,
-    limit: Size = 20,
-    offset: Offset = 0,
-) -> dict[str, Any]:
-    """Incidents whose title, description or comments match `q`, best first."""
-    return await _search(
-        request,
-        client,
-        "incidents",
-        q,
-        ["title^3", "description", "comment_texts"],
-        ["title", "description", "comment_texts"],
-        {"status": status, "priority": priority, "assignee": assignee},
-        limit,
-        offset,
-    )

@@ -1,0 +1,89 @@
+"""Query routes of the datasets context: the catalogue (filters, cursors), one dataset
+now or in the past, its quality checks and its history."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from api.readmodels import PoolDep, TokenDep, consistent
+from api.reads import (
+    READ_RESPONSES,
+    AsOf,
+    AsOfVersion,
+    Cursor,
+    Limit,
+    Order,
+    current_or_past,
+    history,
+    one,
+    page,
+)
+
+router = APIRouter(prefix="/api/v1/datasets", tags=["queries"], responses=READ_RESPONSES)
+
+
+@router.get(
+    "",
+    operation_id="listDatasets",
+    dependencies=[Depends(consistent("datasets"))],
+)
+async def list_datasets(
+    pool: PoolDep,
+    status: Annotated[Literal["active", "archived"] | None, Query()] = None,
+    owner: Annotated[str | None, Query()] = None,
+    tag: Annotated[str | None, Query()] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+    order: Order = "asc",
+) -> dict[str, Any]:
+    filters: list[tuple[str, Any]] = []
+    if status:
+        filters.append(("status = ?", status))
+    if owner:
+        filters.append(("owner = ?", owner))
+    if tag:
+        filters.append(("tags @> ARRAY[?]::text[]", tag.strip().lower()))
+    return await page(pool, "datasets", "created_at", filters, limit, cursor, order)
+
+
+@router.get("/{dataset_id}", operation_id="getDataset")
+async def get_dataset(
+    dataset_id: UUID,
+    request: Request,
+    pool: PoolDep,
+    token: TokenDep,
+    response: Response,
+    as_of_version: AsOfVersion = None,
+    as_of: AsOf = None,
+) -> dict[str, Any]:
+    """The dataset now (its read model), or as it was at a version or an instant."""
+    return await current_or_past(
+        request, pool, token, response, "datasets", "datasets", dataset_id, "dataset", as_of_version, as_of
+    )
+
+
+@router.get(
+    "/{dataset_id}/quality",
+    operation_id="getDatasetQuality",
+    dependencies=[Depends(consistent("datasets", "quality_metrics"))],
+)
+async def get_dataset_quality(dataset_id: UUID, pool: PoolDep, response: Response) -> dict[str, Any]:
+    dataset = await one(pool, "datasets", dataset_id, "dataset", response)
+    checks = await pool.fetch(
+        "SELECT metric, value, threshold, comparator, passed, recorded_at, version "
+        "FROM quality_metrics WHERE dataset_id = $1 ORDER BY version",
+        dataset_id,
+    )
+    return {"summary": dataset["quality"], "checks": [dict(c) for c in checks]}
+
+
+@router.get(
+    "/{dataset_id}/events",
+    operation_id="getDatasetHistory",
+    dependencies=[Depends(consistent("events"))],
+)
+async def get_dataset_events(dataset_id: UUID, pool: PoolDep) -> dict[str, Any]:
+    return await history(pool, dataset_id, "dataset")

@@ -1,0 +1,82 @@
+"""Query routes of the incidents context: the list (filters, cursors), one incident now
+or in the past, and its history."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from api.readmodels import PoolDep, TokenDep, consistent
+from api.reads import (
+    READ_RESPONSES,
+    AsOf,
+    AsOfVersion,
+    Cursor,
+    Limit,
+    Order,
+    current_or_past,
+    history,
+    page,
+)
+
+router = APIRouter(prefix="/api/v1/incidents", tags=["queries"], responses=READ_RESPONSES)
+
+
+@router.get(
+    "",
+    operation_id="listIncidents",
+    dependencies=[Depends(consistent("incidents"))],
+)
+async def list_incidents(
+    pool: PoolDep,
+    status: Annotated[Literal["open", "in_progress", "resolved", "closed"] | None, Query()] = None,
+    priority: Annotated[Literal["low", "medium", "high", "critical"] | None, Query()] = None,
+    assignee: Annotated[str | None, Query()] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+    order: Order = "asc",
+) -> dict[str, Any]:
+    filters: list[tuple[str, Any]] = []
+    if status:
+        filters.append(("status = ?", status))
+    if priority:
+        filters.append(("priority = ?", priority))
+    if assignee:
+        filters.append(("assignee = ?", assignee))
+    return await page(pool, "incidents", "opened_at", filters, limit, cursor, order)
+
+
+@router.get("/{incident_id}", operation_id="getIncident")
+async def get_incident(
+    incident_id: UUID,
+    request: Request,
+    pool: PoolDep,
+    token: TokenDep,
+    response: Response,
+    as_of_version: AsOfVersion = None,
+    as_of: AsOf = None,
+) -> dict[str, Any]:
+    """The incident now (its read model), or as it was at a version or an instant."""
+    return await current_or_past(
+        request,
+        pool,
+        token,
+        response,
+        "incidents",
+        "incidents",
+        incident_id,
+        "incident",
+        as_of_version,
+        as_of,
+    )
+
+
+@router.get(
+    "/{incident_id}/events",
+    operation_id="getIncidentHistory",
+    dependencies=[Depends(consistent("events"))],
+)
+async def get_incident_events(incident_id: UUID, pool: PoolDep) -> dict[str, Any]:
+    return await history(pool, incident_id, "incident")

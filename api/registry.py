@@ -1,0 +1,13 @@
+"""Every context the API serves. `CONTEXTS` is the one list to change when a context is
+added (its package under `api/<context>/` holds its routes)."""
+
+from __future__ import annotations
+
+from api import datasets, incidents
+from api.context import ApiContext
+
+CONTEXTS: tuple[ApiContext, ...] = (datasets.CONTEXT, incidents.CONTEXT)
+
+
+def cached_routes() -> dict[str, str]:
+    return {prefix: projection for c in CONTEXTS for prefix, projection in c.cached.items()}

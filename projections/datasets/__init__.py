@@ -1,0 +1,10 @@
+"""The datasets context's read models: the catalogue rows, the quality checks, search."""
+
+from __future__ import annotations
+
+from projections.context import ReadContext
+from projections.datasets.quality import QualityMetricsProjection
+from projections.datasets.rows import DatasetsProjection
+from projections.datasets.search import DatasetsSearch
+
+CONTEXT = ReadContext("datasets", (DatasetsProjection(), QualityMetricsProjection(), DatasetsSearch()))
