@@ -1,4 +1,4 @@
-"""What a bounded context gives the API: its routes (commands, queries, search, streams)
+"""What a bounded context gives the API: its routes (commands, queries, search, subscriptions)
 and which of its reads the API may keep in memory."""
 
 from __future__ import annotations

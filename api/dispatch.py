@@ -9,9 +9,9 @@ from uuid import UUID, uuid5
 import orjson
 from fastapi import Response
 
+from api.bodies import CommandAccepted
 from api.deps import CommandMeta
 from api.errors import CommandRejected, RequestProblem
-from api.schemas import CommandAccepted
 from commands.bus import CommandBus
 from commands.context import BoundedContext, command_payload
 from shared_kernel.envelope import CommandEnvelope

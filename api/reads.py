@@ -16,10 +16,10 @@ from uuid import UUID
 import orjson
 from fastapi import Query, Request, Response
 
+from api.bodies import ErrorBody
 from api.deps import etag_named
 from api.errors import NotModified, RequestProblem
 from api.readmodels import wait_for
-from api.schemas import ErrorBody
 from api.temporal import state_at
 from shared_kernel.position import PositionToken
 

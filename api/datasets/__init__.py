@@ -1,12 +1,12 @@
-"""The datasets context over HTTP: its commands, queries, search and streams."""
+"""The datasets context over HTTP: its commands, queries, search and subscriptions."""
 
 from __future__ import annotations
 
 from api.context import ApiContext
-from api.datasets import commands, queries, search, streams
+from api.datasets import commands, queries, search, subscriptions
 
 CONTEXT = ApiContext(
     name="datasets",
-    routers=(commands.router, queries.router, search.router, streams.router),
+    routers=(commands.router, queries.router, search.router, subscriptions.router),
     cached={"/api/v1/datasets/": "datasets"},
 )

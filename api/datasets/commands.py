@@ -7,10 +7,10 @@ from uuid import UUID
 
 from fastapi import APIRouter, Path, Response
 
-from api.datasets import schemas as s
+from api.bodies import ERROR_RESPONSES, CommandAccepted
+from api.datasets import bodies as s
 from api.deps import BusDep, CommandMetaDep
 from api.dispatch import dispatch, new_aggregate_id
-from api.schemas import ERROR_RESPONSES, CommandAccepted
 from commands.datasets import CONTEXT
 from commands.datasets import commands as c
 

@@ -6,10 +6,10 @@ from uuid import UUID
 
 from fastapi import APIRouter, Response
 
+from api.bodies import ERROR_RESPONSES, CommandAccepted
 from api.deps import BusDep, CommandMetaDep
 from api.dispatch import dispatch, new_aggregate_id
-from api.incidents import schemas as s
-from api.schemas import ERROR_RESPONSES, CommandAccepted
+from api.incidents import bodies as s
 from commands.incidents import CONTEXT
 from commands.incidents import commands as c
 

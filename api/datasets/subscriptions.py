@@ -1,4 +1,4 @@
-"""One dataset's events, live from Kafka (Server-Sent Events)."""
+"""Subscriptions to one dataset's events, live from Kafka (Server-Sent Events)."""
 
 from __future__ import annotations
 

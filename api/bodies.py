@@ -1,4 +1,4 @@
-"""Response schemas shared by every context's routes."""
+"""Request and response bodies shared by every context's routes (pydantic models)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One incident's events, live from Kafka (Server-Sent Events)."""
+"""Subscriptions to one incident's events, live from Kafka (Server-Sent Events)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from uuid import UUID
 
 from pydantic import Field, JsonValue
 
-from api.schemas import RequestBody as Body
+from api.bodies import RequestBody as Body
 
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 Text = Annotated[str, Field(max_length=10_000)]
