@@ -1,6 +1,8 @@
 """S0, calibration: the limits of this machine with the raw clients, no product code.
 
 Later scenarios divide their figures by these (`ratio_vs_limit`), measured in the same run.
+`BENCH_S0_MESSAGES` (Kafka records per producer mode), `BENCH_S0_PG_ROWS` (PostgreSQL
+rows) and `BENCH_S0_OS_DOCS` (OpenSearch documents) size it.
 """
 
 from __future__ import annotations

@@ -15,6 +15,12 @@ Three systems run the same workload, one after the other, in the same run:
 Each client owns one dataset: it registers it (not timed), then cycles through
 set-metadata, publish-version, record-quality-check and describe until the level's
 time is up. Only successful commands are counted; any failure is reported.
+
+The levels are `BENCH_S1_CLIENTS` (default 1,16,64), each `BENCH_S1_SECONDS` long
+(default 10). `ratio_vs_limit` and `ratio_vs_peer` are ours over the limit and over the
+peer, in commands/s at 16 clients (goals >= 0.6 and >= 2.0). `BENCH_PROFILE=1` adds one
+16-client level of ours under py-spy (`bench/results/s1-processor.speedscope.json` and
+`s1-api.speedscope.json`).
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import asyncio
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,12 +38,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import aiohttp
 import orjson
 from aiokafka.admin import NewTopic
 
+from bench.common import WriteSide, peer_environment, py_spy
 from bench.results import RESULTS, show, summary_ms, write
 from shared_kernel import kafka
 from shared_kernel.settings import Settings
@@ -261,24 +266,6 @@ async def run_limit(settings: Settings, clients: int) -> Level:
 # ---- peer: the eventsourcing Application on PostgreSQL -----------------------------
 
 
-def _peer_environment(settings: Settings, pool: int) -> dict[str, str]:
-    dsn = urlparse(settings.postgres_dsn)
-    return {
-        "PERSISTENCE_MODULE": "eventsourcing.postgres",
-        "POSTGRES_DBNAME": dsn.path.lstrip("/"),
-        "POSTGRES_HOST": dsn.hostname or "127.0.0.1",
-        "POSTGRES_PORT": str(dsn.port or 5432),
-        "POSTGRES_USER": dsn.username or "",
-        "POSTGRES_PASSWORD": dsn.password or "",
-        "POSTGRES_POOL_SIZE": str(pool),
-        "POSTGRES_MAX_OVERFLOW": "4",
-        "CREATE_TABLE": "y",
-        # its recommended speed-up for a single writer process: cached aggregates,
-        # fast-forwarded from the database on every get (safe)
-        "AGGREGATE_CACHE_MAXSIZE": "100000",
-    }
-
-
 def run_peer(settings: Settings, clients: int) -> Level:
     from eventsourcing.application import Application
 
@@ -297,7 +284,7 @@ def run_peer(settings: Settings, clients: int) -> Level:
 
     name = f"benchpeer{uuid.uuid4().hex[:8]}"
     DatasetService.name = name
-    app = DatasetService(env=_peer_environment(settings, clients))
+    app = DatasetService(env=peer_environment(settings, clients))
     level = Level(clients)
     started: list[float] = []  # set once every client has registered
     lock = threading.Lock()
@@ -351,19 +338,18 @@ def _drop_peer_tables(settings: Settings, name: str) -> None:
 # ---- the run ------------------------------------------------------------------------
 
 
-async def _start_ours(settings: Settings, workdir: Path) -> Any:
-    from tests.integration.harness import WriteSide
-
-    side = WriteSide.create(settings, workdir, partitions=settings.partitions)
+async def _start_ours(settings: Settings, workdir: Path) -> WriteSide:
+    side = WriteSide.create(settings, workdir, "s1", settings.partitions, log_level="info")
     await side.start_serving()
     return side
 
 
-def _profile(side: Any, workdir: Path) -> dict[str, str]:
+def _profile(side: WriteSide) -> dict[str, str]:
     """py-spy flame graphs of the processor and the API for one extra 16-client level."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    assert side.api is not None
+    spy = py_spy()
     out: dict[str, str] = {}
-    procs = {"processor": side.processors[0].popen.pid, "api": side.api.popen.pid}
+    procs = {"processor": side.processors[0].pid, "api": side.api.pid}
     spies = []
     for name, pid in procs.items():
         target = RESULTS.parent / f"s1-{name}.speedscope.json"
@@ -398,7 +384,7 @@ async def run(settings: Settings) -> dict[str, Any]:
     side = await _start_ours(settings, workdir)
     try:
         ours = [(await run_ours(side.api_url, n)).figures() for n in LEVELS]
-        profiles = await asyncio.to_thread(_profile, side, workdir) if PROFILE else {}
+        profiles = await asyncio.to_thread(_profile, side) if PROFILE else {}
     finally:
         side.stop()
     limit = [(await run_limit(settings, n)).figures() for n in LEVELS]

@@ -35,30 +35,6 @@ its first batch to its last (`bench/results/s2-<projection>.speedscope.json`), a
 a breakdown of where the worker's time goes into the result (and its `notes`). Both
 sides also report the CPU they spent per event (the Python process(es) and their
 PostgreSQL backends, from /proc), which CPU steal on a shared machine does not skew.
-
-Findings of the run on 2026-12-01 (100,000 events): the supervisor, catching up by bulk
-replays, applied 28,524 events/s into the archive and 42,904 into datasets, the limit
-16,156: ratios 1.77 and 2.66 (goal 0.8 met). The Faust worker alone: 4,436 and 5,257
-events/s, ratios 0.28 and 0.33 (binary JSON codecs and the record's own headers took it
-from about 2,000-2,500).
-
-Findings before the catch-up existed (the supervisor's figure was then the Faust
-worker's), two runs on 2026-11-22 (100,000 events; 2 vCPUs shared with another
-user, 0-23% CPU steal): events archive 2,486 and 1,893 events/s, datasets 2,263 and
-2,761 events/s, limit 8,296 and 6,539 events/s: ratios 0.30 and 0.29 for the archive
-(goal 0.8 missed), 0.27 and 0.42 for datasets. Rows, versions and counters check out.
-Per event the worker burns 304-369 us of CPU against the limit's 61-70 us, while
-PostgreSQL spends about the same on both (31-32 us for the archive's executemany, 31-37
-us for COPY), and the worker runs at 70-84% of one core: it is bound by its own Python
-CPU. py-spy on the events worker (run 1, 11,090 samples; run 2 within 2 points):
-`Projector.handle` (decode, apply, commit) is only 18% of the samples; Faust and mode
-own 40-42% (the consumer's `_drain_messages` 17-19% inclusive, per-message
-`on_message`/Event creation 9-10%, `Service.wait_first` 13%, stream iteration 6%), the
-event loop 15-16% (asyncio's default loop: the worker does not run on uvloop) plus
-11.7% idle, aiokafka 7.4-7.8%, Faust message -> `Record` 4-5%, decode 8-9% (headers
-3.7-4%, Avro 2.6-3%), encoding the headers again for the archive row 3.2-3.4%,
-asyncpg 5.5%. The datasets worker looks the same (Faust 40-44%, loop 16-20%, handle
-18-19%).
 """
 
 from __future__ import annotations
@@ -70,7 +46,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +53,14 @@ import asyncpg
 import orjson
 from aiokafka import TopicPartition
 
-from bench.generator import produce_dataset_events
-from bench.results import RESULTS, show, write
-from bench.s4_queries import (
+from bench.common import (
+    Progress,
     backends,
     cpu_seconds,
+    drop_prefix,
+    end_offsets,
     host_cpu,
+    isolated,
     process_tree,
     profile_notes,
     profile_summary,
@@ -91,9 +68,12 @@ from bench.s4_queries import (
     steal_pct,
     stop_profiler,
 )
-from projections.db import migrate, schema_name
+from bench.generator import produce_dataset_events
+from bench.results import RESULTS, show, write
+from projections.archive import EventsArchiveProjection
+from projections.db import schema_name
 from projections.events import Record, decode
-from projections.postgres import EventsArchiveProjection
+from projections.migrations import migrate
 from projections.registry import PROJECTIONS
 from shared_kernel import kafka
 from shared_kernel.avro import AvroCodec
@@ -105,12 +85,11 @@ PROFILE = os.environ.get("BENCH_PROFILE", "") not in ("", "0")
 GOAL_VS_LIMIT = 0.8
 PARTITIONS = 6
 POLL_S = 0.02
-PROGRESS_S = 5.0
 EVENTS_PER_DATASET = 20  # bench.generator's default
 LIMIT_TABLE = "s2_limit_events"
 COLUMNS = EventsArchiveProjection.columns
 
-# Who owns a worker's time (see bench.s4_queries.profile_summary): the innermost frame
+# Who owns a worker's time (see bench.common.profile_summary): the innermost frame
 # matching (file marker, function-name prefix or "") gets the sample.
 WORKER_OWNERS: list[tuple[str, str, str]] = [
     (
@@ -118,12 +97,13 @@ WORKER_OWNERS: list[tuple[str, str, str]] = [
         "shared_kernel/envelope.py",
         "EventMetadata.to_",
     ),
-    ("archive row: headers encoded again (to_headers, _headers)", "projections/postgres.py", "_headers"),
+    ("archive row: headers encoded again (to_headers, _headers)", "projections/archive.py", "_headers"),
     ("decode: headers -> EventMetadata", "shared_kernel/envelope.py", ""),
     ("decode: Avro (AvroCodec, fastavro)", "shared_kernel/avro.py", ""),
     ("decode: Avro (AvroCodec, fastavro)", "/fastavro/", ""),
     ("decode: rest (projections/events.py)", "projections/events.py", ""),
-    ("projection: rows, fold (projections/postgres.py)", "projections/postgres.py", ""),
+    ("projection: rows, fold (projections/folded.py)", "projections/folded.py", ""),
+    ("projection: rows (projections/archive.py)", "projections/archive.py", ""),
     ("projector: transaction, positions, stats", "projections/projector.py", ""),
     ("JSON codec (projections/db.py)", "projections/db.py", ""),
     ("asyncpg (executemany, protocol)", "/asyncpg/", ""),
@@ -135,8 +115,8 @@ WORKER_OWNERS: list[tuple[str, str, str]] = [
 WORKER_SPANS: list[tuple[str, str, str]] = [
     ("Projector.handle (decode + apply + commit)", "projections/projector.py", "Projector.handle"),
     ("decode (Avro + headers)", "projections/events.py", "decode"),
-    ("Projection.apply (rows + SQL)", "projections/postgres.py", "EventsArchiveProjection.apply"),
-    ("Projection.apply (rows + SQL)", "projections/postgres.py", "FoldedRows.apply"),
+    ("Projection.apply (rows + SQL)", "projections/append_only.py", "AppendOnly.apply"),
+    ("Projection.apply (rows + SQL)", "projections/folded.py", "FoldedRows.apply"),
     ("asyncpg executemany", "/asyncpg/", "Connection.executemany"),
     ("asyncpg fetch (rows read back)", "/asyncpg/", "Connection.fetch"),
     ("positions + stats", "projections/projector.py", "Projector._record_positions"),
@@ -147,33 +127,7 @@ WORKER_SPANS: list[tuple[str, str, str]] = [
 ]
 
 
-# ---- the events -------------------------------------------------------------------------
-
-
-async def _ends(settings: Settings) -> dict[int, int]:
-    topic = Topics(settings.topic_prefix).events("datasets")
-    consumer = kafka.consumer(settings)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(settings.partitions)]
-        return {tp.partition: end for tp, end in (await consumer.end_offsets(tps)).items()}
-    finally:
-        await consumer.stop()
-
-
-class Progress:
-    """Prints how far a long step got, every PROGRESS_S seconds."""
-
-    def __init__(self, what: str, total: int) -> None:
-        self.what, self.total = what, total
-        self.started = self.last = time.monotonic()
-
-    def tick(self, done: int) -> None:
-        now = time.monotonic()
-        if now - self.last >= PROGRESS_S:
-            self.last = now
-            rate = done / (now - self.started)
-            print(f"  {self.what}: {done:,}/{self.total:,} ({rate:,.0f}/s since start)", flush=True)
+# ---- the figures ------------------------------------------------------------------------
 
 
 def _rate(
@@ -376,36 +330,6 @@ async def _ours(
         await conn.close()
 
 
-# ---- clean-up ----------------------------------------------------------------------------
-
-
-async def _cleanup(settings: Settings, groups: list[str]) -> None:
-    from aiokafka.protocol.admin import DeleteGroupsRequest
-
-    admin = kafka.admin(settings)
-    await admin.start()
-    try:
-        prefix = settings.topic_prefix + "."
-        mine = [t for t in await admin.list_topics() if t.startswith(prefix)]
-        if mine:
-            await admin.delete_topics(mine)
-        for group in groups:  # the workers' consumer groups (aiokafka's admin has no call for it)
-            try:
-                node = await admin.find_coordinator(group)
-                await admin._send_request(DeleteGroupsRequest([group]), node)
-            except Exception as exc:
-                print(f"  could not delete consumer group {group}: {exc!r}", flush=True)
-    finally:
-        await admin.close()
-    conn = await asyncpg.connect(settings.postgres_dsn)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema_name(settings)}" CASCADE')
-    finally:
-        await conn.close()
-    for group in groups:  # Faust's data directories (streams.app.ProjectionApp)
-        shutil.rmtree(Path(tempfile.gettempdir()) / "cqrs-faust" / group, ignore_errors=True)
-
-
 # ---- the run -----------------------------------------------------------------------------
 
 
@@ -439,26 +363,8 @@ def _notes(
     return notes
 
 
-def isolated(base: Settings, scenario: str, log_level: str = "warning") -> tuple[Settings, dict[str, str]]:
-    """Settings under a prefix of their own (topics, schema, indexes, groups), and the
-    environment that gives the same to the processes a scenario starts."""
-    prefix = f"bench{uuid.uuid4().hex[:6]}"
-    settings = base.model_copy(update={"topic_prefix": prefix, "partitions": PARTITIONS})
-    env = {
-        **os.environ,
-        "APP_TOPIC_PREFIX": prefix,
-        "APP_PARTITIONS": str(PARTITIONS),
-        "APP_LOG_LEVEL": log_level,
-        "APP_SERVICE_NAME": f"bench-{scenario}-{prefix}",  # names its PostgreSQL backends (CPU)
-        "APP_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "APP_POSTGRES_DSN": settings.postgres_dsn,
-        "APP_OPENSEARCH_URL": settings.opensearch_url,
-    }
-    return settings, env
-
-
 async def run(base: Settings) -> dict[str, Any]:
-    settings, env = isolated(base, "s2")
+    settings, env = isolated(base, "s2", PARTITIONS)
     prefix = settings.topic_prefix
     workdir = Path(tempfile.mkdtemp(prefix="bench-s2-"))
     names = ("events", "datasets")
@@ -472,7 +378,7 @@ async def run(base: Settings) -> dict[str, Any]:
         await migrate(settings)
         print(f"S2: producing {EVENTS:,} dataset events to {prefix}.events.datasets", flush=True)
         produced = await produce_dataset_events(settings, EVENTS, EVENTS_PER_DATASET)
-        ends = await _ends(settings)
+        ends = await end_offsets(settings)
         total = sum(ends.values())
         print("S2: limit (getmany + COPY)", flush=True)
         limit = await _limit(settings, ends)
@@ -494,7 +400,7 @@ async def run(base: Settings) -> dict[str, Any]:
                     **profile_summary(target, WORKER_OWNERS, WORKER_SPANS),
                 }
     finally:
-        await _cleanup(settings, groups)
+        await drop_prefix(settings, schema_name(settings), groups)
         shutil.rmtree(workdir, ignore_errors=True)
 
     def ratio(of: dict[str, Any]) -> float:

@@ -17,11 +17,6 @@ What ours does more, per batch: an `mget` of the documents it changes, the fold 
 events into them, a `_bulk` that refreshes the index before it returns (so that a
 consistency token is honoured for search) and a PostgreSQL transaction that records
 its positions.
-
-Findings of the run on 2026-12-01 (100,000 events): the supervisor, catching up by bulk
-replays, indexed 33,803 events/s, the limit 10,472: ratio 3.23 (goal 0.7 met); the
-Faust worker alone 4,114 events/s, ratio 0.39 (an earlier session measured 0.59 with
-50,000 events: the live path's figure moves with the machine's load).
 """
 
 from __future__ import annotations
@@ -39,10 +34,12 @@ import asyncpg
 from aiokafka import TopicPartition
 from opensearchpy import AsyncOpenSearch, helpers
 
+from bench.common import end_offsets
 from bench.generator import produce_dataset_events
 from bench.results import show, write
-from projections.db import create_pool, migrate, schema_name
+from projections.db import create_pool, schema_name
 from projections.events import Record, decode
+from projections.migrations import migrate
 from projections.search import alias_name, search_client
 from shared_kernel import kafka
 from shared_kernel.avro import AvroCodec
@@ -163,17 +160,6 @@ async def _limit(settings: Settings, ends: dict[int, int], index: str) -> dict[s
         await client.close()
 
 
-async def _ends(settings: Settings) -> dict[int, int]:
-    topic = Topics(settings.topic_prefix).events("datasets")
-    consumer = kafka.consumer(settings)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(settings.partitions)]
-        return {tp.partition: end for tp, end in (await consumer.end_offsets(tps)).items()}
-    finally:
-        await consumer.stop()
-
-
 async def _cleanup(settings: Settings) -> None:
     admin = kafka.admin(settings)
     await admin.start()
@@ -203,7 +189,7 @@ async def run(base: Settings) -> dict[str, Any]:
         await migrate(settings)
         print(f"S3: producing {EVENTS:,} dataset events", flush=True)
         produced = await produce_dataset_events(settings, EVENTS)
-        ends = await _ends(settings)
+        ends = await end_offsets(settings)
         print("S3: limit (raw async_bulk)", flush=True)
         limit = await _limit(settings, ends, f"{prefix}-s3-limit")
         print("S3: ours (cqrs run projector datasets_search)", flush=True)

@@ -3,7 +3,7 @@ beside a bare Starlette app answering constant JSON of the same size.
 
 - **ours**: the real `cqrs serve api` process on a free port, under an isolated topic
   prefix; its read models live in the PostgreSQL schema named after the prefix
-  (`projections.db.migrate`). `BENCH_S4_DATASETS` datasets are seeded straight into
+  (`projections.migrations.migrate`). `BENCH_S4_DATASETS` datasets are seeded straight into
   `datasets_v1` by the real `DatasetsProjection` from realistic events made by the real
   aggregate (`bench.generator`), so no Kafka processor or projector runs. The prefix's
   topics exist (as in a deployment), so the API's live feed follows them as it would.
@@ -21,58 +21,20 @@ beside a bare Starlette app answering constant JSON of the same size.
   uvicorn picks them, no access log), in a process of its own.
 
 Each level runs closed-loop aiohttp clients from this process (`BENCH_S4_CLIENTS`,
-default 16 and 64) for `BENCH_S4_SECONDS` after an untimed warm-up; client `c` walks
-the seeded ids from its own starting point. Every answer must be a 200 (anything else,
-or a transport error, is counted as a failure). Besides rps and latency each level
-reports the CPU seconds per 1,000 requests of the server process (and, for ours, of
-its PostgreSQL backends) read from /proc, which does not depend on how much CPU the
-load generator left to the server on this small machine.
+default 16 and 64) for `BENCH_S4_SECONDS` after an untimed warm-up (`BENCH_S4_WARMUP`);
+client `c` walks the seeded ids from its own starting point. Every answer must be a 200
+(anything else, or a transport error, is counted as a failure). Besides rps and latency
+each level reports the CPU seconds per 1,000 requests of the server process (and, for
+ours, of its PostgreSQL backends) read from /proc, which does not depend on how much
+CPU the load generator left to the server on this small machine.
 
-`BENCH_PROFILE=1` adds one profiled level at 16 clients: py-spy samples the API
-process (`bench/results/s4-api.speedscope.json`) and the result gets a breakdown of
-where its time goes (share of samples per owner, inclusive time of some calls, top
-functions by own time); the result's `notes` say it in sentences.
+`ratio_vs_limit` is ours over the bare app in requests/s at 16 clients (goal >= 0.5);
+the ratios while datasets change and without the read cache are reported beside it.
 
-Findings of two runs on 2026-11-22 (2 vCPUs shared with another user, CPU steal up
-to 30%; BENCH_PROFILE=1): at 16 clients ours 737 and 863 req/s (p50 20 and 16 ms, p99
-72 and 132 ms), the bare app 3,655 and 6,220 req/s (p50 3.4 and 2.6 ms): ratio 0.20
-and 0.14, goal 0.5 missed (0.10-0.14 at 64 clients; the load generator used 84-96% of
-a CPU against the bare app, so its rate is a floor). No failures. The API process
-spends 1.02-1.06 ms of CPU per request (plus 0.25 ms in its PostgreSQL backend), the
-bare app 0.115-0.133 ms: 8-9x, so a CPU-bound API cannot pass about 0.11-0.13 of the
-bare app. Of the API's samples (py-spy, ~1,060 per run): FastAPI 31-34%
-(solve_dependencies 14-21% inclusive: the pool, the position token from a query
-parameter and a header, as_of/as_of_version, Request, Response), asyncpg 24-27% (the
-query 12-13%, and 7-9% for the pool's release `Connection.reset`, a second statement
-per request: `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`),
-uvicorn + httptools 8-10%, Starlette 8%, aiokafka 7.6-7.8% (a Kafka client of the
-API decoding metadata of every topic of the 500-topic cluster), FastAPI's
-per-request OpenTelemetry check ~3% (`get_tracer_provider` reading os.environ),
-pydantic 2.5-3.6%, our own api/ code 1.5-2.5%, uvloop 6-12%.
-
-Run of 2026-12-01, after the API's pool stopped sending asyncpg's reset statement on
-every release (`projections.db.keep_session`): ratio 0.19-0.23 at 16 clients; the API
-0.547-0.69 ms of CPU per request, its PostgreSQL backend 0.08-0.12 ms (was 0.14-0.25).
-py-spy (1,047 samples): FastAPI 50.2% (`solve_dependencies` 27.7% inclusive, response
-serialisation only 2.5%: answering pre-serialised orjson bytes did not change the CPU
-per request, so it was not kept), asyncpg 15.8%, uvicorn + httptools 8.9%, Starlette
-7.9%, our api/ code 2.3%. Goal 0.5 missed: the API would need about a third of its
-CPU per request.
-
-Runs of 2026-12-01 with the read cache (`api.readcache`; steal 0.2-13%), three runs:
-at 16 clients ours 6,055-7,373 req/s against the bare app's 6,281-7,730: ratio 0.93,
-1.02 and 1.15 (goal 0.5 met); at 64 clients 1.04-1.07. Every timed read came from
-memory; the API spent 0.097-0.122 ms of CPU per request, the bare app 0.085-0.117, and
-the load generator used 83-97% of a CPU against both, so both rates are floors and
-the ratio is about 1. py-spy on the cached API (916-932 samples): uvloop 39-40% and
-uvicorn + httptools 31-33% (the HTTP work the bare app does too), the cache's own code
-11%, FastAPI's and Starlette's outer middleware 8%, the Kafka client's metadata 3-5%.
-While 500 datasets a second are notified as changed, 80-82% of reads come from memory
-and the ratio is 0.45-0.48 at 16 clients, 0.60-0.69 at 64: a miss costs what an
-uncached read costs. Without the cache (the second API process) ratio 0.16-0.18 at 16
-clients: 0.76-0.83 ms of API CPU plus 0.13-0.15 ms of PostgreSQL per request; its
-profile (1,020 samples) is FastAPI 37.7% (`solve_dependencies` 19.7% inclusive),
-asyncpg 20%, uvicorn + httptools 10%, Starlette 7.9%, pydantic 3%, our code 5%.
+`BENCH_PROFILE=1` adds one profiled level at 16 clients per API process: py-spy samples
+it (`bench/results/s4-api.speedscope.json`, `s4-api-uncached.speedscope.json`) and the
+result gets a breakdown of where its time goes (share of samples per owner, inclusive
+time of some calls, top functions by own time); the result's `notes` say it in sentences.
 """
 
 from __future__ import annotations
@@ -81,28 +43,36 @@ import asyncio
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
-import orjson
 
+from bench.common import (
+    backends,
+    cpu_seconds,
+    free_port,
+    host_cpu,
+    profile_notes,
+    profile_summary,
+    start_profiler,
+    steal_pct,
+    stop_profiler,
+)
 from bench.generator import dataset_events
 from bench.results import RESULTS, show, summary_ms, write
 from projections.changes import channel, notify_applied
-from projections.db import create_pool, migrate, schema_name
+from projections.datasets.rows import DatasetsProjection
+from projections.db import create_pool, schema_name
 from projections.events import Record, decode
-from projections.postgres import DatasetsProjection
+from projections.migrations import migrate
 from projections.search import alias_name, search_client
 from shared_kernel import kafka
 from shared_kernel.avro import AvroCodec
@@ -144,7 +114,7 @@ API_SPANS: list[tuple[str, str, str]] = [
         f"{ROOT}/api/readcache.py",
         "CachedReads.__call__",
     ),
-    ("route get_dataset (all of it)", f"{ROOT}/api/queries.py", "get_dataset"),
+    ("route get_dataset (all of it)", f"{ROOT}/api/datasets/queries.py", "get_dataset"),
     ("pool.fetchrow (acquire, query, release)", "/asyncpg/", "Pool.fetchrow"),
     ("pool release: Connection.reset (a 2nd query per request)", "/asyncpg/", "Connection.reset"),
     ("fastapi solve_dependencies", "/fastapi/", "solve_dependencies"),
@@ -154,170 +124,6 @@ API_SPANS: list[tuple[str, str, str]] = [
     ("httptools protocol data_received", "/uvicorn/", "HttpToolsProtocol.data_received"),
     ("starlette middleware stack", "/starlette/", "ServerErrorMiddleware.__call__"),
 ]
-
-
-# ---- helpers shared with S2: CPU from /proc, py-spy profiles ------------------------
-
-
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU seconds used so far by these processes (gone ones count 0)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants (Linux /proc)."""
-    pids, i = [pid], 0
-    while i < len(pids):
-        try:
-            kids = Path(f"/proc/{pids[i]}/task/{pids[i]}/children").read_text().split()
-        except OSError:
-            kids = []
-        pids += [int(k) for k in kids]
-        i += 1
-    return pids
-
-
-async def backends(settings: Settings, app_name_like: str) -> list[int]:
-    """The PostgreSQL backends whose application_name is LIKE the pattern (their pids)."""
-    conn = await asyncpg.connect(settings.postgres_dsn)
-    try:
-        rows = await conn.fetch(
-            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE $1", app_name_like
-        )
-    finally:
-        await conn.close()
-    return [int(r["pid"]) for r in rows]
-
-
-def host_cpu() -> tuple[int, int]:
-    """(all, stolen) jiffies of this machine so far (/proc/stat)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(fields[:8]), fields[7]
-
-
-def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float:
-    """How much of the CPU time in between the hypervisor gave to others (steal), in %:
-    high values mean this machine's figures are depressed and noisy."""
-    spent = after[0] - before[0]
-    return round(100 * (after[1] - before[1]) / spent, 1) if spent else 0.0
-
-
-def py_spy() -> str:
-    return shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-
-
-def start_profiler(pid: int, target: Path, subprocesses: bool = False) -> subprocess.Popen[bytes]:
-    """py-spy sampling `pid` until it exits or is sent SIGINT (then it writes `target`)."""
-    cmd = [py_spy(), "record", "--pid", str(pid), "--format", "speedscope", "--output", str(target)]
-    cmd += ["--nonblocking", "--rate", "200"]
-    if subprocesses:
-        cmd.append("--subprocesses")
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def stop_profiler(spy: subprocess.Popen[bytes]) -> None:
-    if spy.poll() is None:
-        spy.send_signal(signal.SIGINT)
-    try:
-        spy.wait(60)
-    except subprocess.TimeoutExpired:
-        spy.kill()
-        spy.wait(10)
-
-
-def _stdlib(file: str) -> bool:
-    return ("/lib/python3" in file and "-packages/" not in file) or file.startswith("<")
-
-
-# The event loop's dispatch: a sample reaching one of these before any owner is the
-# loop's own. With uvloop the loop is C code, so its time shows as `Runner.run`.
-LOOP_FRAMES = ("Handle._run", "BaseEventLoop._run_once", "Runner.run", "BaseEventLoop.run_until_complete")
-
-
-def profile_summary(
-    path: Path,
-    owners: list[tuple[str, str, str]],
-    spans: list[tuple[str, str, str]],
-    top: int = 12,
-) -> dict[str, Any]:
-    """Where a py-spy speedscope profile's samples went.
-
-    - `owned_pct`: each sample goes to the innermost frame matching an owner (a file
-      marker and a function-name prefix, "" for any), skipping standard-library frames
-      (so `uuid.UUID()` called by our code counts as our code's). A sample that reaches
-      the event loop's dispatch (`Handle._run`, `_run_once`, uvloop's `Runner.run`)
-      before any owner is the loop's own, whoever started the loop;
-      another library is `other: <package>`. These add up to 100.
-    - `spans_pct`: inclusive time of some calls; they nest.
-    - `top_own_pct`: the functions where samples landed (leaf frames).
-    - `threads_pct`: samples per thread.
-    """
-    data = orjson.loads(path.read_bytes())
-    frames: list[dict[str, Any]] = data["shared"]["frames"]
-
-    def matches(f: dict[str, Any], marker: str, prefix: str) -> bool:
-        return marker in f.get("file", "") and str(f["name"]).startswith(prefix)
-
-    owner_of: list[str | None] = []
-    for f in frames:
-        file = str(f.get("file", ""))
-        owner = next((label for label, m, n in owners if matches(f, m, n)), None)
-        if owner is None and not _stdlib(file):
-            package = file.split("-packages/", 1)[1].split("/", 1)[0] if "-packages/" in file else file
-            owner = f"other: {package}"
-        owner_of.append(owner)
-    span_of = [{label for label, m, n in spans if matches(f, m, n)} for f in frames]
-    leaf_name = [f"{f['name']} ({Path(str(f.get('file', '?'))).name}:{f.get('line', '?')})" for f in frames]
-    owned: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
-    own: Counter[str] = Counter()
-    threads: Counter[str] = Counter()
-    total = 0
-    for profile in data["profiles"]:
-        for stack in profile["samples"]:
-            total += 1
-            threads[profile.get("name", "?")] += 1
-            if not stack:
-                continue
-            owner = None
-            for i in reversed(stack):
-                if owner_of[i] is not None or str(frames[i]["name"]) in LOOP_FRAMES:
-                    owner = owner_of[i]
-                    break
-            if owner is None:
-                leaf = str(frames[stack[-1]]["name"])
-                if leaf.endswith(("select", "poll")):
-                    owner = "event loop: idle in select"
-                elif leaf in LOOP_FRAMES[2:]:
-                    owner = "event loop: uvloop's C code (poll, I/O, scheduling)"
-                else:
-                    owner = "event loop and standard library"
-            owned[owner] += 1
-            hit: set[str] = set()
-            for i in stack:
-                hit |= span_of[i]
-            inclusive.update(hit)
-            own[leaf_name[stack[-1]]] += 1
-
-    def pct(n: int) -> float:
-        return round(100 * n / total, 1) if total else 0.0
-
-    return {
-        "samples": total,
-        "owned_pct": {label: pct(n) for label, n in owned.most_common()},
-        "spans_pct": {label: pct(inclusive[label]) for label, *_ in spans},
-        "top_own_pct": {name: pct(n) for name, n in own.most_common(top)},
-        "threads_pct": {name: pct(n) for name, n in threads.most_common(6)},
-    }
 
 
 # ---- the bare app (run in its own process by `python -m bench.s4_queries PORT`) ---------
@@ -395,8 +201,6 @@ class Server:
 
 
 def _spawn(name: str, cmd: list[str], env: dict[str, str], workdir: Path) -> Server:
-    from tests.integration.harness import free_port
-
     port = free_port()
     log = workdir / f"{name}.log"
     with log.open("ab") as out:
@@ -624,18 +428,6 @@ async def _profile(ours: Server, ids: list[str], settings: Settings, name: str =
         "rps_while_profiled": round(level.rps, 1),
         **profile_summary(target, API_OWNERS, API_SPANS),
     }
-
-
-def profile_notes(profile: dict[str, Any], of: str = "") -> list[str]:
-    """The profile's breakdown as two sentences (owners, then inclusive spans)."""
-    if not profile:
-        return []
-    owned = "; ".join(f"{k} {v}%" for k, v in profile["owned_pct"].items() if v >= 0.5)
-    spans = "; ".join(f"{k} {v}%" for k, v in profile["spans_pct"].items() if v >= 0.5)
-    return [
-        f"py-spy{of}, {profile['samples']} samples, share by owner (innermost matching frame): {owned}",
-        f"inclusive time of some calls{of}: {spans}",
-    ]
 
 
 def _notes(

@@ -22,10 +22,10 @@ commit, the commit's `NOTIFY` and the API's wake-up (`api.readmodels.wait_for`).
 
 **Limits for latency**: Kafka's own end-to-end latency tool
 (`org.apache.kafka.tools.EndToEndLatency`, run with the system Java on the jars of the
-local stack): one record at a time produced (acks=all) and consumed, the size of our
-event records. Goal: our p99 within Kafka's p99 + 20 ms. For the record, also one
-record per transaction to a read_committed consumer (aiokafka): what exactly-once
-visibility costs before any subscriber can see an event.
+local stack): `BENCH_S5_KAFKA_MESSAGES` records, one at a time produced (acks=all) and
+consumed, the size of our event records. Goal: our p99 within Kafka's p99 + 20 ms. For
+the record, also one record per transaction to a read_committed consumer (aiokafka):
+what exactly-once visibility costs before any subscriber can see an event.
 
 **Fan-out**: `N` WebSocket clients (100 and 1,000; `BENCH_S5_CLIENTS`) subscribe to
 the context; a burst of `BENCH_S5_BURST` realistic dataset events (made by the real
@@ -42,30 +42,6 @@ the loop every 64 messages) to the same number of the same clients, timed from t
 broadcast at the worse of the two levels; goal >= 0.5. Both servers' CPU time per
 1,000 deliveries is read from /proc: it does not depend on how much CPU the clients
 left them on this small machine.
-
-Findings of five full runs on 2026-11-22 (2 vCPUs shared with other users). Fan-out:
-ours 51-75k deliveries/s at 100 clients and 59-75k at 1,000, the broadcast 73-97k and
-56-71k: ratio 0.55-0.88 at 100 clients, 0.88-1.23 at 1,000; goal met in every run.
-Server CPU per delivery: ours 12-18 us, the broadcast 9-15 us; a py-spy profile of
-ours puts most of it in the per-message WebSocket send of uvicorn and Starlette (one
-ASGI send per event), the fan-out itself (match, queue, shared JSON) a few percent.
-Latency: accepted -> delivered p50 14-18 ms, p99 39-164 ms; Kafka's tool p50 2-3 ms,
-p99 8-41 ms: the p99 goal was met in one run of five. The split says where it goes:
-accepted -> appended 3 ms (p50); the event reaches its subscribers 0.2-0.4 ms (p50),
-3-30 ms (p99) after the command's own answer; appended -> delivered, ~11 ms at p50, is
-the processor's transaction (events, snapshot, consumed offsets, commit) before a
-read_committed reader may see the event, against 3 ms p50 / 8 ms p99 for a one-record
-transaction. What stands between us and the goal is the write side's commit, not the
-subscription path.
-
-Runs of 2026-12-01 with read your writes: answer -> readable p50 37.1 ms, p99 95.4 ms
-while the Faust worker waited up to 50 ms to fill a batch (a lone event waited half of
-that on average); with `projection_batch_wait_ms` = 10, p50 9.7 ms, p99 29.6 ms
-(accepted -> readable p50 23.8, p99 58.2 ms, against accepted -> delivered p50 15.2,
-p99 43.7 ms in the same run). The shorter wait did not measurably change the Faust
-worker's throughput in S2 (3.4-4.4k events/s either way, run-to-run noise). That run's
-p99 accepted -> delivered (43.7 ms) missed the goal (Kafka's p99 10 ms + 20); fan-out
-0.70 and 0.90.
 """
 
 from __future__ import annotations
@@ -92,6 +68,7 @@ import orjson
 from aiokafka import TopicPartition
 from aiokafka.admin import NewTopic
 
+from bench.common import WriteSide, cpu_seconds, free_port
 from bench.generator import dataset_events
 from bench.results import show, summary_ms, write
 from projections.db import schema_name
@@ -205,6 +182,8 @@ class FrameCounter(asyncio.Protocol):
 
 
 async def connect_counters(host: str, port: int, path: str, n: int) -> list[FrameCounter]:
+    """`n` connected counters; if any connection fails, the others are closed (none is
+    left subscribed to receive, and slow down, later rounds) and its error raised."""
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(100)
 
@@ -215,15 +194,14 @@ async def connect_counters(host: str, port: int, path: str, n: int) -> list[Fram
             )
             return proto
 
-    return list(await asyncio.gather(*(one(i) for i in range(n))))
-
-
-# ---- CPU time of a process ----------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    results = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
+    counters = [r for r in results if isinstance(r, FrameCounter)]
+    failed = [r for r in results if not isinstance(r, FrameCounter)]
+    if failed:
+        for c in counters:
+            c.close()
+        raise failed[0]
+    return counters
 
 
 # ---- latency ------------------------------------------------------------------------------
@@ -503,11 +481,11 @@ async def fan_out_ours(
             await producer.begin_transaction()
             for r in records:
                 await producer.send(topic, r.value, key=r.key, headers=list(r.headers))
-            cpu0 = cpu_seconds(api_pid)
+            cpu0 = cpu_seconds([api_pid])
             t0 = time.perf_counter()
             await producer.commit_transaction()
             seconds, incomplete, error = await _finish(counters, t0)
-            if not result.round_done(seconds, cpu_seconds(api_pid) - cpu0, incomplete, error):
+            if not result.round_done(seconds, cpu_seconds([api_pid]) - cpu0, incomplete, error):
                 break
         return result, counters[0].kept[:BURST]
     finally:
@@ -517,8 +495,6 @@ async def fan_out_ours(
 
 
 async def fan_out_broadcast(payloads: list[bytes], clients: int, workdir: Path) -> FanOut:
-    from tests.integration.harness import free_port
-
     file = workdir / "payloads.json"
     file.write_bytes(orjson.dumps([p.decode() for p in payloads]))
     port = free_port()
@@ -536,11 +512,11 @@ async def fan_out_broadcast(payloads: list[bytes], clients: int, workdir: Path) 
                 for _ in range(ROUNDS):
                     for c in counters:
                         c.expect(len(payloads))
-                    cpu0 = cpu_seconds(server.pid)
+                    cpu0 = cpu_seconds([server.pid])
                     t0 = time.perf_counter()
                     await control.send("go")
                     seconds, incomplete, error = await _finish(counters, t0)
-                    if not result.round_done(seconds, cpu_seconds(server.pid) - cpu0, incomplete, error):
+                    if not result.round_done(seconds, cpu_seconds([server.pid]) - cpu0, incomplete, error):
                         break
             return result
         finally:
@@ -597,11 +573,8 @@ def serve_broadcast(port: int, payload_file: Path) -> None:
 
 
 async def run(base: Settings) -> dict[str, Any]:
-    from tests.integration.harness import WriteSide
-
     workdir = Path(tempfile.mkdtemp(prefix="bench-s5-"))
-    side = WriteSide.create(base, workdir, partitions=6)  # under a topic prefix of its own
-    side.env["APP_LOG_LEVEL"] = "warning"
+    side = WriteSide.create(base, workdir, "s5", partitions=6, log_level="warning")
     settings = side.settings
     e2e_topic = f"{settings.topic_prefix}.kafka-e2e"
     try:
@@ -618,7 +591,7 @@ async def run(base: Settings) -> dict[str, Any]:
         limit: list[dict[str, Any]] = []
         for n in LEVELS:
             print(f"S5: fan-out to {n} clients: ours", flush=True)
-            mine, payloads = await fan_out_ours(settings, side.api_url, side.api.popen.pid, n)
+            mine, payloads = await fan_out_ours(settings, side.api_url, side.api.pid, n)
             ours.append(mine.figures())
             print(f"S5: fan-out to {n} clients: raw websockets broadcast", flush=True)
             limit.append((await fan_out_broadcast(payloads, n, workdir)).figures())

@@ -28,27 +28,14 @@ dataset's events are spread over the log as they are in production.
   `PostgresTrackingRecorder`) keeps a `datasets` table of the same columns, one SQL
   statement per event and its tracking record in the same transaction: what the
   library's documentation shows. It is timed until its tracking id reaches the last
-  notification id, or for `BENCH_S6_PEER_S` seconds (default 300; 0: to the end, about
-  25 minutes for a million events here), its time for the rest then extrapolated from
-  its rate over the second half of that window (said in the result).
+  notification id, or for `BENCH_S6_PEER_S` seconds (default 300; 0: to the end, which
+  for a million events takes it many times as long as ours), its time for the rest then
+  extrapolated from its rate over the second half of that window (said in the result).
 
 `ratio_vs_limit` = limit time / our time (goal >= 0.5), for the archive against the
 PostgreSQL limit and for the search index against the OpenSearch limit (the folded
 `datasets` against the PostgreSQL limit is reported too); `ratio_vs_peer` = peer time /
 our time for `datasets` (goal >= 3.0).
-
-Findings of the run on 2026-12-01 (1,000,000 events, 2 lanes, batches of 10,000; CPU
-steal under 5%): the archive rebuilt in 65.9 s from spawn to swap (its bulk replays
-58.8 s), the limit copied in 71.2 s: ratio 1.08; `datasets_search` 45.6 s (bulk 38.7 s)
-against 48.1 s for the `_bulk` limit: 1.05; `datasets` 46.6 s (bulk 39.2 s): 1.53
-against the COPY limit. The peer projected 738 events/s (300 s timed, the rest
-extrapolated): 1,327 s, ratio 28.5. Two lanes beat the single-process limit because
-each Python process is CPU-bound on decoding (Avro, headers) and the machine has two
-cores; about 7 s of each rebuild is process start-up and the Faust worker joining its
-group before the swap. py-spy of one lane (200k events) first showed the bulk path
-falling back to `executemany` (asyncpg's COPY needs binary codecs: they are now) and
-26% of its samples re-encoding headers for the archive (the record's own are kept now):
-one lane went from 7.5k to 17.2k events/s.
 """
 
 from __future__ import annotations
@@ -72,18 +59,29 @@ import asyncpg
 import orjson
 from aiokafka import TopicPartition
 
+from bench.common import (
+    Progress,
+    backends,
+    cpu_seconds,
+    drop_prefix,
+    end_offsets,
+    host_cpu,
+    isolated,
+    peer_environment,
+    steal_pct,
+)
 from bench.generator import produce_dataset_events
 from bench.results import show, write
-from bench.s1_commands import _peer_environment
-from bench.s2_projections import Progress, _ends, isolated
-from bench.s2_projections import _cleanup as s2_cleanup
-from bench.s4_queries import backends, cpu_seconds, host_cpu, steal_pct
 from commands.datasets import CONTEXT as DATASETS
 from commands.serialization import to_domain_event
-from projections.db import init_connection, migrate, schema_name
+from projections.archive import EventsArchiveProjection
+from projections.datasets.rows import DatasetsProjection
+from projections.datasets.search import DatasetsSearch
+from projections.db import init_connection, schema_name
 from projections.events import Record, StoredEvent, decode
-from projections.postgres import DatasetsProjection, EventsArchiveProjection
-from projections.search import DatasetsSearch, alias_name, search_client
+from projections.migrations import migrate
+from projections.registry import PROJECTIONS
+from projections.search import alias_name, search_client
 from shared_kernel import kafka
 from shared_kernel.avro import AvroCodec
 from shared_kernel.settings import Settings
@@ -155,7 +153,8 @@ async def _limit_postgres(settings: Settings, ends: dict[int, int]) -> dict[str,
         server_settings={"search_path": schema_name(settings), "application_name": "bench-s6-limit"},
     )
     await init_connection(conn)  # the JSON codecs of the projections' pool
-    archive = EventsArchiveProjection()
+    archive = PROJECTIONS["events"]  # as the registry has it: following every context
+    assert isinstance(archive, EventsArchiveProjection)
     backend = [int(await conn.fetchval("SELECT pg_backend_pid()"))]
     await conn.execute(f"CREATE TABLE {LIMIT_TABLE} (LIKE events_v1 INCLUDING ALL)")
     queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=2)
@@ -346,7 +345,7 @@ async def _ours(
 
 
 def _peer_env(settings: Settings, schema: str) -> dict[str, str]:
-    return {**_peer_environment(settings, pool=2), "POSTGRES_SCHEMA": schema}
+    return {**peer_environment(settings, pool=2), "POSTGRES_SCHEMA": schema}
 
 
 def _peer_classes(app_name: str, view_name: str, schema: str) -> tuple[type[Any], type[Any], type[Any]]:
@@ -551,7 +550,7 @@ async def _peer(settings: Settings, ends: dict[int, int], schema: str) -> dict[s
 
 async def _cleanup(settings: Settings) -> None:
     groups = [f"{settings.topic_prefix}.projection.{n}.v{v}" for n in NAMES for v in (1, 2)]
-    await s2_cleanup(settings, groups)  # topics, consumer groups, schema, Faust's folders
+    await drop_prefix(settings, schema_name(settings), groups)  # topics, groups, schema, Faust's folders
     async with search_client(settings) as client:
         await client.indices.delete(index=f"{alias_name(settings, 'datasets')}-*", ignore_unavailable=True)
     for name in NAMES:
@@ -560,7 +559,7 @@ async def _cleanup(settings: Settings) -> None:
 
 
 async def run(base: Settings) -> dict[str, Any]:
-    settings, env = isolated(base, "s6", log_level="info")  # the rebuild logs tell its phases
+    settings, env = isolated(base, "s6", PARTITIONS, log_level="info")  # the rebuild logs tell its phases
     prefix = settings.topic_prefix
     workdir = Path(tempfile.mkdtemp(prefix="bench-s6-"))
     ours: dict[str, dict[str, Any]] = {}
@@ -571,7 +570,7 @@ async def run(base: Settings) -> dict[str, Any]:
         t0 = time.monotonic()
         produced = await produce_dataset_events(settings, EVENTS, PER_DATASET, live=LIVE_DATASETS)
         produce_s = time.monotonic() - t0
-        ends = await _ends(settings)
+        ends = await end_offsets(settings)
         total = sum(ends.values())
         print("S6: limit, PostgreSQL (consume -> COPY, pipelined)", flush=True)
         limit_pg = await _limit_postgres(settings, ends)
