@@ -1,0 +1,99 @@
+"""The transaction writer: one batch decision, written in one Kafka transaction.
+
+Events, the touched aggregates' snapshots, dead letters and the consumed offset
+commit together or not at all; the partition's store takes the new snapshots only
+after the commit. The answers it returns are safe to give: their events are durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
+
+from commands.batch import Answer, Decision
+from commands.context import BoundedContext
+from commands.snapshots import dump
+from commands.state_store import PartitionState
+from shared_kernel.envelope import CommandResult
+from shared_kernel.position import Position, PositionToken
+from shared_kernel.topics import Topics
+
+
+async def write(
+    producer: AIOKafkaProducer,
+    decision: Decision[ConsumerRecord[bytes, bytes]],
+    *,
+    consumed: TopicPartition,
+    next_offset: int,
+    group_id: str,
+    topics: Topics,
+    dlq_topic: str,
+    contexts: Mapping[str, BoundedContext],
+    state: PartitionState,
+) -> list[Answer]:
+    """Commit the decision with `next_offset` as the consumed offset of `consumed`.
+
+    Returns the answers (the ready ones, then the accepted, then the repeats); raises,
+    with the transaction aborted, if any write fails.
+    """
+    answers = list(decision.answers)
+    async with producer.transaction():
+        # The consumed offset is known up front: its two coordinator round trips
+        # (AddOffsetsToTxn, TxnOffsetCommit) overlap with the produce requests.
+        offsets = asyncio.ensure_future(
+            producer.send_offsets_to_transaction({consumed: next_offset}, group_id)
+        )
+        offsets.add_done_callback(_retrieve)  # if the body fails first, the abort says why
+        sends = []
+        for acc in decision.accepted:
+            topic = topics.events(acc.key[0])
+            for ev in acc.events:
+                sends.append(await producer.send(topic, ev.value, key=ev.key, headers=ev.headers))
+        metadata = iter(await asyncio.gather(*sends))
+        for acc in decision.accepted:
+            # events first: zip must not pull a record metadata that belongs to the next command
+            positions = [
+                Position(m.topic, m.partition, m.offset) for _, m in zip(acc.events, metadata, strict=False)
+            ]
+            result = CommandResult(
+                command_id=acc.command.command_id,
+                status="accepted",
+                aggregate_id=acc.command.aggregate_id,
+                version=acc.events[-1].metadata.aggregate_version if acc.events else None,
+                position=PositionToken.after(positions).encode(),
+                events=len(acc.events),
+                fingerprint=acc.command.fingerprint,
+            )
+            decision.touched[acc.key].remember(result)
+            answers.append((acc.reply_to, result))
+        for repeat in decision.repeats:
+            answers.append((repeat.reply_to, decision.touched[repeat.key].recent[repeat.command_id]))
+        snapshots = {}
+        for key, loaded in decision.touched.items():
+            data = dump(contexts[key[0]], loaded)
+            snapshots[key] = data
+            await producer.send(topics.state(key[0]), data, key=key[1].encode())
+        for dead in decision.dead_letters:
+            record = dead.record
+            await producer.send(
+                dlq_topic,
+                record.value,
+                key=record.key,
+                headers=[
+                    *record.headers,
+                    ("dlq-error", dead.error.encode()[:4000]),
+                    ("dlq-source", f"{record.topic}:{record.partition}:{record.offset}".encode()),
+                ],
+            )
+        await offsets
+    for key, data in snapshots.items():
+        state.commit(key, data, decision.touched[key])
+    return answers
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
