@@ -59,8 +59,10 @@ async def _connect_read_models(app: FastAPI, settings: Settings) -> None:
             break
         except (OSError, asyncpg.PostgresError) as exc:
             log.warning("PostgreSQL unreachable; retrying", extra={"error": repr(exc), "retry_in_s": delay})
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10)
+        except Exception:  # a fault of ours: said loudly, not a task that dies unseen (never ready)
+            log.exception("could not prepare the read models; retrying", extra={"retry_in_s": delay})
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 10)
     await app.state.changes.run()  # its tables exist now
 
 
