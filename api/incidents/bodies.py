@@ -1,29 +1,31 @@
-"""Request bodies of the incidents command routes, on the input rules of `api.inputs`."""
+"""Request bodies of the incidents command routes."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 from uuid import UUID
 
 from pydantic import Field
 
 from api.bodies import RequestBody as Body
-from api.inputs import Label, Name, SomeText, Text
+
+Short = Annotated[str, Field(min_length=1, max_length=200)]
+Text = Annotated[str, Field(max_length=10_000)]
 
 
 class OpenIncidentRequest(Body):
     id: UUID | None = Field(
         default=None, description="Optional; derived from the Idempotency-Key when absent."
     )
-    title: Name
+    title: Short
     description: Text = ""
     priority: Literal["low", "medium", "high", "critical"] = "medium"
-    source: Label = ""
-    external_id: Label = ""
+    source: Annotated[str, Field(max_length=200)] = ""
+    external_id: Annotated[str, Field(max_length=200)] = ""
 
 
 class AssignIncidentRequest(Body):
-    assignee: Name
+    assignee: Short
 
 
 class ChangeStatusRequest(Body):
@@ -36,5 +38,5 @@ class ReopenIncidentRequest(Body):
 
 
 class CommentRequest(Body):
-    author: Name
-    body: SomeText
+    author: Short
+    body: Annotated[str, Field(min_length=1, max_length=10_000)]

@@ -14,8 +14,6 @@ from api.reads import (
     AsOf,
     AsOfVersion,
     Cursor,
-    Equals,
-    IfNoneMatch,
     Limit,
     Order,
     current_or_past,
@@ -35,7 +33,7 @@ async def list_incidents(
     pool: PoolDep,
     status: Annotated[Literal["open", "in_progress", "resolved", "closed"] | None, Query()] = None,
     priority: Annotated[Literal["low", "medium", "high", "critical"] | None, Query()] = None,
-    assignee: Equals = None,
+    assignee: Annotated[str | None, Query()] = None,
     limit: Limit = 50,
     cursor: Cursor = None,
     order: Order = "asc",
@@ -59,7 +57,6 @@ async def get_incident(
     response: Response,
     as_of_version: AsOfVersion = None,
     as_of: AsOf = None,
-    if_none_match: IfNoneMatch = None,
 ) -> dict[str, Any]:
     """The incident now (its read model), or as it was at a version or an instant."""
     return await current_or_past(
@@ -73,7 +70,6 @@ async def get_incident(
         "incident",
         as_of_version,
         as_of,
-        if_none_match,
     )
 
 
@@ -83,4 +79,4 @@ async def get_incident(
     dependencies=[Depends(consistent("events"))],
 )
 async def get_incident_events(incident_id: UUID, pool: PoolDep) -> dict[str, Any]:
-    return await history(pool, "incidents", incident_id, "incident")
+    return await history(pool, incident_id, "incident")
