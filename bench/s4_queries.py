@@ -56,6 +56,7 @@ import aiohttp
 import asyncpg
 
 from bench.common import (
+    Proc,
     backends,
     cpu_seconds,
     free_port,
@@ -165,15 +166,10 @@ def serve_bare(port: int) -> None:
 
 
 @dataclass
-class Server:
-    name: str
-    popen: subprocess.Popen[bytes]
-    url: str
-    log: Path
+class Server(Proc):
+    """A server this benchmark started (ours or the bare app), reached at `url`."""
 
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
+    url: str = ""
 
     async def wait_until(self, path: str, seconds: float = 90) -> None:
         deadline = time.monotonic() + seconds
@@ -188,16 +184,7 @@ class Server:
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.2)
-        raise RuntimeError(f"{self.name} did not start; log:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(30)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(10)
+        raise RuntimeError(f"{self.name} did not start; log:\n{self.tail()}")
 
 
 def _spawn(name: str, cmd: list[str], env: dict[str, str], workdir: Path) -> Server:
@@ -205,7 +192,7 @@ def _spawn(name: str, cmd: list[str], env: dict[str, str], workdir: Path) -> Ser
     log = workdir / f"{name}.log"
     with log.open("ab") as out:
         popen = subprocess.Popen([*cmd, "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
-    return Server(name, popen, f"http://127.0.0.1:{port}", log)
+    return Server(name, popen, log, url=f"http://127.0.0.1:{port}")
 
 
 # ---- the read model -------------------------------------------------------------------
