@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 from aiokafka.errors import KafkaError
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from redis.asyncio import Redis
 
-from api import admin, errors, health, subscriptions
+from api import admin, errors, health, inputs, limits, subscriptions
 from api.changes import ChangeFollower, ChangeListener
 from api.consistency import CommittedPositions
 from api.readcache import CachedReads
@@ -146,9 +146,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Event-sourced CQRS on Kafka: commands, queries, subscriptions.",
         lifespan=lifespan,
+        dependencies=[Depends(inputs.check_path_params)],  # every route's path parameters
     )
     errors.install(app)
     app.add_middleware(CachedReads, routes=cached_routes())
+    app.add_middleware(inputs.InputGuard)  # ahead of the read cache and of every route
+    app.add_middleware(limits.BodyLimit, max_bytes=settings.max_body_bytes)  # outermost: before any route
     app.include_router(health.router)
     for context in CONTEXTS:
         for router in context.routers:

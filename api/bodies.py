@@ -31,13 +31,20 @@ class ErrorBody(BaseModel):
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
+class InternalErrorBody(BaseModel):
+    error: str = Field(description="internal_error")
+    detail: str
+    correlation_id: str = Field(description="The request's X-Correlation-Id (or a new one): in the logs.")
+
+
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "Unknown aggregate (or entry)."},
     409: {
         "model": ErrorBody,
         "description": "Version conflict or broken invariant; body has the current version.",
     },
-    422: {"description": "Invalid input; names the field."},
+    422: {"description": "Invalid input (body, path, query or header); names the field."},
+    500: {"model": InternalErrorBody, "description": "Unexpected; logged with its correlation_id."},
     503: {
         "model": ErrorBody,
         "description": "Kafka unreachable or no result in time; retry with the same Idempotency-Key.",

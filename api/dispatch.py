@@ -1,4 +1,9 @@
-"""Send a command through the bus and turn its result into the HTTP answer."""
+"""Send a command through the bus and turn its result into the HTTP answer.
+
+A command too large for a Kafka record is a 413 (`too_large`), answered before anything
+is produced; so is one whose events or snapshot would be (the processor's rejection, see
+commands.batch). Neither is an outage: no Retry-After, a retry gets the same answer.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from fastapi import Response
 from api.bodies import CommandAccepted
 from api.deps import CommandMeta
 from api.errors import CommandRejected, RequestProblem
-from commands.bus import CommandBus
+from commands.bus import CommandBus, CommandTooLarge
 from commands.context import BoundedContext, command_payload
 from shared_kernel.envelope import CommandEnvelope
 
@@ -45,7 +50,10 @@ async def dispatch(
         traceparent=meta.traceparent,
         fingerprint=fingerprint,
     )
-    result = await bus.send(envelope)
+    try:
+        result = await bus.send(envelope)
+    except CommandTooLarge as exc:
+        raise RequestProblem(413, "too_large", str(exc), max_bytes=exc.limit, bytes=exc.size) from exc
     if result.fingerprint and result.fingerprint != fingerprint:
         raise RequestProblem(
             422,

@@ -1,18 +1,24 @@
-"""Errors mapped to HTTP once, here: domain rejection codes and bus failures."""
+"""Errors mapped to HTTP once, here: domain rejection codes, bus failures, invalid
+input (422, rendered by `api.inputs`) and the unexpected (500, logged, no internals)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import asyncpg
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.exceptions import RequestValidationError, WebSocketRequestValidationError
 from fastapi.responses import JSONResponse, Response
 from opensearchpy.exceptions import ConnectionError as SearchConnectionError
 from opensearchpy.exceptions import TransportError as SearchTransportError
 
+from api import inputs
 from commands.bus import BusUnavailable, ResultTimeout
 from shared_kernel.envelope import CommandResult
 from shared_kernel.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 STATUS_OF_CODE = {
     "not_found": 404,
@@ -21,6 +27,7 @@ STATUS_OF_CODE = {
     "invariant_violation": 409,
     "invalid_command": 422,
     "idempotency_key_reused": 422,
+    "too_large": 413,
     "internal_error": 500,
 }
 
@@ -64,7 +71,8 @@ def _body(problem: RequestProblem) -> dict[str, Any]:
         body["detail"] = [{"loc": [where, body["field"]], "msg": problem.detail, "type": problem.code}]
     if extra:
         body["extra"] = extra
-    return body
+    renderable: dict[str, Any] = inputs.renderable(body)  # a message may quote the input
+    return renderable
 
 
 def install(app: FastAPI) -> None:
@@ -73,6 +81,42 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestProblem)
     async def _problem(_: Request, exc: RequestProblem) -> JSONResponse:
         return JSONResponse(_body(exc), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return inputs.invalid(exc.errors())
+
+    @app.exception_handler(WebSocketRequestValidationError)
+    async def _invalid_socket(websocket: WebSocket, exc: WebSocketRequestValidationError) -> None:
+        # refused with the HTTP answer a stream request gets (a 422 naming the field)
+        try:
+            await websocket.send_denial_response(inputs.invalid(exc.errors()))
+        except RuntimeError:  # the server cannot answer a handshake with HTTP
+            await websocket.close(1008, "invalid input")
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette's ServerErrorMiddleware answers with this, then re-raises for the server.
+        correlation = inputs.correlation_id(request.headers.get("x-correlation-id"))
+        log.error(
+            "unexpected error answering a request",
+            exc_info=exc,
+            extra={
+                "correlation_id": correlation,
+                "method": request.method,
+                "path": request.url.path,
+                "error_type": type(exc).__name__,
+            },
+        )
+        return JSONResponse(
+            {
+                "error": "internal_error",
+                "detail": "an unexpected error occurred; it is logged with this correlation_id",
+                "correlation_id": correlation,
+            },
+            status_code=500,
+            headers={"X-Correlation-Id": correlation},
+        )
 
     @app.exception_handler(NotModified)
     async def _not_modified(_: Request, exc: NotModified) -> Response:

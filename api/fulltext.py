@@ -14,6 +14,7 @@ from fastapi import Depends, Query, Request
 from opensearchpy import AsyncOpenSearch
 
 from api.errors import ReadModelsUnavailable, RequestProblem
+from api.inputs import Filter, Words
 from projections.search import alias_name
 
 MAX_WINDOW = 10_000  # OpenSearch's index.max_result_window
@@ -27,7 +28,8 @@ async def get_search(request: Request) -> AsyncOpenSearch:
 
 
 SearchDep = Annotated[AsyncOpenSearch, Depends(get_search)]
-Text = Annotated[str, Query(max_length=1000, description="words to find; empty finds everything")]
+Text = Annotated[Words, Query(description="words to find; empty finds everything")]
+Equals = Annotated[Filter | None, Query(description="only the hits with this value")]
 Size = Annotated[int, Query(ge=1, le=100, description="page size")]
 Offset = Annotated[int, Query(ge=0, le=MAX_WINDOW, description="hits to skip")]
 

@@ -18,6 +18,7 @@ from fastapi import Depends, Header, Query, Request
 
 from api.consistency import CommittedPositions
 from api.errors import ReadModelsUnavailable, RequestProblem
+from api.inputs import TokenHeader, TokenText
 from projections.registry import PROJECTIONS
 from shared_kernel.position import InvalidToken, PositionToken
 from shared_kernel.settings import Settings
@@ -39,12 +40,15 @@ PoolDep = Annotated[asyncpg.Pool, Depends(get_pool)]
 
 async def position_token(
     consistent_with: Annotated[
-        str | None,
+        TokenText | None,
         Query(description="A position token from a command: answer once the read model has it."),
     ] = None,
-    x_consistency_token: Annotated[str | None, Header(description="Same as `consistent_with`.")] = None,
+    x_consistency_token: Annotated[
+        TokenHeader | None, Header(description="Same as `consistent_with` (which wins).")
+    ] = None,
 ) -> PositionToken | None:
-    """The caller's position token, if it gave one (422 naming the field when malformed)."""
+    """The caller's position token, if it gave one (422 naming the field when malformed:
+    not a token, or partitions beyond int32, offsets beyond int64, too many of them)."""
     raw = consistent_with or x_consistency_token
     if not raw:
         return None

@@ -14,18 +14,23 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 
 import orjson
-from fastapi import Query, Request, Response
+from fastapi import Header, Query, Request, Response
 
-from api.bodies import ErrorBody
+from api.bodies import ErrorBody, InternalErrorBody
 from api.deps import etag_named
 from api.errors import NotModified, RequestProblem
+from api.inputs import AggregateVersion, CursorText, ETags, Filter, Instant, utc
 from api.readmodels import wait_for
 from api.temporal import state_at
 from shared_kernel.position import PositionToken
 
 Limit = Annotated[int, Query(ge=1, le=500, description="page size")]
-Cursor = Annotated[str | None, Query(description="`next_cursor` of the previous page")]
+Cursor = Annotated[CursorText | None, Query(description="`next_cursor` of the previous page")]
 Order = Annotated[Literal["asc", "desc"], Query(description="by creation time")]
+Equals = Annotated[Filter | None, Query(description="only the rows with this value")]
+IfNoneMatch = Annotated[
+    ETags | None, Header(description="ETags the caller has: 304 when the version is one of them.")
+]
 
 
 def cursor_of(row: dict[str, Any], time_column: str) -> str:
@@ -34,9 +39,10 @@ def cursor_of(row: dict[str, Any], time_column: str) -> str:
 
 
 def _after(cursor: str) -> tuple[datetime, UUID]:
+    """The (instant, id) a cursor of `cursor_of` holds: an instant PostgreSQL can hold."""
     try:
         at, ident = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        return datetime.fromisoformat(at), UUID(ident)
+        return utc(datetime.fromisoformat(at)), UUID(ident)
     except Exception as exc:
         raise RequestProblem(
             422, "invalid_cursor", "not a cursor of this list", field="cursor", location="query"
@@ -95,11 +101,14 @@ def etag(response: Response, version: int, if_none_match: str | None) -> None:
     response.headers["ETag"] = etag
 
 
-async def history(pool: Any, ident: UUID, what: str) -> dict[str, Any]:
+async def history(pool: Any, context: str, ident: UUID, what: str) -> dict[str, Any]:
+    """The events of the `context` aggregate `ident`: the archive holds every context, and an
+    id of another context's aggregate is no aggregate of this one (404)."""
     rows = await pool.fetch(
         'SELECT event_id, event_type, version, occurred_at, headers, payload, topic, partition, "offset" '
-        "FROM events WHERE aggregate_id = $1 ORDER BY version",
+        "FROM events WHERE aggregate_id = $1 AND context = $2 ORDER BY version",
         str(ident),
+        context,
     )
     if not rows:
         raise RequestProblem(404, "not_found", f"no {what} {ident}")
@@ -107,10 +116,10 @@ async def history(pool: Any, ident: UUID, what: str) -> dict[str, Any]:
 
 
 AsOfVersion = Annotated[
-    int | None, Query(ge=1, description="the state right after this version (rebuilt from the events)")
+    AggregateVersion | None, Query(description="the state right after this version (rebuilt from the events)")
 ]
 AsOf = Annotated[
-    datetime | None,
+    Instant | None,
     Query(description="the state at this instant, ISO 8601 with a zone (rebuilt from the events)"),
 ]
 
@@ -126,23 +135,16 @@ async def current_or_past(
     what: str,
     version: int | None,
     at: datetime | None,
+    if_none_match: str | None = None,
 ) -> dict[str, Any]:
     """The row of `projection` (the present), or the aggregate of `context` rebuilt
-    from the events archive at a version or an instant (the past)."""
+    from the events archive at a version or an instant (the past: `at` is an `Instant`,
+    with a zone, which the route's parameter checked)."""
     settings, committed = request.app.state.settings, request.app.state.positions
-    if_none_match = request.headers.get("if-none-match")
     if version is None and at is None:
         if token is not None:
             await wait_for(pool, settings, token, (projection,), committed)
         return await one(pool, projection, ident, what, response, if_none_match)
-    if at is not None and at.tzinfo is None:
-        raise RequestProblem(
-            422,
-            "invalid_instant",
-            "as_of needs a time zone (e.g. Z or +02:00)",
-            field="as_of",
-            location="query",
-        )
     if token is not None:
         await wait_for(pool, settings, token, ("events",), committed)
     state = await state_at(pool, context, str(ident), version, at)
@@ -158,7 +160,8 @@ async def current_or_past(
 
 READ_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "Unknown resource."},
-    422: {"description": "Invalid filter, cursor or position token; names the field."},
+    422: {"description": "Invalid filter, cursor, instant, header or position token; names the field."},
+    500: {"model": InternalErrorBody, "description": "Unexpected; logged with its correlation_id."},
     503: {"model": ErrorBody, "description": "The read models are unreachable; retry after Retry-After."},
     504: {"model": ErrorBody, "description": "The read model did not reach the given position in time."},
 }

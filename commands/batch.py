@@ -5,19 +5,37 @@ state and what the earlier commands of the same batch made of it. The outcome is
 `Decision`: the events to append, the aggregates whose snapshots change, the answers
 known now and those known only after the commit, and the records to dead-letter. The
 transaction writer (`commands.transaction`) puts it in Kafka.
+
+Two refusals need more than the aggregate itself, and are made here:
+
+- Aggregate ids are unique across contexts. The commands topic is keyed by aggregate id,
+  so every command for an id, whatever its context, reaches the same partition and so
+  this one decision; it refuses to create an aggregate whose id another context holds
+  (`already_exists`, naming that context), whether committed or created earlier in the
+  same batch. The stores keyed by id alone (the events archive, the event keys, the
+  subscriptions' `aggregate_id` filter) can then never mix two aggregates.
+- Every record the transaction will write fits a Kafka record (`max_record_bytes`, the
+  topics' `max.message.bytes`): a command whose events, or whose aggregate's snapshot
+  (the whole state, which grows with every metadata entry), would not is rejected
+  (`too_large`) and its aggregate rolled back to its state before the command, so the
+  transaction does not fail on it again and again and the rest of the batch commits.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar, cast
 
+import orjson
+
 from commands.context import BoundedContext
 from commands.decide import decide
 from commands.serialization import EventRecord, to_record
+from commands.sizes import KAFKA_DEFAULT_MAX_MESSAGE_BYTES, TooLarge, record_size
 from commands.snapshots import LoadedAggregate, dump, load
 from commands.state_store import Key
 from shared_kernel.avro import AvroCodec
@@ -49,6 +67,8 @@ class States(Protocol):
     def get(self, key: Key) -> LoadedAggregate | None: ...
 
     def forget_live(self, key: Key) -> None: ...
+
+    def __contains__(self, key: Key) -> bool: ...  # committed, without decoding it
 
 
 @dataclass
@@ -89,21 +109,55 @@ class Decision(Generic[R]):
     dead_letters: list[DeadLetter[R]] = field(default_factory=list)
 
 
+# What an accepted command's outcome adds to its aggregate's snapshot once the transaction
+# remembers it (commands.snapshots: version, event count and a position token, whose
+# topic name has at most 249 characters), beyond its command id and fingerprint.
+OUTCOME_RESERVE = 640
+
+
 def decide_batch(
     records: Iterable[R],
     states: States,
     contexts: Mapping[str, BoundedContext],
     codec: AvroCodec,
+    *,
+    max_record_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
 ) -> Decision[R]:
     """Decide every record of a batch in offset order.
 
     The aggregates `states` hands out are changed in place (should the transaction
     fail, the worker restores the partition's state from the state topics). A domain
     refusal is a rejection; a record that is no envelope, or whose handler fails, is a
-    dead letter, and the rest of the batch is still decided.
+    dead letter, and the rest of the batch is still decided. No record the decision
+    asks for is larger than `max_record_bytes`.
     """
     batch: Decision[R] = Decision()
     accepted_ids: set[str] = set()
+    # per aggregate: what outcomes of commands accepted in this batch will add to its snapshot
+    outcomes: dict[Key, int] = {}
+    creations = {name for ctx in contexts.values() for name, h in ctx.commands.items() if h.creates}
+
+    def snapshot_size(context: BoundedContext, key: Key, loaded: LoadedAggregate, reserve: int) -> int:
+        return record_size(key[1].encode(), dump(context, loaded)) + reserve
+
+    def remember(context: BoundedContext, key: Key, loaded: LoadedAggregate, result: CommandResult) -> None:
+        """Keep a rejection in the aggregate's recent outcomes, unless that alone would make
+        its snapshot too large (then only the result cache answers a retry)."""
+        before = OrderedDict(loaded.recent)
+        loaded.remember(result)
+        if snapshot_size(context, key, loaded, outcomes.get(key, 0)) <= max_record_bytes:
+            batch.touched[key] = loaded
+        else:
+            loaded.recent = before
+
+    def held_elsewhere(context: BoundedContext, aggregate_id: str) -> str | None:
+        """The other context whose aggregate has this id: committed, or created in this batch."""
+        for name in contexts:
+            other = (name, aggregate_id)
+            if name != context.name and (other in batch.touched or other in states):
+                return name
+        return None
+
     for record in records:
         try:
             # A tombstone (None) fails to parse like any other non-envelope.
@@ -125,6 +179,16 @@ def decide_batch(
                 (command.reply_to, rejected(command, "invalid_command", "unknown command type"))
             )
             continue
+        if loaded is None and command.command_type in creations:
+            holder = held_elsewhere(context, command.aggregate_id)
+            if holder is not None:
+                reason = (
+                    f"{command.aggregate_id} is the id of a {contexts[holder].aggregate_type} already; "
+                    "aggregate ids are unique across contexts"
+                )
+                result = rejected(command, "already_exists", reason, None, {"context": holder})
+                batch.answers.append((command.reply_to, result))
+                continue
         # Only an aggregate already changed in this batch differs from its committed
         # snapshot; keep its current state in case the handler fails half-way.
         rollback = dump(context, loaded) if loaded is not None and key in batch.touched else None
@@ -142,8 +206,7 @@ def decide_batch(
             current = loaded.version if loaded else None
             result = rejected(command, err.code, err.message, current, err.details)
             if loaded is not None:
-                loaded.remember(result)
-                batch.touched[key] = loaded
+                remember(context, key, loaded, result)
             batch.answers.append((command.reply_to, result))
             continue
         except Exception as exc:  # a bug or a poison command: dead-letter it, keep going
@@ -159,12 +222,46 @@ def decide_batch(
             continue
         if loaded is None:
             loaded = LoadedAggregate(aggregate)
+        appended = [to_record(context, codec, e, command) for e in events]
+        reserve = outcomes.get(key, 0) + outcome_reserve(command)
+        try:
+            for ev in appended:
+                size = record_size(ev.key, ev.value, ev.headers)
+                if size > max_record_bytes:
+                    raise TooLarge(f"the event {ev.metadata.event_type}", size, max_record_bytes)
+            size = snapshot_size(context, key, loaded, reserve)
+            if size > max_record_bytes:
+                what = f"the state of {context.aggregate_type} {command.aggregate_id} after this command"
+                raise TooLarge(what, size, max_record_bytes)
+        except TooLarge as too_large:
+            # As for a failing handler: back to the state before this command, which fits.
+            before: LoadedAggregate | None
+            if rollback is not None:
+                before = batch.touched[key] = load(context, command.aggregate_id, rollback)
+            else:
+                states.forget_live(key)
+                before = states.get(key)  # the committed snapshot; None for a creation
+            result = rejected(
+                command,
+                "too_large",
+                str(too_large),
+                before.version if before else None,
+                {"max_bytes": too_large.limit, "bytes": too_large.size},
+            )
+            if before is not None:
+                remember(context, key, before, result)
+            batch.answers.append((command.reply_to, result))
+            continue
+        outcomes[key] = reserve
         batch.touched[key] = loaded
         accepted_ids.add(command.command_id)
-        batch.accepted.append(
-            Accepted(command.reply_to, command, key, [to_record(context, codec, e, command) for e in events])
-        )
+        batch.accepted.append(Accepted(command.reply_to, command, key, appended))
     return batch
+
+
+def outcome_reserve(command: CommandEnvelope) -> int:
+    """An upper bound of what the command's accepted outcome adds to its snapshot."""
+    return OUTCOME_RESERVE + len(orjson.dumps(command.command_id)) + len(orjson.dumps(command.fingerprint))
 
 
 def rejected(

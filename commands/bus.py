@@ -4,6 +4,9 @@ Each API instance listens on its own Redis reply channel; the command envelope n
 it. Results are also cached by command id, so a retried request (same
 Idempotency-Key) is answered from the cache without producing the command again, and
 a result whose notification was missed is still found after the wait.
+
+An envelope larger than a Kafka record may be is refused before anything is produced
+(`CommandTooLarge`, a 413 at the API): it is no outage, and retrying cannot help.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import logging
 import uuid
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from commands.replies import reply_channel, result_key
+from commands.sizes import AIOKAFKA_DEFAULT_MAX_REQUEST_SIZE, TooLarge, record_size
 from shared_kernel.envelope import CommandEnvelope, CommandResult
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics
@@ -35,6 +39,10 @@ class ResultTimeout(RuntimeError):
     """The command was sent but no result arrived in time; it may still apply."""
 
 
+class CommandTooLarge(TooLarge):
+    """The command is larger than a record of the commands topic: it was not sent."""
+
+
 class CommandBus:
     def __init__(self, settings: Settings, producer: AIOKafkaProducer, redis: Redis) -> None:
         self.settings = settings
@@ -47,6 +55,12 @@ class CommandBus:
         self._listener: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self.producer_ready = asyncio.Event()
+        # The topic's limit, or the producer's own when that is tighter (aiokafka refuses
+        # a record over its max_request_size before sending it).
+        self.max_record_bytes = min(
+            settings.kafka_max_message_bytes,
+            int(getattr(producer, "_max_request_size", AIOKAFKA_DEFAULT_MAX_REQUEST_SIZE)),
+        )
 
     async def start(self) -> None:
         self._listener = asyncio.create_task(self._listen(), name="command-replies")
@@ -89,7 +103,15 @@ class CommandBus:
         return CommandResult.from_bytes(data) if data else None
 
     async def send(self, command: CommandEnvelope) -> CommandResult:
-        """The command's result: from the cache for a retry, else produce and wait."""
+        """The command's result: from the cache for a retry, else produce and wait.
+
+        Raises `CommandTooLarge` (nothing produced) for an envelope no record can hold.
+        """
+        key = command.aggregate_id.encode()
+        value = dataclasses.replace(command, reply_to=self.channel).to_bytes()
+        size = record_size(key, value)
+        if size > self.max_record_bytes:
+            raise CommandTooLarge("the command", size, self.max_record_bytes)
         cached = await self.cached(command.command_id)
         if cached is not None:
             return cached
@@ -103,14 +125,10 @@ class CommandBus:
         timeout = self.settings.command_timeout_s
         try:
             if owner:
-                envelope = dataclasses.replace(command, reply_to=self.channel)
                 try:
-                    await asyncio.wait_for(
-                        self.producer.send_and_wait(
-                            self.topic, envelope.to_bytes(), key=command.aggregate_id.encode()
-                        ),
-                        timeout,
-                    )
+                    await asyncio.wait_for(self.producer.send_and_wait(self.topic, value, key=key), timeout)
+                except MessageSizeTooLargeError as exc:  # the producer's or the broker's refusal
+                    raise CommandTooLarge("the command", size, self.max_record_bytes) from exc
                 except (KafkaError, TimeoutError) as exc:
                     raise BusUnavailable(f"Kafka did not take the command: {exc!r}") from exc
             try:

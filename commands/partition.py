@@ -70,8 +70,15 @@ class PartitionWorker:
         self.counters = counters
         self.tp = TopicPartition(topics.commands, partition)
         self.transactional_id = f"{group_id}.{partition}"
+        # The decision keeps every record within the topics' limit (commands.batch); the
+        # producer must not refuse what the topics take.
+        self.max_record_bytes = settings.kafka_max_message_bytes
         self.producer = kafka.transactional_producer(
-            settings, self.transactional_id, linger_ms=0, request_timeout_ms=30_000
+            settings,
+            self.transactional_id,
+            linger_ms=0,
+            request_timeout_ms=30_000,
+            max_request_size=self.max_record_bytes,
         )
         self.state = PartitionState(self.contexts)
         self.next_offset = 0  # first offset not yet committed
@@ -142,7 +149,9 @@ class PartitionWorker:
         if not records or self.fenced:
             return
         t0 = time.perf_counter()
-        decision = decide_batch(records, self.state, self.contexts, self.codec)
+        decision = decide_batch(
+            records, self.state, self.contexts, self.codec, max_record_bytes=self.max_record_bytes
+        )
         t1 = time.perf_counter()
         try:
             answers = await transaction.write(
@@ -155,6 +164,7 @@ class PartitionWorker:
                 dlq_topic=self.dlq_topic,
                 contexts=self.contexts,
                 state=self.state,
+                max_record_bytes=self.max_record_bytes,
             )
         except ProducerFenced:
             log.warning(

@@ -49,6 +49,10 @@ class PartitionState:
         self.committed[key] = data
         self.live[key] = loaded
 
+    def __contains__(self, key: object) -> bool:
+        """Whether the partition has this aggregate committed: a lookup, nothing decoded."""
+        return key in self.committed
+
     def __len__(self) -> int:
         return len(self.committed)
 

@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from commands.batch import Answer, Decision
 from commands.context import BoundedContext
+from commands.sizes import KAFKA_DEFAULT_MAX_MESSAGE_BYTES, record_size
 from commands.snapshots import dump
 from commands.state_store import PartitionState
 from shared_kernel.envelope import CommandResult
@@ -33,6 +34,7 @@ async def write(
     dlq_topic: str,
     contexts: Mapping[str, BoundedContext],
     state: PartitionState,
+    max_record_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
 ) -> list[Answer]:
     """Commit the decision with `next_offset` as the consumed offset of `consumed`.
 
@@ -77,21 +79,34 @@ async def write(
             snapshots[key] = data
             await producer.send(topics.state(key[0]), data, key=key[1].encode())
         for dead in decision.dead_letters:
-            record = dead.record
-            await producer.send(
-                dlq_topic,
-                record.value,
-                key=record.key,
-                headers=[
-                    *record.headers,
-                    ("dlq-error", dead.error.encode()[:4000]),
-                    ("dlq-source", f"{record.topic}:{record.partition}:{record.offset}".encode()),
-                ],
-            )
+            value, headers = dead_letter(dead.record, dead.error, max_record_bytes)
+            await producer.send(dlq_topic, value, key=dead.record.key, headers=headers)
         await offsets
     for key, data in snapshots.items():
         state.commit(key, data, decision.touched[key])
     return answers
+
+
+def dead_letter(
+    record: ConsumerRecord[bytes, bytes], error: str, max_record_bytes: int
+) -> tuple[bytes | None, list[tuple[str, bytes]]]:
+    """The dead letter of a record: its value and headers, why and where from.
+
+    The record fitted the commands topic, but with the two headers more it may not fit
+    the dead letter topic: then the error is cut shorter, and if that is not enough the
+    value is left out (its size and source are kept), so the transaction never fails on it.
+    """
+    source = ("dlq-source", f"{record.topic}:{record.partition}:{record.offset}".encode())
+    reason = error.encode()[:4000]
+    headers = [*record.headers, ("dlq-error", reason), source]
+    over = record_size(record.key, record.value, headers) - max_record_bytes
+    if over <= 0:
+        return record.value, headers
+    headers = [*record.headers, ("dlq-error", reason[: max(0, len(reason) - over)]), source]
+    if record_size(record.key, record.value, headers) <= max_record_bytes:
+        return record.value, headers
+    dropped = ("dlq-value-dropped", str(len(record.value or b"")).encode())
+    return None, [*record.headers, ("dlq-error", reason[:200]), source, dropped]
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -103,6 +103,24 @@ class Settings(BaseSettings):
         le=100,
         description="wait before retrying a transaction start the coordinator still finishes (KAFKA-5477)",
     )
+    # Size limits of the whole path, enforced at the edge (see api.limits, commands.sizes).
+    max_body_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="largest request body the API reads: 413 above it, by Content-Length or counted, "
+        "before any route reads it. 1 MiB is the largest Kafka record (a command travels as one): "
+        "a larger body cannot become a command the write side takes, so it is refused unread; "
+        "within it, the envelope, the events and the snapshot are measured exactly (413 too). "
+        "It is also nginx's default, and far above every valid body but a dataset registered "
+        "with much metadata (api.inputs bounds one JSON value to 65,536 characters)",
+    )
+    kafka_max_message_bytes: int = Field(
+        default=1_048_588,
+        ge=256 * 1024,  # the producers' batch size (shared_kernel.kafka): a batch of many records fits too
+        description="`max.message.bytes` of the topics this service creates, and the largest record "
+        "it produces (a command, an event, a snapshot, a dead letter); Kafka's own default. A "
+        "command or event over it is refused with 413 before anything is produced",
+    )
     result_ttl_s: int = Field(default=7 * 24 * 3600, ge=60, description="how long command results are kept")
     retry_after_s: int = Field(default=1, ge=1)
 

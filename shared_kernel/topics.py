@@ -52,9 +52,13 @@ def contract_topics(
     """Every topic of the contract with its configuration."""
     t = Topics(settings.topic_prefix)
     n, rf = settings.partitions, settings.replication_factor
+    size = _max_message_bytes(settings)
     wanted = [
         NewTopic(
-            t.commands, n, rf, topic_configs={"cleanup.policy": "delete", "retention.ms": str(7 * DAY_MS)}
+            t.commands,
+            n,
+            rf,
+            topic_configs={"cleanup.policy": "delete", "retention.ms": str(7 * DAY_MS), **size},
         )
     ]
     for ctx in contexts:
@@ -63,7 +67,12 @@ def contract_topics(
                 t.events(ctx),
                 n,
                 rf,
-                topic_configs={"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"},
+                topic_configs={
+                    "cleanup.policy": "delete",
+                    "retention.ms": "-1",
+                    "retention.bytes": "-1",
+                    **size,
+                },
             )
         )
         wanted.append(
@@ -75,6 +84,7 @@ def contract_topics(
                     "cleanup.policy": "compact",
                     "min.cleanable.dirty.ratio": "0.1",
                     "segment.ms": str(DAY_MS),
+                    **size,
                 },
             )
         )
@@ -88,8 +98,20 @@ def dlq_topic(settings: Settings, consumer: str) -> NewTopic:
         Topics(settings.topic_prefix).dlq(consumer),
         settings.partitions,
         settings.replication_factor,
-        topic_configs={"cleanup.policy": "delete", "retention.ms": str(30 * DAY_MS)},
+        topic_configs={
+            "cleanup.policy": "delete",
+            "retention.ms": str(30 * DAY_MS),
+            **_max_message_bytes(settings),
+        },
     )
+
+
+def _max_message_bytes(settings: Settings) -> dict[str, str]:
+    """The largest record batch a topic takes: given explicitly, so the limit the write
+    side checks before producing (`APP_KAFKA_MAX_MESSAGE_BYTES`) is the topic's own and
+    not whatever the broker's `message.max.bytes` happens to be. Topics that exist
+    already keep their configuration (see `ensure_topics`)."""
+    return {"max.message.bytes": str(settings.kafka_max_message_bytes)}
 
 
 async def ensure_topics(settings: Settings, topics: list[NewTopic]) -> list[str]:

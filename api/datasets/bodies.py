@@ -1,18 +1,18 @@
-"""Request bodies of the datasets command routes (the API's own vocabulary)."""
+"""Request bodies of the datasets command routes (the API's own vocabulary), on the
+input rules of `api.inputs`."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import Field, JsonValue
+from pydantic import Field, StringConstraints
 
 from api.bodies import RequestBody as Body
+from api.inputs import Chars, Finite, Json, Label, Metadata, Name, Tag, Text
 
-Name = Annotated[str, Field(min_length=1, max_length=200)]
-Text = Annotated[str, Field(max_length=10_000)]
-Tag = Annotated[str, Field(min_length=1, max_length=64)]
-Number = Annotated[float, Field(allow_inf_nan=False)]
+MAX_TAGS = 50
+SemVer = Annotated[str, StringConstraints(min_length=5, max_length=100), Chars(line=True)]
 
 
 class RegisterDatasetRequest(Body):
@@ -21,9 +21,9 @@ class RegisterDatasetRequest(Body):
     )
     name: Name
     description: Text = ""
-    owner: Annotated[str, Field(max_length=200)] = ""
-    tags: Annotated[list[Tag], Field(max_length=50)] = []
-    metadata: dict[Annotated[str, Field(min_length=1, max_length=200)], JsonValue] = {}
+    owner: Label = ""
+    tags: Annotated[list[Tag], Field(max_length=MAX_TAGS)] = []
+    metadata: Metadata = {}
 
 
 class DescribeDatasetRequest(Body):
@@ -32,18 +32,18 @@ class DescribeDatasetRequest(Body):
 
 
 class MetadataValueRequest(Body):
-    value: JsonValue
+    value: Json
 
 
 class PublishVersionRequest(Body):
-    version: Annotated[str, Field(min_length=5, max_length=100, examples=["1.2.0"])]
+    version: Annotated[SemVer, Field(examples=["1.2.0"])]
     notes: Text = ""
 
 
 class QualityCheckRequest(Body):
     metric: Name
-    value: Number
-    threshold: Number
+    value: Finite
+    threshold: Finite
     comparator: Literal[">=", ">", "<=", "<", "=="] = ">="
 
 

@@ -14,6 +14,8 @@ from api.reads import (
     AsOf,
     AsOfVersion,
     Cursor,
+    Equals,
+    IfNoneMatch,
     Limit,
     Order,
     current_or_past,
@@ -33,8 +35,8 @@ router = APIRouter(prefix="/api/v1/datasets", tags=["queries"], responses=READ_R
 async def list_datasets(
     pool: PoolDep,
     status: Annotated[Literal["active", "archived"] | None, Query()] = None,
-    owner: Annotated[str | None, Query()] = None,
-    tag: Annotated[str | None, Query()] = None,
+    owner: Equals = None,
+    tag: Equals = None,
     limit: Limit = 50,
     cursor: Cursor = None,
     order: Order = "asc",
@@ -58,10 +60,21 @@ async def get_dataset(
     response: Response,
     as_of_version: AsOfVersion = None,
     as_of: AsOf = None,
+    if_none_match: IfNoneMatch = None,
 ) -> dict[str, Any]:
     """The dataset now (its read model), or as it was at a version or an instant."""
     return await current_or_past(
-        request, pool, token, response, "datasets", "datasets", dataset_id, "dataset", as_of_version, as_of
+        request,
+        pool,
+        token,
+        response,
+        "datasets",
+        "datasets",
+        dataset_id,
+        "dataset",
+        as_of_version,
+        as_of,
+        if_none_match,
     )
 
 
@@ -86,4 +99,4 @@ async def get_dataset_quality(dataset_id: UUID, pool: PoolDep, response: Respons
     dependencies=[Depends(consistent("events"))],
 )
 async def get_dataset_events(dataset_id: UUID, pool: PoolDep) -> dict[str, Any]:
-    return await history(pool, dataset_id, "dataset")
+    return await history(pool, "datasets", dataset_id, "dataset")

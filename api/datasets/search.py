@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from api.fulltext import Offset, SearchDep, Size, Text, search
+from api.fulltext import Equals, Offset, SearchDep, Size, Text, search
 from api.readmodels import consistent
 from api.reads import READ_RESPONSES
 
@@ -23,8 +23,8 @@ async def search_datasets(
     client: SearchDep,
     q: Text = "",
     status: Annotated[Literal["active", "archived"] | None, Query()] = None,
-    owner: Annotated[str | None, Query()] = None,
-    tag: Annotated[str | None, Query()] = None,
+    owner: Equals = None,
+    tag: Equals = None,
     limit: Size = 20,
     offset: Offset = 0,
 ) -> dict[str, Any]:

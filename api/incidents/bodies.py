@@ -1,31 +1,29 @@
-"""Request bodies of the incidents command routes."""
+"""Request bodies of the incidents command routes, on the input rules of `api.inputs`."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 from uuid import UUID
 
 from pydantic import Field
 
 from api.bodies import RequestBody as Body
-
-Short = Annotated[str, Field(min_length=1, max_length=200)]
-Text = Annotated[str, Field(max_length=10_000)]
+from api.inputs import Label, Name, SomeText, Text
 
 
 class OpenIncidentRequest(Body):
     id: UUID | None = Field(
         default=None, description="Optional; derived from the Idempotency-Key when absent."
     )
-    title: Short
+    title: Name
     description: Text = ""
     priority: Literal["low", "medium", "high", "critical"] = "medium"
-    source: Annotated[str, Field(max_length=200)] = ""
-    external_id: Annotated[str, Field(max_length=200)] = ""
+    source: Label = ""
+    external_id: Label = ""
 
 
 class AssignIncidentRequest(Body):
-    assignee: Short
+    assignee: Name
 
 
 class ChangeStatusRequest(Body):
@@ -38,5 +36,5 @@ class ReopenIncidentRequest(Body):
 
 
 class CommentRequest(Body):
-    author: Short
-    body: Annotated[str, Field(min_length=1, max_length=10_000)]
+    author: Name
+    body: SomeText

@@ -14,6 +14,8 @@ from api.reads import (
     AsOf,
     AsOfVersion,
     Cursor,
+    Equals,
+    IfNoneMatch,
     Limit,
     Order,
     current_or_past,
@@ -33,7 +35,7 @@ async def list_incidents(
     pool: PoolDep,
     status: Annotated[Literal["open", "in_progress", "resolved", "closed"] | None, Query()] = None,
     priority: Annotated[Literal["low", "medium", "high", "critical"] | None, Query()] = None,
-    assignee: Annotated[str | None, Query()] = None,
+    assignee: Equals = None,
     limit: Limit = 50,
     cursor: Cursor = None,
     order: Order = "asc",
@@ -57,6 +59,7 @@ async def get_incident(
     response: Response,
     as_of_version: AsOfVersion = None,
     as_of: AsOf = None,
+    if_none_match: IfNoneMatch = None,
 ) -> dict[str, Any]:
     """The incident now (its read model), or as it was at a version or an instant."""
     return await current_or_past(
@@ -70,6 +73,7 @@ async def get_incident(
         "incident",
         as_of_version,
         as_of,
+        if_none_match,
     )
 
 
@@ -79,4 +83,4 @@ async def get_incident(
     dependencies=[Depends(consistent("events"))],
 )
 async def get_incident_events(incident_id: UUID, pool: PoolDep) -> dict[str, Any]:
-    return await history(pool, incident_id, "incident")
+    return await history(pool, "incidents", incident_id, "incident")

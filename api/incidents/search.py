@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from api.fulltext import Offset, SearchDep, Size, Text, search
+from api.fulltext import Equals, Offset, SearchDep, Size, Text, search
 from api.readmodels import consistent
 from api.reads import READ_RESPONSES
 
@@ -25,7 +25,7 @@ async def search_incidents(
     q: Text = "",
     status: Annotated[Literal["open", "in_progress", "resolved", "closed"] | None, Query()] = None,
     priority: Annotated[Literal["low", "medium", "high", "critical"] | None, Query()] = None,
-    assignee: Annotated[str | None, Query()] = None,
+    assignee: Equals = None,
     limit: Size = 20,
     offset: Offset = 0,
 ) -> dict[str, Any]:

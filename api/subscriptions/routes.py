@@ -23,9 +23,10 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
 from api.errors import RequestProblem, _body
+from api.inputs import FilterValues, TokenHeader, TokenText
 from api.subscriptions.feed import FeedUnavailable, LiveFeed
 from api.subscriptions.messages import Message
-from api.subscriptions.spec import BEGINNING, NOW, StreamSpec, parse_spec
+from api.subscriptions.spec import BEGINNING, MAX_VALUES, NOW, StreamSpec, parse_spec
 from api.subscriptions.subscriber import Ended, Subscriber
 from shared_kernel.settings import Settings
 
@@ -35,16 +36,25 @@ SHUTDOWN_GRACE_S = 1.0
 WS_TRY_AGAIN_LATER = 1013
 
 Contexts = Annotated[
-    list[str] | None,
-    Query(description="Contexts to follow (repeat, or separate with commas); all by default."),
+    list[FilterValues] | None,
+    Query(
+        max_length=MAX_VALUES,
+        description="Contexts to follow (repeat, or separate with commas); all by default.",
+    ),
 ]
-AggregateIds = Annotated[list[str] | None, Query(description="Only the events of these aggregates.")]
+AggregateIds = Annotated[
+    list[FilterValues] | None,
+    Query(max_length=MAX_VALUES, description="Only the events of these aggregates."),
+]
 EventTypes = Annotated[
-    list[str] | None,
-    Query(description="Only these event types: `incidents.IncidentOpened`, or `IncidentOpened`."),
+    list[FilterValues] | None,
+    Query(
+        max_length=MAX_VALUES,
+        description="Only these event types: `incidents.IncidentOpened`, or `IncidentOpened`.",
+    ),
 ]
 From = Annotated[
-    str | None,
+    TokenText | None,
     Query(
         alias="from",
         description=f"Where to start: `{NOW}` (default), `{BEGINNING}`, or the `id` of a message "
@@ -52,7 +62,7 @@ From = Annotated[
     ),
 ]
 LastEventId = Annotated[
-    str | None, Header(description="Set by EventSource when it reconnects; wins over `from`.")
+    TokenHeader | None, Header(description="Set by EventSource when it reconnects; wins over `from`.")
 ]
 
 SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -61,7 +71,7 @@ SSE_RESPONSES: dict[int | str, dict[str, Any]] = {
         "`heartbeat`s, and an `error` before the server drops a client that fell behind.",
         "content": {"text/event-stream": {}},
     },
-    422: {"description": "Unknown filter value or malformed position; names the field."},
+    422: {"description": "Unknown filter value, malformed position or header; names the field."},
     503: {"description": "The event log is unreachable; retry after `Retry-After`."},
 }
 
