@@ -11,7 +11,7 @@ from commands.datasets import CONTEXT
 from commands.datasets import commands as c
 from projections.datasets.quality import QualityMetricsProjection
 from projections.datasets.rows import DatasetsProjection
-from projections.datasets.search import DatasetsSearch
+from projections.datasets.search import SEARCHED_CHARS, DatasetsSearch
 from projections.events import StoredEvent
 from projections.folded import fold
 from projections.projection import Row
@@ -144,3 +144,16 @@ def test_the_search_document_is_the_row_keyed_by_the_id_text() -> None:
     assert docs == {str(ident): row_after(history)}
     mapped = set(DatasetsSearch.mapping["mappings"]["properties"])
     assert mapped <= set(docs[str(ident)]), "every mapped field is in the document"
+
+
+def test_the_search_document_keeps_the_start_of_long_metadata_strings_and_the_row_all() -> None:
+    ident, history = a_dataset()
+    long = "x" * 150_000  # one flat_object leaf is one Lucene term: at most 32,766 bytes
+    history.then(c.SetMetadataEntry(ident, "rows", {"sample": [long, "short"], "n": 3}))
+    docs: dict[str, Row] = {}
+    fold(DatasetsSearch().evolvers, docs, history.events, lambda e: e.meta.aggregate_id)
+    assert docs[str(ident)]["metadata"] == {
+        "unit": "C",
+        "rows": {"sample": [long[:SEARCHED_CHARS], "short"], "n": 3},
+    }
+    assert row_after(history)["metadata"]["rows"]["sample"][0] == long
