@@ -17,6 +17,7 @@ from bench import (
     s4_queries,
     s5_subscriptions,
     s6_rebuild,
+    s7_footprint,
 )
 from shared_kernel.settings import Settings
 
@@ -28,6 +29,7 @@ SCENARIOS: dict[str, Callable[[Settings], Coroutine[Any, Any, dict[str, Any]]]] 
     "S4": s4_queries.run,
     "S5": s5_subscriptions.run,
     "S6": s6_rebuild.run,
+    "S7": s7_footprint.run,
 }
 
 

@@ -20,7 +20,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -249,10 +249,15 @@ class WriteSide:
         logs = "\n".join(p.tail() for p in self.processors)
         raise RuntimeError(f"commands do not flow; processor logs:\n{logs}")
 
-    async def wait_until_projected(self) -> None:
-        """Probe commands until every projector started has applied them (Faust workers
-        take a while to join their groups on a cold broker)."""
-        running = {p.name.removeprefix("projector-") for p in self.projectors}
+    async def wait_until_projected(self, projections: Iterable[str] | None = None) -> None:
+        """Probe commands until the given projections (by default: those of the projectors
+        started by `start_projector`) have applied them (Faust workers take a while to
+        join their groups on a cold broker)."""
+        running = (
+            {p.name.removeprefix("projector-") for p in self.projectors}
+            if projections is None
+            else set(projections)
+        )
         async with httpx.AsyncClient(base_url=self.api_url, timeout=30) as client:
             d = (await client.post("/api/v1/datasets", json={"name": "probe"})).json()
             i = (await client.post("/api/v1/incidents", json={"title": "probe"})).json()

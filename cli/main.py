@@ -109,6 +109,27 @@ def run_projector(
     ProjectionApp(get_settings(), projection.at(version)).run()
 
 
+@run.command("projectors")
+def run_projectors(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="the projections (default: all; `cqrs projections list`)")
+    ] = None,
+) -> None:
+    """Keep several projections up to date in one process: each its own consumer group,
+    supervisor, rebuilds and swaps, their Faust workers sharing this process (Ctrl-C to
+    stop). One process per projection is `cqrs run projector NAME`."""
+    from projections.registry import PROJECTIONS
+    from streams.group import supervise_group
+
+    chosen = list(dict.fromkeys(names or PROJECTIONS))
+    for name in chosen:
+        _projection(name)
+    _logging()
+
+    settings = get_settings()
+    _run_fast(_until_signalled(lambda stop: supervise_group(settings, chosen, stop)))
+
+
 @run.command("replay")
 def run_replay(
     name: Annotated[str, typer.Argument(help="the projection")],

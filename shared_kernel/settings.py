@@ -92,10 +92,16 @@ class Settings(BaseSettings):
     )
     query_cache_mb: int = Field(default=64, ge=1, description="memory for those reads, bodies and headers")
     kafka_fetch_max_wait_ms: int = Field(
+        default=1000,
+        ge=1,
+        le=10_000,
+        description="longest a consumer's fetch of all its partitions waits at the broker for new data",
+    )
+    kafka_partial_fetch_wait_ms: int = Field(
         default=20,
         ge=1,
-        le=500,
-        description="longest a consumer's fetch waits at the broker for new data (see kafka.consumer)",
+        le=10_000,
+        description="the same for a fetch that leaves some partitions out (see kafka.consumer)",
     )
     kafka_txn_retry_backoff_ms: float = Field(
         default=2.0,

@@ -1,10 +1,19 @@
-"""The Faust apps that drive the projections: one app (so one consumer group) per projection.
+"""The Faust apps that drive the projections: one app (so one consumer group) per
+projection version.
 
 Each app has one agent on the events topics of its projection's contexts. The agent
-takes events in batches (`take_events`) and hands each batch to a `Projector`, which
-applies it in one PostgreSQL transaction together with the projection's positions.
-Faust commits an event's offset only after the agent has finished with its batch, so
-after a crash a batch may come again; applying is idempotent, so that changes nothing.
+takes events in batches (`streams.batches.take_batches`) and hands each batch to a
+`Projector`, which applies it in one PostgreSQL transaction together with the
+projection's positions. The agent acks a batch's events only once it is applied, so
+Faust commits no offset of a batch that failed; after a crash a batch may come again,
+and applying is idempotent, so that changes nothing.
+
+An app runs alone in a process (`run`: `cqrs run projector NAME --version N`), or
+beside others in one event loop (`start` / `stop`: `cqrs run projectors`, see
+`streams.group`). A batch that fails after its retries stops the agent from taking any
+more (a later event must not be applied before it) and calls `on_failure`: alone, the
+process exits and its supervisor starts it again; in a group, the group stops this app
+and starts it again, the other projections go on.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import os
 import signal
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +44,12 @@ from shared_kernel.avro import AvroCodec
 from shared_kernel.settings import Settings
 from shared_kernel.telemetry import logging_config
 from shared_kernel.topics import Topics, dlq_topic, ensure_topics
+from streams.batches import ack, take_batches
 
 log = logging.getLogger(__name__)
 
 RETRY_S = (0.2, 0.5, 1, 2, 5)
-HEARTBEAT_S = 1.0
+HEARTBEAT_S = 2.0  # a worker is alive while its beat is under 5 s old (projections.versions.workers)
 
 
 STOP_GRACE_S = 15  # how long a stopping worker lets its batch in flight finish
@@ -46,7 +57,7 @@ EXIT_UNACKED = 70
 
 
 def _exit_unacked(why: str, projection: str) -> None:
-    """Exit at once, so that no offset of the batch in flight is committed."""
+    """Exit at once (a worker alone in its process): its supervisor starts it again."""
     log.critical(f"{why}; exiting without committing its offsets", extra={"projection": projection})
     logging.shutdown()
     os._exit(EXIT_UNACKED)
@@ -60,7 +71,7 @@ def group_id(settings: Settings, projection: Projection) -> str:
 def _read_committed_consumer_thread() -> None:
     """Faust reads uncommitted data unless it runs its own exactly-once producers; the
     events topics are written in transactions, so an aborted event would be projected.
-    Faust's Kafka consumer is made read_committed here, with our bounded fetch wait."""
+    Faust's Kafka consumer is made read_committed here, with our fetch wait."""
     thread: Any = faust_aiokafka.AIOKafkaConsumerThread
     if getattr(thread, "_cqrs_patched", False):
         return
@@ -94,10 +105,22 @@ def _record(message: Any) -> Record:
 class ProjectionApp:
     """A Faust app for one projection, with the resources its agent needs."""
 
-    def __init__(self, settings: Settings, projection: Projection, datadir: Path | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        projection: Projection,
+        datadir: Path | None = None,
+        on_failure: Callable[[str], None] | None = None,
+        on_retired: Callable[[], None] | None = None,
+    ) -> None:
         _read_committed_consumer_thread()
+        kafka.wait_long_only_for_whole_fetches(settings)
         self.settings = settings
         self.projection = projection
+        # alone in a process: exit at once / stop the process; in a group: the group's
+        self.on_failure = on_failure or (lambda why: _exit_unacked(why, projection.name))
+        self.on_retired = on_retired or (lambda: os.kill(os.getpid(), signal.SIGTERM))
+        self.failure: str | None = None
         self.topics = Topics(settings.topic_prefix)
         self.group_id = group_id(settings, projection)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
@@ -158,22 +181,23 @@ class ProjectionApp:
             },
         )
         try:
-            batches = stream.take_events(
-                self.settings.projection_batch_max, within=self.settings.projection_batch_wait_ms / 1000
+            batches = take_batches(
+                stream, self.settings.projection_batch_max, self.settings.projection_batch_wait_ms / 1000
             )
             async for events in batches:
-                # Faust acks a batch when this iteration ends, however it ends (even when
-                # the worker is stopping or the agent crashes), and then commits its
-                # offsets: so an iteration ends only once its batch is applied, or the
-                # process exits on the spot and the batch comes again after a restart.
                 batch = asyncio.ensure_future(self._apply(projector, [_record(e.message) for e in events]))
                 try:
                     await asyncio.shield(batch)
                 except asyncio.CancelledError:
-                    await self._finish_or_exit(batch)
+                    if await self._finished(batch):  # stopping: the batch in flight may end
+                        await ack(stream, events)
                     raise
                 except Exception:
-                    _exit_unacked("batch not applied after retries", self.projection.name)
+                    # nothing after this batch may be applied before it: take no more
+                    self.failure = "batch not applied after retries"
+                    self.on_failure(self.failure)
+                    await asyncio.Event().wait()  # until the app is stopped
+                await ack(stream, events)
         finally:
             await self._close_projector()
 
@@ -192,12 +216,17 @@ class ProjectionApp:
                 )
                 await asyncio.sleep(pause)
 
-    async def _finish_or_exit(self, batch: asyncio.Future[None]) -> None:
-        """The worker is stopping mid-batch: let the batch finish, or exit unacked."""
+    async def _finished(self, batch: asyncio.Future[None]) -> bool:
+        """The worker is stopping mid-batch: did the batch get applied within the grace?
+        If not, it is not acked, so not committed: it comes again (applying twice is a no-op)."""
         with contextlib.suppress(BaseException):
             await asyncio.wait_for(asyncio.shield(batch), STOP_GRACE_S)
-        if not batch.done() or batch.cancelled() or batch.exception() is not None:
-            _exit_unacked("stopped with a batch not applied", self.projection.name)
+        ok = batch.done() and not batch.cancelled() and batch.exception() is None
+        if not ok:
+            log.warning(
+                "stopped with a batch not applied; it comes again", extra={"projection": self.projection.name}
+            )
+        return ok
 
     async def _close_projector(self) -> None:
         projector, self.projector = self.projector, None
@@ -224,7 +253,14 @@ class ProjectionApp:
                 "version no longer wanted; stopping",
                 extra={"projection": name, "version": version, "state": state},
             )
-            os.kill(os.getpid(), signal.SIGTERM)
+            self.on_retired()
+
+    async def start(self) -> None:
+        """Run in the current event loop, beside other apps (`streams.group`)."""
+        await self.app.start()
+
+    async def stop(self) -> None:
+        await self.app.stop()
 
     def run(self) -> None:
         """Run the Faust worker until it is signalled to stop."""

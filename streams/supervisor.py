@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -103,11 +103,40 @@ async def stop_worker(proc: asyncio.subprocess.Process) -> None:
             await proc.wait()
 
 
-async def supervise(settings: Settings, name: str, stop: asyncio.Event) -> None:
-    await migrate(settings)
+class Worker(Protocol):
+    """The worker of one version: a child process, or a Faust app in this process."""
+
+    @property
+    def returncode(self) -> int | None:
+        """None while it runs; its exit status once it stopped."""
+
+
+class Workers(Protocol):
+    async def start(self, name: str, version: int) -> Worker: ...
+
+    async def stop(self, worker: Worker) -> None: ...
+
+
+class ChildWorkers:
+    """Each version's worker in a child process of its own (`cqrs run projector NAME`)."""
+
+    async def start(self, name: str, version: int) -> Worker:
+        return await start_worker(name, version)
+
+    async def stop(self, worker: Worker) -> None:
+        assert isinstance(worker, asyncio.subprocess.Process)
+        await stop_worker(worker)
+
+
+async def supervise(
+    settings: Settings, name: str, stop: asyncio.Event, workers: Workers | None = None, migrated: bool = False
+) -> None:
+    workers = workers or ChildWorkers()
+    if not migrated:
+        await migrate(settings)
     pool = await create_pool(settings, min_size=1, max_size=1)
     probe = LagProbe(settings)
-    worker: asyncio.subprocess.Process | None = None
+    worker: Worker | None = None
     running = 0
     pause = 0.5
     next_check = time.monotonic() + settings.projection_lag_check_s
@@ -135,21 +164,21 @@ async def supervise(settings: Settings, name: str, stop: asyncio.Event) -> None:
                     await catch_up(settings, pool, name, live, stop)  # no worker of ours follows it now
                 if stop.is_set():
                     break
-                worker, running = await start_worker(name, live), live
+                worker, running = await workers.start(name, live), live
                 if previous is not None:
-                    await stop_worker(previous)  # the retired version's worker
+                    await workers.stop(previous)  # the retired version's worker
             elif pause > 0.5:
                 pause = 0.5
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + settings.projection_lag_check_s
-                if await _fell_behind(settings, pool, probe, name, running):
-                    await stop_worker(worker)  # it commits what it applied: replays go on from there
+                if worker is not None and await _fell_behind(settings, pool, probe, name, running):
+                    await workers.stop(worker)  # it commits what it applied: replays go on from there
                     worker = None  # caught up, then started again, on the next turn
                     continue
             await _sleep(stop, POLL_S)
     finally:
         if worker is not None:
-            await stop_worker(worker)
+            await workers.stop(worker)
         await probe.stop()
         await pool.close()
 

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 from aiokafka import TopicPartition
 
+from projections.registry import PROJECTIONS
 from shared_kernel import kafka
 from shared_kernel.avro import AvroCodec
 from shared_kernel.envelope import EventMetadata
@@ -61,6 +62,7 @@ class WriteSide:
     env: dict[str, str]
     processors: list[Proc] = field(default_factory=list)
     projectors: list[Proc] = field(default_factory=list)
+    projections: set[str] = field(default_factory=set)  # those the projectors keep
     api: Proc | None = None
     api_url: str = ""
 
@@ -130,14 +132,23 @@ class WriteSide:
             await self.wait_until_commands_flow(client)
 
     def start_projector(self, name: str, env: dict[str, str] | None = None) -> Proc:
+        """`cqrs run projector NAME`: one projection in a process of its own."""
         proc = self._spawn(f"projector-{name}", "run", "projector", name, env=env)
         self.projectors.append(proc)
+        self.projections.add(name)
+        return proc
+
+    def start_projectors(self, *names: str, env: dict[str, str] | None = None) -> Proc:
+        """`cqrs run projectors NAME...`: the projections in one process, as `make up` runs them."""
+        proc = self._spawn(f"projectors-{len(self.projectors)}", "run", "projectors", *names, env=env)
+        self.projectors.append(proc)
+        self.projections.update(names)
         return proc
 
     async def wait_until_projected(self) -> None:
-        """Probe commands until every projector started has applied them (Faust workers
+        """Probe commands until every projection started has applied them (Faust workers
         take a while to join their groups on a cold broker)."""
-        running = {p.name.removeprefix("projector-") for p in self.projectors}
+        running = self.projections
         async with httpx.AsyncClient(base_url=self.api_url, timeout=30) as client:
             d = (await client.post("/api/v1/datasets", json={"name": "probe"})).json()
             i = (await client.post("/api/v1/incidents", json={"title": "probe"})).json()
@@ -165,6 +176,16 @@ class WriteSide:
     def stop(self) -> None:
         for p in [*self.processors, *self.projectors, *([self.api] if self.api else [])]:
             p.stop()
+
+    @classmethod
+    async def everything(cls, base: Settings, workdir: Path, **overrides: Any) -> WriteSide:
+        """A processor, the API and every projection in one projectors process (the layout
+        of `make up`), each projection having applied a probe command."""
+        side = cls.create(base, workdir, **overrides)
+        await side.start_serving()
+        side.start_projectors(*PROJECTIONS)
+        await side.wait_until_projected()
+        return side
 
 
 async def read_events(settings: Settings, contexts: list[str]) -> list[dict[str, Any]]:

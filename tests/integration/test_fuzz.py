@@ -74,11 +74,7 @@ Operation = schemathesis.APIOperation[Any, Any, Any, Any]
 
 @pytest.fixture(scope="module")
 async def side(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WriteSide]:
-    ws = WriteSide.create(settings, tmp_path_factory.mktemp("fuzz"))
-    await ws.start_serving()
-    for name in PROJECTIONS:
-        ws.start_projector(name)
-    await ws.wait_until_projected()
+    ws = await WriteSide.everything(settings, tmp_path_factory.mktemp("fuzz"))
     yield ws
     ws.stop()
 

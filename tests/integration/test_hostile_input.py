@@ -13,7 +13,6 @@ import orjson
 import pytest
 
 from api import inputs
-from projections.registry import PROJECTIONS
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics
 from tests.integration.harness import WriteSide, read_events
@@ -23,11 +22,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 @pytest.fixture(scope="module")
 async def side(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WriteSide]:
-    ws = WriteSide.create(settings, tmp_path_factory.mktemp("hostile-input"))
-    await ws.start_serving()
-    for name in PROJECTIONS:
-        ws.start_projector(name)
-    await ws.wait_until_projected()
+    ws = await WriteSide.everything(settings, tmp_path_factory.mktemp("hostile-input"))
     yield ws
     ws.stop()
 

@@ -36,11 +36,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 @pytest.fixture(scope="module")
 async def side(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WriteSide]:
-    ws = WriteSide.create(settings, tmp_path_factory.mktemp("read-side"))
-    await ws.start_serving()
-    for name in PROJECTIONS:
-        ws.start_projector(name)
-    await ws.wait_until_projected()
+    ws = await WriteSide.everything(settings, tmp_path_factory.mktemp("read-side"))
     yield ws
     ws.stop()
 
