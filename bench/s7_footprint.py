@@ -134,15 +134,21 @@ async def _steady(api_url: str, rate: float, seconds: float) -> dict[str, Any]:
             else:
                 late.append(-delay)
             t0 = time.monotonic()
-            if i % 2:
-                r = await client.post("/api/v1/incidents", json={"title": f"Load {i}"})
-            else:
-                r = await client.post("/api/v1/datasets", json={"name": f"Load {i}", "tags": ["s7"]})
+            try:
+                if i % 2:
+                    r = await client.post("/api/v1/incidents", json={"title": f"Load {i}"})
+                else:
+                    r = await client.post("/api/v1/datasets", json={"name": f"Load {i}", "tags": ["s7"]})
+            except httpx.TransportError:
+                errors += 1
+                continue
             latencies.append(time.monotonic() - t0)
             if r.status_code != 201:
                 errors += 1
 
-    limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS)
+    limits = httpx.Limits(  # idle connections dropped before uvicorn's 5 s keep-alive ends them
+        max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS, keepalive_expiry=2.0
+    )
     async with httpx.AsyncClient(base_url=api_url, timeout=30, limits=limits) as client:
         await asyncio.gather(*(worker(client) for _ in range(CONNECTIONS)))
     elapsed = time.monotonic() - start
