@@ -13,12 +13,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
+import opensearchpy
 from aiokafka import AIOKafkaProducer
 
 from projections.changes import channel, notify_applied, queue_full
 from projections.db import schema_of
 from projections.events import Record, StoredEvent, decode
 from projections.projection import Projection
+from projections.search import BulkItemFailed
 from shared_kernel.avro import AvroCodec
 from shared_kernel.topics import Topics
 
@@ -214,10 +216,31 @@ class Projector:
         )
 
 
+# PostgreSQL refusing any work for now: shutting down or restarting (57P01-57P03), out
+# of connections or resources (class 53), a transaction to retry (class 40: deadlock,
+# serialization). OpenSearch away, or answering "too busy" or "not ready".
+_PG_TRANSIENT = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.TransactionRollbackError,
+)
+_SEARCH_BUSY = {429, 502, 503, 504}
+
+
 def unavailable(exc: BaseException) -> bool:
-    """The database cannot take any batch now (away, or its notification queue full):
-    the batch is retried as it is, never taken apart into dead letters."""
-    return isinstance(exc, (asyncpg.PostgresConnectionError, OSError)) or queue_full(exc)
+    """A store cannot take any batch now (away, restarting, overloaded, PostgreSQL's
+    notification queue full): the batch is retried as it is, never taken apart into
+    dead letters. Only an event the store refuses for what it is becomes one."""
+    if isinstance(exc, (*_PG_TRANSIENT, OSError, opensearchpy.ConnectionError)):
+        return True
+    if isinstance(exc, opensearchpy.TransportError):
+        return exc.status_code in _SEARCH_BUSY
+    if isinstance(exc, BulkItemFailed):
+        return exc.busy
+    return queue_full(exc)
 
 
 def _ends(records: Sequence[Record]) -> dict[tuple[str, int], tuple[int, int]]:

@@ -29,7 +29,12 @@ from shared_kernel.settings import Settings
 
 
 class BulkItemFailed(Exception):
-    """OpenSearch refused a document for a reason other than its version."""
+    """OpenSearch refused a document for a reason other than its version. `busy`: every
+    refusal was OpenSearch being too busy or not ready (429, 503): the batch comes again."""
+
+    def __init__(self, message: str, busy: bool = False) -> None:
+        super().__init__(message)
+        self.busy = busy
 
 
 def search_client(settings: Settings) -> AsyncOpenSearch:
@@ -160,12 +165,13 @@ class SearchProjection(Projection):
         )
         if result.get("errors"):
             refused = [
-                item["index"]["error"]
+                item["index"]
                 for item in result["items"]
                 if item["index"].get("status", 200) >= 300 and item["index"].get("status") != 409
             ]
             if refused:  # 409: a newer version is there already (redelivery); anything else is bad
-                raise BulkItemFailed(f"{len(refused)} document(s) refused: {refused[0]}")
+                busy = all(item.get("status") in (429, 503) for item in refused)
+                raise BulkItemFailed(f"{len(refused)} document(s) refused: {refused[0].get('error')}", busy)
 
 
 def _str_key(e: StoredEvent) -> str:
