@@ -123,7 +123,7 @@ WORKER_SPANS: list[tuple[str, str, str]] = [
     ("Faust message -> Record", "streams/app.py", "_record"),
     ("Faust on_message (per-message Event, queue)", "/faust/", "Conductor._compile_message_handler"),
     ("Faust consumer fetcher (_drain_messages)", "/faust/", "Consumer._drain_messages"),
-    ("Faust take_events", "/faust/", "Stream.take_events"),
+    ("batches (streams.batches.take_batches)", "streams/batches.py", "take_batches"),
 ]
 
 

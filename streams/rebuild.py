@@ -218,7 +218,7 @@ class Rebuild:
             await asyncio.sleep(TICK_S)
         log.warning(
             "no projector worker took the new version over; it follows new events again once "
-            f"`cqrs run projector {name}` runs",
+            f"`cqrs run projectors` (or `cqrs run projector {name}`) runs",
             extra={"projection": name, "version": version},
         )
 

@@ -1,4 +1,4 @@
-"""`cqrs run projector NAME`: keeps a Faust worker running for the live version of NAME.
+"""A projection's supervisor: keeps a Faust worker running for the live version of NAME.
 
 Before it starts a worker, a version far behind the head is first caught up by bulk
 replays (see `catch_up`). A running worker that falls that far behind (a burst of
@@ -6,10 +6,12 @@ events beyond what the Faust path applies, a stalled worker, a slow database) is
 stopped, the version caught up the same way, and a worker started again: the way a
 catch-up subscription drops from live to catching up and back.
 
-The worker of one version is a child process (`cqrs run projector NAME --version N`).
-When a rebuild swaps another version in, the supervisor starts that version's worker
-first, then stops the retired one, so the live version never lacks a worker for
-long. A worker that dies is started again, with a growing pause.
+The worker of one version is a child process (`cqrs run projector NAME --version N`,
+`ChildWorkers`), or a Faust app in the supervisor's own process when several
+projections share one (`cqrs run projectors`, `streams.group`). When a rebuild swaps
+another version in, the supervisor starts that version's worker first, then stops the
+retired one, so the live version never lacks a worker for long. A worker that dies is
+started again, with a growing pause.
 """
 
 from __future__ import annotations
