@@ -19,10 +19,14 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready", operation_id="ready", responses={503: {"description": "A dependency is unreachable."}})
 async def ready(request: Request) -> JSONResponse:
-    """Kafka, Redis, PostgreSQL and OpenSearch are reachable (503 with Retry-After when not)."""
+    """Kafka, Redis, PostgreSQL and OpenSearch are reachable, and the live feed of the
+    subscriptions follows the event log (503 with Retry-After when not: a stream opened
+    before that would be refused)."""
     checks: dict[str, Any] = {}
     bus = request.app.state.bus
     checks["kafka"] = bus.producer_ready.is_set() and await _kafka_answers(request)
+    feed = getattr(request.app.state, "feed", None)
+    checks["event_log"] = feed is not None and feed.ready
     try:
         checks["redis"] = bool(await asyncio.wait_for(bus.redis.ping(), 2))
     except Exception:  # any failure means not ready

@@ -216,18 +216,23 @@ class Projector:
         )
 
 
-# PostgreSQL refusing any work for now: shutting down or restarting (57P01-57P03), out
-# of connections or resources (class 53), a transaction to retry (class 40: deadlock,
-# serialization). OpenSearch away, or answering "too busy" or "not ready".
+# PostgreSQL refusing any work for now, whatever the events: shutting down, restarting,
+# a cancelled or timed-out statement, a lock not granted (class 57, 55P03), out of
+# connections or resources (class 53), a transaction to retry (class 40: deadlock,
+# serialization), a read-only server after a failover (25006), a table or a right
+# missing (42P01, 42501: the store, not the event, is wrong). OpenSearch away, or
+# answering "too busy", "not ready", "not allowed" or "no such index".
 _PG_TRANSIENT = (
     asyncpg.PostgresConnectionError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.CannotConnectNowError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.LockNotAvailableError,
     asyncpg.InsufficientResourcesError,
     asyncpg.TransactionRollbackError,
+    asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.UndefinedTableError,
+    asyncpg.InsufficientPrivilegeError,
 )
-_SEARCH_BUSY = {429, 502, 503, 504}
+_SEARCH_BUSY = {401, 403, 404, 429, 502, 503, 504}
 
 
 def unavailable(exc: BaseException) -> bool:

@@ -150,6 +150,11 @@ class SearchProjection(Projection):
         docs, unknown = self.known.split(relevant, _str_key)
         if unknown:
             found = await self.client.mget(index=self.physical, body={"ids": unknown}, realtime=True)
+            failed = [d for d in found["docs"] if "error" in d]
+            if failed:  # not "not found": folding this batch alone would overwrite the document
+                raise BulkItemFailed(
+                    f"{len(failed)} document(s) not readable: {failed[0]['error']}", busy=True
+                )
             docs.update({d["_id"]: d["_source"] for d in found["docs"] if d.get("found")})
         changed = fold(self.evolvers, docs, relevant, _str_key)
         self.known.stage(changed)

@@ -31,6 +31,7 @@ from typing import Any
 
 import asyncpg
 import faust
+import mode
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from projections import versions
@@ -112,6 +113,7 @@ class ProjectionApp:
         datadir: Path | None = None,
         on_failure: Callable[[str], None] | None = None,
         on_retired: Callable[[], None] | None = None,
+        in_group: bool = False,
     ) -> None:
         _read_committed_consumer_thread()
         kafka.wait_long_only_for_whole_fetches(settings)
@@ -149,23 +151,35 @@ class ProjectionApp:
             key_serializer="raw",
         )
         self.projector: Projector | None = None
-        self.app.agent(source, name=f"project-{projection.name}")(self._agent)
+        # Beside others in one process, a crashed agent crashes its app, which the group
+        # stops and starts again with a growing pause (not restarted in place at once).
+        self.app.agent(
+            source,
+            name=f"project-{projection.name}",
+            supervisor_strategy=mode.CrashingSupervisor if in_group else None,
+        )(self._agent)
         self.app.timer(HEARTBEAT_S)(self._heartbeat)
 
     async def _start_projector(self) -> Projector:
+        """The projector and what it holds; what was opened is closed again if a step fails."""
         settings = self.settings
         await migrate(settings)
         await ensure_topics(settings, [dlq_topic(settings, self.projection.name)])
-        await self.projection.open(settings)
-        role = f"projection:{self.projection.name}:v{self.projection.version}"
-        pool = await create_pool(settings, role, min_size=1, max_size=2)
-        await versions.register(pool, self.projection.name)
-        producer = kafka.producer(settings)
-        await producer.start()
-        projector = Projector(self.projection, pool, producer, AvroCodec.from_directory(), self.topics)
-        projector.silent = (
-            await versions.state_of(pool, self.projection.name, self.projection.version) == "building"
-        )
+        async with contextlib.AsyncExitStack() as opened:
+            await self.projection.open(settings)
+            opened.push_async_callback(self.projection.close)
+            role = f"projection:{self.projection.name}:v{self.projection.version}"
+            pool = await create_pool(settings, role, min_size=1, max_size=2)
+            opened.push_async_callback(pool.close)
+            await versions.register(pool, self.projection.name)
+            producer = kafka.producer(settings)
+            await producer.start()
+            opened.push_async_callback(producer.stop)
+            projector = Projector(self.projection, pool, producer, AvroCodec.from_directory(), self.topics)
+            projector.silent = (
+                await versions.state_of(pool, self.projection.name, self.projection.version) == "building"
+            )
+            opened.pop_all()  # all open: _close_projector closes them
         return projector
 
     async def _agent(self, stream: Any) -> None:
@@ -221,6 +235,10 @@ class ProjectionApp:
         If not, it is not acked, so not committed: it comes again (applying twice is a no-op)."""
         with contextlib.suppress(BaseException):
             await asyncio.wait_for(asyncio.shield(batch), STOP_GRACE_S)
+        if not batch.done():  # its transaction is rolled back; nothing of it is acked
+            batch.cancel()
+            with contextlib.suppress(BaseException):
+                await batch
         ok = batch.done() and not batch.cancelled() and batch.exception() is None
         if not ok:
             log.warning(

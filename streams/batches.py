@@ -68,6 +68,7 @@ async def take_batches(stream: Any, max_: int, within: float) -> AsyncIterator[l
             taken.set()
             yield batch
     finally:
+        taken.set()  # an `add` waiting for room returns (its event is not acked)
         stream._processors.remove(add)
 
 

@@ -17,6 +17,7 @@ they load.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -24,7 +25,7 @@ from projections.migrations import migrate
 from projections.registry import PROJECTIONS
 from shared_kernel.settings import Settings
 from streams.app import EXIT_UNACKED, ProjectionApp
-from streams.supervisor import Worker, supervise
+from streams.supervisor import Worker, Workers, supervise
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,11 @@ class HostedApp:
     def __init__(self, settings: Settings, name: str, version: int) -> None:
         self.name, self.version = name, version
         self.app = ProjectionApp(
-            settings, PROJECTIONS[name].at(version), on_failure=self._failed, on_retired=self._retired
+            settings,
+            PROJECTIONS[name].at(version),
+            on_failure=self._failed,
+            on_retired=self._retired,
+            in_group=True,
         )
         self._code: int | None = None
         self._stopping: asyncio.Task[None] | None = None
@@ -83,8 +88,15 @@ class InProcessWorkers:
         self.settings = settings
 
     async def start(self, name: str, version: int) -> Worker:
+        """The app started, or stopped again and seen as exited when it failed to start
+        (Kafka away, ...): its supervisor tries again after a pause."""
         hosted = HostedApp(self.settings, name, version)
-        await hosted.start()
+        try:
+            await hosted.start()
+        except Exception:
+            log.exception("a worker failed to start", extra={"projection": name, "version": version})
+            await hosted.stop(1)
+            return hosted
         log.info("worker started in this process", extra={"projection": name, "version": version})
         return hosted
 
@@ -98,4 +110,18 @@ async def supervise_group(settings: Settings, names: Sequence[str], stop: asynci
     await migrate(settings)
     workers = InProcessWorkers(settings)
     log.info("projections in this process", extra={"projections": list(names)})
-    await asyncio.gather(*(supervise(settings, n, stop, workers, migrated=True) for n in names))
+    await asyncio.gather(*(_keep_supervising(settings, n, stop, workers) for n in names))
+
+
+async def _keep_supervising(settings: Settings, name: str, stop: asyncio.Event, workers: Workers) -> None:
+    """One projection's supervisor; a fault of it (its database away at a bad moment)
+    restarts it after a growing pause, and never ends the other projections'."""
+    pause = 1.0
+    while not stop.is_set():
+        try:
+            await supervise(settings, name, stop, workers, migrated=True)
+        except Exception:
+            log.exception("a projection's supervisor failed; starting it again", extra={"projection": name})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), pause)
+            pause = min(pause * 2, 30)

@@ -147,7 +147,7 @@ async def supervise(
         while not stop.is_set():
             try:
                 live = await versions.live_version(pool, name)
-            except OSError as exc:
+            except (OSError, asyncpg.PostgresError) as exc:
                 log.warning("PostgreSQL unreachable; keeping the worker", extra={"error": repr(exc)})
                 live = running
             if worker is not None and worker.returncode is not None and running == live:
@@ -155,6 +155,7 @@ async def supervise(
                     "worker exited; starting it again",
                     extra={"projection": name, "version": running, "code": worker.returncode, "in_s": pause},
                 )
+                await workers.stop(worker)  # a crashed app in this process is stopped, not dropped
                 await _sleep(stop, pause)
                 pause = min(pause * 2, 30)
                 worker = None
