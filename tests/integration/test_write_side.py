@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from commands.replies import result_key
 from shared_kernel.avro import AvroCodec
 from shared_kernel.settings import Settings
+from shared_kernel.topics import contract_topics, ensure_topics
 from tests.integration.harness import WriteSide, free_port, read_events
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -323,7 +324,9 @@ async def test_a_result_that_does_not_arrive_in_time_is_a_503_not_a_500(
     settings: Settings, tmp_path: Path
 ) -> None:
     ws = WriteSide.create(settings, tmp_path, command_timeout_s=1.0)
-    await ws.start_api()  # and no processor at all
+    # the topics exist, as in a deployment (`cqrs topics create`), but no processor runs
+    await ensure_topics(ws.settings, contract_topics(ws.settings, ["datasets", "incidents"]))
+    await ws.start_api()
     try:
         async with httpx.AsyncClient(base_url=ws.api_url, timeout=30) as client:
             r = await client.post("/api/v1/incidents", json={"title": "x"})
