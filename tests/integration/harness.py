@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from aiokafka import TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 
 from projections.registry import PROJECTIONS
 from shared_kernel import kafka
@@ -188,36 +188,47 @@ class WriteSide:
         return side
 
 
-async def read_events(settings: Settings, contexts: list[str]) -> list[dict[str, Any]]:
-    """Every committed event of the contexts' topics, decoded, with its headers."""
-    topics = Topics(settings.topic_prefix)
-    codec = AvroCodec.from_directory()
-    consumer = kafka.consumer(settings, isolation_level="read_committed")
+async def read_records(
+    settings: Settings, topics: list[str], isolation_level: str = "read_committed"
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of `topics` (those that exist), from the beginning to the end as it
+    is now, partition by partition in offset order."""
+    consumer = kafka.consumer(settings, isolation_level=isolation_level)
     await consumer.start()
-    events: list[dict[str, Any]] = []
+    out: list[ConsumerRecord[bytes, bytes]] = []
     try:
-        tps = [TopicPartition(topics.events(c), p) for c in contexts for p in range(settings.partitions)]
+        existing = await consumer.topics()
+        tps = [TopicPartition(t, p) for t in topics if t in existing for p in range(settings.partitions)]
+        if not tps:
+            return out
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
         pending = {tp for tp in tps if ends[tp] > 0}
         while pending:
-            batch = await consumer.getmany(*pending, timeout_ms=1000)
-            for tp, records in batch.items():
-                for r in records:
-                    type_name, payload = codec.decode(r.value)
-                    headers = {k: v.decode() for k, v in r.headers}
-                    events.append(
-                        {
-                            "type": type_name,
-                            "payload": payload,
-                            "headers": headers,
-                            "meta": EventMetadata.from_headers(r.headers),
-                            "partition": tp.partition,
-                            "offset": r.offset,
-                        }
-                    )
+            for records in (await consumer.getmany(*pending, timeout_ms=1000)).values():
+                out += records
             pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
     finally:
         await consumer.stop()
+    return out
+
+
+async def read_events(settings: Settings, contexts: list[str]) -> list[dict[str, Any]]:
+    """Every committed event of the contexts' topics, decoded, with its headers."""
+    topics = Topics(settings.topic_prefix)
+    codec = AvroCodec.from_directory()
+    events: list[dict[str, Any]] = []
+    for r in await read_records(settings, [topics.events(c) for c in contexts]):
+        type_name, payload = codec.decode(r.value)
+        events.append(
+            {
+                "type": type_name,
+                "payload": payload,
+                "headers": {k: v.decode() for k, v in r.headers},
+                "meta": EventMetadata.from_headers(r.headers),
+                "partition": r.partition,
+                "offset": r.offset,
+            }
+        )
     return events

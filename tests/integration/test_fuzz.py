@@ -45,7 +45,6 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from aiokafka import TopicPartition
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
@@ -53,11 +52,10 @@ from schemathesis import GenerationMode
 from schemathesis.core.result import Ok
 
 from projections.registry import PROJECTIONS
-from shared_kernel import kafka
 from shared_kernel.position import PositionToken
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics
-from tests.integration.harness import WriteSide
+from tests.integration.harness import WriteSide, read_records
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -314,33 +312,11 @@ async def caught_up(client: httpx.AsyncClient, token: PositionToken) -> dict[str
 async def dead_letters(settings: Settings, consumers: list[str]) -> list[dict[str, str]]:
     """Every record of the consumers' dead-letter topics, by its headers."""
     topics = Topics(settings.topic_prefix)
-    consumer = kafka.consumer(settings, isolation_level="read_uncommitted")
-    await consumer.start()
-    found: list[dict[str, str]] = []
-    try:
-        existing = await consumer.topics()
-        tps = [
-            TopicPartition(topics.dlq(name), p)
-            for name in consumers
-            if topics.dlq(name) in existing
-            for p in range(settings.partitions)
-        ]
-        if not tps:
-            return found
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        pending = {tp for tp in tps if ends[tp] > 0}
-        while pending:
-            batch = await consumer.getmany(*pending, timeout_ms=1000)
-            for tp, records in batch.items():
-                for record in records:
-                    headers = {k: v.decode(errors="replace") for k, v in record.headers}
-                    found.append({"topic": tp.topic, **headers})
-            pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
-    finally:
-        await consumer.stop()
-    return found
+    dlqs = [topics.dlq(name) for name in consumers]
+    return [
+        {"topic": r.topic, **{k: v.decode(errors="replace") for k, v in r.headers}}
+        for r in await read_records(settings, dlqs, isolation_level="read_uncommitted")
+    ]
 
 
 def report(seen: Fuzzing, projections: dict[str, Any], letters: list[dict[str, str]]) -> str:

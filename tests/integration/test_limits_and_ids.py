@@ -13,7 +13,7 @@ from aiokafka import TopicPartition
 from shared_kernel import kafka
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics
-from tests.integration.harness import WriteSide, read_events
+from tests.integration.harness import WriteSide, read_events, read_records
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -40,21 +40,8 @@ async def _end_offsets(settings: Settings, topics: list[str]) -> dict[TopicParti
 
 async def _state_keys(settings: Settings, context: str) -> set[bytes]:
     """The keys on a context's state topic (committed records)."""
-    topic = Topics(settings.topic_prefix).state(context)
-    consumer = kafka.consumer(settings, isolation_level="read_committed")
-    await consumer.start()
-    keys: set[bytes] = set()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(settings.partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
-            for records in (await consumer.getmany(timeout_ms=1000)).values():
-                keys |= {r.key for r in records if r.key is not None}
-    finally:
-        await consumer.stop()
-    return keys
+    records = await read_records(settings, [Topics(settings.topic_prefix).state(context)])
+    return {r.key for r in records if r.key is not None}
 
 
 def _too_large(r: httpx.Response) -> None:

@@ -15,7 +15,6 @@ import asyncpg
 import httpx
 import orjson
 import pytest
-from aiokafka import TopicPartition
 
 from api.changes import ChangeFollower
 from api.rendered import RenderedReads
@@ -29,7 +28,7 @@ from shared_kernel import kafka
 from shared_kernel.avro import AvroCodec
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics
-from tests.integration.harness import WriteSide
+from tests.integration.harness import WriteSide, read_records
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -141,23 +140,10 @@ async def test_a_poison_event_is_dead_lettered_and_later_events_still_apply(
 
 
 async def _read_all(settings: Settings, topic: str) -> list[Record]:
-    consumer = kafka.consumer(settings)
-    await consumer.start()
-    out: list[Record] = []
-    try:
-        tps = [TopicPartition(topic, p) for p in range(settings.partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
-            for records in (await consumer.getmany(timeout_ms=1000)).values():
-                out += [
-                    Record(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers), r.timestamp)
-                    for r in records
-                ]
-    finally:
-        await consumer.stop()
-    return out
+    return [
+        Record(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers), r.timestamp)
+        for r in await read_records(settings, [topic])
+    ]
 
 
 async def test_the_same_events_delivered_twice_leave_identical_rows(
