@@ -12,17 +12,19 @@ import logging
 from collections.abc import AsyncIterator
 
 import asyncpg
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from fastapi import Depends, FastAPI
 from redis.asyncio import Redis
 
-from api import admin, errors, health, inputs, limits, subscriptions
+from api import admin, commands, errors, health, inputs, internal, limits, subscriptions
 from api.changes import ChangeFollower, ChangeListener
 from api.consistency import CommittedPositions
 from api.readcache import CachedReads
 from api.registry import CONTEXTS, cached_routes
 from api.rendered import RenderedReads
 from commands.bus import CommandBus
+from commands.processor import CommandProcessor
 from projections.db import create_pool, keep_session
 from projections.lag import LagProbe
 from projections.migrations import migrate
@@ -89,6 +91,28 @@ async def _connect_search(app: FastAPI, settings: Settings) -> None:
             delay = min(delay * 2, 10)
 
 
+async def _close(
+    app: FastAPI,
+    bus: CommandBus,
+    producer: AIOKafkaProducer,
+    redis: Redis,
+    background: list[asyncio.Task[None]],
+) -> None:
+    for task in (*background, *app.state.rebuilds):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await app.state.feed.stop()
+    if app.state.pool is not None:
+        await app.state.pool.close()
+    await app.state.search.close()
+    await app.state.lag.stop()
+    await bus.stop()
+    if bus.producer_ready.is_set():
+        await producer.stop()
+    await redis.aclose()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -98,8 +122,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings, request_timeout_ms=int(settings.command_timeout_s * 1000), linger_ms=0
         )
         redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
-        bus = CommandBus(settings, producer, redis)
+        owner = (
+            CommandProcessor(settings, url=settings.advertised_url, instance=settings.instance_id or None)
+            if settings.api_owns_partitions
+            else None
+        )
+        bus = CommandBus(settings, producer, redis, owner)
         app.state.bus = bus
+        app.state.owner = None
         app.state.settings = settings
         app.state.pool = None
         app.state.search = search_client(settings)
@@ -125,21 +155,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await bus.start()
         background.append(asyncio.create_task(_connect_producer(bus)))
         try:
-            yield
+            async with contextlib.AsyncExitStack() as owning:
+                if owner is not None:  # stops first: its transactions in flight end and are answered
+                    await owning.enter_async_context(internal.run_owner(app, owner))
+                yield
         finally:
-            for task in (*background, *app.state.rebuilds):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await app.state.feed.stop()
-            if app.state.pool is not None:
-                await app.state.pool.close()
-            await app.state.search.close()
-            await app.state.lag.stop()
-            await bus.stop()
-            if bus.producer_ready.is_set():
-                await producer.stop()
-            await redis.aclose()
+            await _close(app, bus, producer, redis, background)
 
     app = FastAPI(
         title="kafka-cqrs",
@@ -156,6 +177,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for context in CONTEXTS:
         for router in context.routers:
             app.include_router(router)
+    app.include_router(commands.router)
     app.include_router(admin.router)
+    app.include_router(internal.router)
     subscriptions.install(app)
     return app

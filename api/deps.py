@@ -39,6 +39,8 @@ class CommandMeta:
     tenant: str
     correlation_id: str
     traceparent: str
+    keyed: bool = True  # the command id is the client's Idempotency-Key
+    respond_async: bool = False  # `Prefer: respond-async`: answer 202 once queued
 
 
 async def command_meta(
@@ -55,6 +57,13 @@ async def command_meta(
         HeaderText | None, Header(description="Correlates the command's events; the command id if absent.")
     ] = None,
     traceparent: Annotated[TraceParent | None, Header(description="W3C trace context.")] = None,
+    prefer: Annotated[
+        HeaderText | None,
+        Header(
+            description="`respond-async`: queue the command on the commands topic and answer 202 with "
+            "a status URL at once (for bulk submitters); without it the answer waits for the commit."
+        ),
+    ] = None,
 ) -> CommandMeta:
     command_id = idempotency_key or str(uuid.uuid4())
     expected: int | None = None
@@ -76,6 +85,9 @@ async def command_meta(
         tenant=x_tenant or "",
         correlation_id=x_correlation_id or command_id,
         traceparent=traceparent or "",
+        keyed=idempotency_key is not None,
+        respond_async=prefer is not None
+        and "respond-async" in (p.strip().split("=")[0].lower() for p in prefer.split(",")),
     )
 
 

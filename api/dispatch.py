@@ -16,7 +16,7 @@ from fastapi import Response
 
 from api.bodies import CommandAccepted
 from api.deps import CommandMeta
-from api.errors import CommandRejected, RequestProblem
+from api.errors import CommandRejected, Queued, RequestProblem
 from commands.bus import CommandBus, CommandTooLarge
 from commands.context import BoundedContext, command_payload
 from shared_kernel.envelope import CommandEnvelope
@@ -49,8 +49,12 @@ async def dispatch(
         correlation_id=meta.correlation_id,
         traceparent=meta.traceparent,
         fingerprint=fingerprint,
+        retriable=meta.keyed or meta.respond_async,  # an asynchronous one has a status URL
     )
     try:
+        if meta.respond_async:
+            await bus.enqueue(envelope)
+            raise Queued(envelope)
         result = await bus.send(envelope)
     except CommandTooLarge as exc:
         raise RequestProblem(413, "too_large", str(exc), max_bytes=exc.limit, bytes=exc.size) from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 from fastapi import FastAPI, Request, WebSocket
@@ -14,8 +15,9 @@ from opensearchpy.exceptions import ConnectionError as SearchConnectionError
 from opensearchpy.exceptions import TransportError as SearchTransportError
 
 from api import inputs
+from api.bodies import CommandQueued
 from commands.bus import BusUnavailable, ResultTimeout
-from shared_kernel.envelope import CommandResult
+from shared_kernel.envelope import CommandEnvelope, CommandResult
 from shared_kernel.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,23 @@ def _body(problem: RequestProblem) -> dict[str, Any]:
     return renderable
 
 
+COMMANDS_PATH = "/api/v1/commands"  # a command's status by id (api.commands)
+
+
+class Queued(Exception):
+    """Answered 202 by its handler (api.errors): the route's own answer is the commit's."""
+
+    def __init__(self, envelope: CommandEnvelope) -> None:
+        self.url = f"{COMMANDS_PATH}/{quote(envelope.command_id, safe='')}"
+        self.body = CommandQueued(
+            command_id=envelope.command_id, id=envelope.aggregate_id, status="pending", status_url=self.url
+        )
+
+    def response(self) -> JSONResponse:
+        headers = {"Location": self.url, "Preference-Applied": "respond-async", "Retry-After": "1"}
+        return JSONResponse(self.body.model_dump(), 202, headers)
+
+
 def install(app: FastAPI) -> None:
     retry_after = str(get_settings().retry_after_s)
 
@@ -117,6 +136,10 @@ def install(app: FastAPI) -> None:
             status_code=500,
             headers={"X-Correlation-Id": correlation},
         )
+
+    @app.exception_handler(Queued)
+    async def _queued(_: Request, exc: Queued) -> JSONResponse:
+        return exc.response()
 
     @app.exception_handler(NotModified)
     async def _not_modified(_: Request, exc: NotModified) -> Response:

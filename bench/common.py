@@ -179,9 +179,10 @@ class Proc:
 
 @dataclass
 class WriteSide:
-    """The real `cqrs run command-processor` and `cqrs serve api` processes (and any
-    projector) under a prefix of their own (`isolated`), logging into `workdir`. `stop`
-    ends the processes; the prefix's topics, schema and indexes are the scenario's to drop."""
+    """The real `cqrs serve api` (owning the command partitions, as `make up` runs it), any
+    `cqrs run command-processor` and projector, under a prefix of their own (`isolated`),
+    logging into `workdir`. `stop` ends the processes; the prefix's topics, schema and
+    indexes are the scenario's to drop."""
 
     settings: Settings
     env: dict[str, str]
@@ -205,8 +206,12 @@ class WriteSide:
             popen = subprocess.Popen([CQRS, *args], stdout=out, stderr=subprocess.STDOUT, env=self.env)
         return Proc(name, popen, log)
 
-    def start_processor(self) -> Proc:
-        proc = self._spawn(f"processor-{len(self.processors)}", "run", "command-processor")
+    def start_processor(self, port: int | None = None) -> Proc:
+        """`cqrs run command-processor` (an owner of a share of the partitions) on `port`."""
+        port = port or free_port()
+        proc = self._spawn(
+            f"processor-{len(self.processors)}", "run", "command-processor", "--port", str(port)
+        )
         self.processors.append(proc)
         return proc
 
@@ -215,9 +220,9 @@ class WriteSide:
         self.projectors.append(proc)
         return proc
 
-    async def start_api(self) -> Proc:
-        """Start the API on a free port and wait until it is ready."""
-        port = free_port()
+    async def start_api(self, port: int | None = None) -> Proc:
+        """Start the API (owning the partitions) on `port` and wait until it is ready."""
+        port = port or free_port()
         api = self.api = self._spawn("api", "serve", "api", "--port", str(port))
         self.api_url = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=self.api_url) as client:
@@ -232,8 +237,7 @@ class WriteSide:
         raise RuntimeError(f"the API did not start; log:\n{api.tail()}")
 
     async def start_serving(self) -> None:
-        """One processor and the API, answering commands (the processor has its partitions)."""
-        self.start_processor()
+        """The API, owning every partition, answering commands."""
         await self.start_api()
         async with httpx.AsyncClient(base_url=self.api_url, timeout=30) as client:
             key = f"probe-{uuid.uuid4()}"
@@ -246,8 +250,8 @@ class WriteSide:
                     return
                 if r.status_code != 503:  # 503: no processor answered yet
                     raise RuntimeError(f"the probe command answered {r.status_code}: {r.text}")
-        logs = "\n".join(p.tail() for p in self.processors)
-        raise RuntimeError(f"commands do not flow; processor logs:\n{logs}")
+        logs = "\n".join(p.tail() for p in [*self.processors, *([self.api] if self.api else [])])
+        raise RuntimeError(f"commands do not flow; logs:\n{logs}")
 
     async def wait_until_projected(self, projections: Iterable[str] | None = None) -> None:
         """Probe commands until the given projections (by default: those of the projectors

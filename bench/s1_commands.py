@@ -29,6 +29,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -43,7 +44,7 @@ import aiohttp
 import orjson
 from aiokafka.admin import NewTopic
 
-from bench.common import WriteSide, peer_environment, py_spy
+from bench.common import WriteSide, free_port, peer_environment, py_spy
 from bench.results import RESULTS, show, summary_ms, write
 from shared_kernel import kafka
 from shared_kernel.settings import Settings
@@ -335,6 +336,60 @@ def _drop_peer_tables(settings: Settings, name: str) -> None:
             conn.execute(f'DROP TABLE IF EXISTS "{table}"')
 
 
+# ---- HTTP peer: the same eventsourcing Application behind FastAPI and uvicorn ---------
+
+
+PEER_POOL = 40  # FastAPI's thread pool runs at most 40 handlers at once
+
+
+async def run_http_peer(settings: Settings, workdir: Path, clients: int) -> Level:
+    """`bench.peer_http` in a uvicorn process of its own, driven like ours."""
+    name = f"benchpeer{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    env = {**os.environ, **peer_environment(settings, PEER_POOL), "PEER_APP_NAME": name}
+    log = (workdir / f"peer-http-{clients}.log").open("ab")
+    server = subprocess.Popen(  # noqa: ASYNC220 (started once, then waited for over HTTP)
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.peer_http:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(url) as http:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    async with http.get("/health") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"the HTTP peer did not start: see {log.name}")
+                await asyncio.sleep(0.2)
+        level = await run_ours(url, clients)
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
+        await asyncio.to_thread(_drop_peer_tables, settings, name)
+    return level
+
+
 # ---- the run ------------------------------------------------------------------------
 
 
@@ -349,7 +404,7 @@ def _profile(side: WriteSide) -> dict[str, str]:
     assert side.api is not None
     spy = py_spy()
     out: dict[str, str] = {}
-    procs = {"processor": side.processors[0].pid, "api": side.api.pid}
+    procs = {"api": side.api.pid}
     spies = []
     for name, pid in procs.items():
         target = RESULTS.parent / f"s1-{name}.speedscope.json"

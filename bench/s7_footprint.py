@@ -174,7 +174,6 @@ async def _layout(base: Settings, name: str, projectors: list[list[str]], workdi
         await side.wait_until_projected(PROJECTIONS)
         await asyncio.sleep(SETTLE_S)
         apps = {
-            "command-processor": side.processors[0].pid,
             "api": side.api.pid if side.api else 0,
             **{" ".join(args[1:]): p.pid for args, p in zip(projectors, side.projectors, strict=True)},
         }

@@ -1,7 +1,7 @@
 """`cqrs`: one console script for every process and admin task.
 
-cqrs serve api                 the HTTP API (uvicorn)
-cqrs run command-processor     the write side's single writer per partition
+cqrs serve api                 the HTTP API (uvicorn), owning a share of the command partitions
+cqrs run command-processor     a single writer of a share of the partitions, nothing else
 cqrs run projector NAME        keep a read model up to date (follows rebuilds)
 cqrs projections list|status|rebuild|rollback   the read models and their versions
 cqrs demo                      demo datasets and incidents, through the API
@@ -12,7 +12,9 @@ cqrs schemas check             every event has a schema; every schema reads its 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import socket
 import sys
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Annotated, Any
@@ -55,18 +57,17 @@ async def _until_signalled(main: object) -> None:
     await main(stop)  # type: ignore[operator]
 
 
-@serve.command("api")
-def serve_api(
-    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8000,
-    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
-) -> None:
-    """Serve the HTTP API."""
+def _serve(factory: str, host: str, port: int, workers: int = 1) -> None:
+    """uvicorn on `factory`, having set where this process takes forwarded commands and
+    its static member id (unless the environment says otherwise)."""
     import uvicorn
 
+    reachable = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+    os.environ.setdefault("APP_ADVERTISED_URL", f"http://{reachable}:{port}")
+    os.environ.setdefault("APP_INSTANCE_ID", f"{reachable}:{port}")
     _logging()
     uvicorn.run(
-        "api.app:create_app",
+        factory,
         factory=True,
         host=host,
         port=port,
@@ -77,14 +78,30 @@ def serve_api(
     )
 
 
-@run.command("command-processor")
-def run_command_processor() -> None:
-    """Decide commands and append their events, exactly once (Ctrl-C to stop)."""
-    from commands.processor import CommandProcessor
+@serve.command("api")
+def serve_api(
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    workers: Annotated[
+        int,
+        typer.Option(help="Worker processes; with more than one they forward commands to processors."),
+    ] = 1,
+) -> None:
+    """Serve the HTTP API (and, unless APP_API_OWNS_PARTITIONS=false, own a share of the
+    command partitions)."""
+    if workers > 1:  # one port, one member id: the workers cannot each be an owner
+        os.environ["APP_API_OWNS_PARTITIONS"] = "false"
+    _serve("api.app:create_app", host, port, workers)
 
-    _logging()
-    processor = CommandProcessor(get_settings())
-    _run_fast(_until_signalled(processor.run))
+
+@run.command("command-processor")
+def run_command_processor(
+    host: Annotated[str, typer.Option(help="Bind address of its internal endpoint.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of its internal endpoint.")] = 8100,
+) -> None:
+    """Own a share of the command partitions: decide commands forwarded by API instances
+    (and those of the commands topic) and append their events, exactly once."""
+    _serve("api.internal:create_owner_app", host, port)
 
 
 @run.command("projector")

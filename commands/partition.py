@@ -1,10 +1,13 @@
 """The partition worker: the single writer of every aggregate of one commands partition.
 
-It has its own transactional producer (transactional id per input partition, so
+It has its own transactional producer (transactional id per partition, so
 initialising it fences a stale owner) and the partition's aggregates restored from
-the state topics. Fetched records queue up while a transaction is in flight and go
-into the next one: decided by `commands.batch`, written by `commands.transaction`.
-On any failure the partition's state is restored again and the partition re-read
+the state topics. Commands reach it two ways: handed over directly (`submit`, the
+HTTP path: the caller awaits the result) and fetched from the commands topic (the
+asynchronous path: the result goes to Redis). Whatever queued up while a transaction
+was in flight goes into the next one (group commit): decided by `commands.batch`,
+written by `commands.transaction`. On any failure the waiting callers are told the
+outcome is unknown, the partition's state is restored again and the partition re-read
 from its committed offset.
 """
 
@@ -13,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeAlias
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
@@ -25,12 +29,46 @@ from commands.context import BoundedContext
 from commands.state_store import PartitionState, restore
 from shared_kernel import kafka
 from shared_kernel.avro import AvroCodec
+from shared_kernel.envelope import CommandEnvelope, CommandResult
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics
 
 log = logging.getLogger(__name__)
 
-Reply = Callable[[list[Answer]], Awaitable[None]]
+Reply = Callable[[list[Answer]], Coroutine[None, None, None]]
+
+
+class NotOwner(RuntimeError):
+    """This process does not own the command's partition (any more): nothing was written."""
+
+
+class Unsettled(RuntimeError):
+    """The transaction failed: the command may or may not have been committed."""
+
+
+class Backlogged(RuntimeError):
+    """The partition has more commands waiting than it takes: try again shortly."""
+
+
+@dataclass(eq=False)
+class Submitted:
+    """A command handed to the owner directly, its caller awaiting `result`.
+
+    It looks like a consumed record to the decision and to the dead letter writer
+    (`key`, `value`, `headers`, `timestamp`, and a source of `http:-1:-1`)."""
+
+    command: CommandEnvelope
+    value: bytes
+    timestamp: int  # ms since the epoch: the clock of its events
+    result: asyncio.Future[CommandResult]
+    key: bytes | None = None
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    topic: str = "http"
+    partition: int = -1
+    offset: int = -1
+
+
+Item: TypeAlias = ConsumerRecord[bytes, bytes] | Submitted
 
 
 @dataclass
@@ -85,9 +123,11 @@ class PartitionWorker:
         self.queued_upto = 0  # first offset not yet handed to this worker
         self.fenced = False
         self.stopping = False
-        self.pending: list[ConsumerRecord[bytes, bytes]] = []
+        self.pending: list[Item] = []
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.backlog_max = 4 * settings.command_batch_max
+        self.replying: set[asyncio.Task[None]] = set()
 
     async def start(self, consumer: AIOKafkaConsumer) -> None:
         # Order matters: initialising the transactional id fences the previous owner and
@@ -101,8 +141,24 @@ class PartitionWorker:
     async def _rewind(self, consumer: AIOKafkaConsumer) -> None:
         committed = await consumer.committed(self.tp)
         self.next_offset = self.queued_upto = committed if committed is not None else 0
-        self.pending.clear()
+        self.pending = [item for item in self.pending if isinstance(item, Submitted)]
         consumer.seek(self.tp, self.next_offset)
+
+    def submit(self, command: CommandEnvelope, value: bytes) -> asyncio.Future[CommandResult]:
+        """Queue a command for the next transaction; the future is its committed result.
+
+        Raises `NotOwner` once the worker is stopping or fenced, `Backlogged` when more
+        commands wait than a few transactions take."""
+        if self.fenced or self.stopping or self.task is None:
+            raise NotOwner(f"partition {self.partition} is not served here")
+        if len(self.pending) >= self.backlog_max:
+            raise Backlogged(f"{len(self.pending)} commands wait on partition {self.partition}")
+        future: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
+        self.pending.append(
+            Submitted(command, value, int(time.time() * 1000), future, key=command.aggregate_id.encode())
+        )
+        self.wakeup.set()
+        return future
 
     def offer(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> int:
         """Queue fetched records (skipping any fetched before a rewind); returns the backlog."""
@@ -119,7 +175,16 @@ class PartitionWorker:
         self.wakeup.set()
         if self.task is not None:
             await asyncio.gather(self.task, return_exceptions=True)
+        self._refuse_waiting(NotOwner(f"partition {self.partition} was handed over"))
+        await asyncio.gather(*self.replying, return_exceptions=True)
         await self.producer.stop()
+
+    def _refuse_waiting(self, error: Exception) -> None:
+        """The queued direct commands were not written: their callers may send them again."""
+        for item in self.pending:
+            if isinstance(item, Submitted) and not item.result.done():
+                item.result.set_exception(error)
+        self.pending = [item for item in self.pending if not isinstance(item, Submitted)]
 
     async def _run(self, consumer: AIOKafkaConsumer) -> None:
         """Group commit: whatever queued up while the last transaction was in flight
@@ -142,11 +207,16 @@ class PartitionWorker:
                 if len(self.pending) < settings.command_batch_max:
                     self.resume(self.tp)
 
-    async def process(
-        self, consumer: AIOKafkaConsumer, records: Sequence[ConsumerRecord[bytes, bytes]]
-    ) -> None:
-        records = [r for r in records if r.offset >= self.next_offset]
-        if not records or self.fenced:
+    async def process(self, consumer: AIOKafkaConsumer, items: Sequence[Item]) -> None:
+        # In arrival order: direct commands, and fetched records not committed yet.
+        records = [r for r in items if isinstance(r, Submitted) or r.offset >= self.next_offset]
+        consumed = [r for r in records if not isinstance(r, Submitted)]
+        waiting = [r for r in records if isinstance(r, Submitted)]
+        if self.fenced:
+            for s in waiting:
+                s.result.set_exception(NotOwner(f"partition {self.partition} was handed over"))
+            return
+        if not records:
             return
         t0 = time.perf_counter()
         decision = decide_batch(
@@ -157,8 +227,8 @@ class PartitionWorker:
             answers = await transaction.write(
                 self.producer,
                 decision,
-                consumed=self.tp,
-                next_offset=records[-1].offset + 1,
+                consumed=self.tp if consumed else None,
+                next_offset=consumed[-1].offset + 1 if consumed else self.next_offset,
                 group_id=self.group_id,
                 topics=self.topics,
                 dlq_topic=self.dlq_topic,
@@ -171,16 +241,39 @@ class PartitionWorker:
                 "fenced: another processor owns this partition now", extra={"partition": self.partition}
             )
             self.fenced = True
+            # Not committed: the new owner's InitProducerId aborted the open transaction.
+            for s in waiting:
+                s.result.set_exception(NotOwner(f"partition {self.partition} was handed over"))
+            self._refuse_waiting(NotOwner(f"partition {self.partition} was handed over"))
             return
-        except Exception:
+        except Exception as exc:
             log.exception("transaction failed; restoring the partition", extra={"partition": self.partition})
+            for s in waiting:
+                s.result.set_exception(Unsettled(f"the transaction failed: {exc!r}"))
             await self._recover(consumer)
             return
         self.counters.dead_lettered += len(decision.dead_letters)
         self.counters.processed += len(decision.accepted) + len(decision.answers)
-        self.next_offset = records[-1].offset + 1
+        if consumed:
+            self.next_offset = consumed[-1].offset + 1
         t2 = time.perf_counter()
-        await self.reply(answers)
+        by_id = {result.command_id: result for _, result in answers}
+        for s in waiting:
+            result = by_id.get(s.command.command_id)
+            if s.result.done():
+                continue
+            if result is None:  # every decided command has an answer; never leave a caller waiting
+                s.result.set_exception(Unsettled("the command got no answer"))
+            else:
+                s.result.set_result(result)
+        # Off the critical path: the result cache and the asynchronous callers' channels
+        # (a command sent without a key was answered above, and nobody can ask again).
+        once = {s.command.command_id for s in waiting if not s.command.retriable}
+        if once:
+            answers = [a for a in answers if a[1].command_id not in once]
+        replying = asyncio.create_task(self.reply(answers), name=f"replies-{self.partition}")
+        self.replying.add(replying)
+        replying.add_done_callback(self.replying.discard)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "batch committed",
@@ -189,7 +282,7 @@ class PartitionWorker:
                     "commands": len(records),
                     "decide_ms": round((t1 - t0) * 1000, 2),
                     "commit_ms": round((t2 - t1) * 1000, 2),
-                    "reply_ms": round((time.perf_counter() - t2) * 1000, 2),
+                    "answer_ms": round((time.perf_counter() - t2) * 1000, 2),
                 },
             )
 
@@ -200,3 +293,4 @@ class PartitionWorker:
         except KafkaError:
             log.exception("recovery failed; the partition is paused until the next rebalance")
             self.fenced = True
+            self._refuse_waiting(NotOwner(f"partition {self.partition} is not served here"))

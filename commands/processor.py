@@ -1,20 +1,31 @@
 """The command processor: the single writer of every aggregate of the partitions it owns.
 
-A consumer group on `<prefix>.commands`. For each owned partition there is one
-`PartitionWorker` (commands.partition) with its own transactional producer and the
-partition's aggregates restored from the state topics. A fetched batch is decided
-command by command (commands.batch), and its events, the new snapshots, dead letters
-and the consumed offset are committed in one Kafka transaction (commands.transaction).
-On any failure the transaction is aborted, the partition's state is restored again
-and the partition re-read from its committed offset: a crash anywhere yields neither
-lost nor duplicated events.
+A member of a consumer group on `<prefix>.commands`: the group decides which process
+owns which partition. For each owned partition there is one `PartitionWorker`
+(commands.partition) with its own transactional producer and the partition's
+aggregates restored from the state topics. Commands reach a worker straight from the
+API (`submit`: the HTTP path, in the same process or forwarded to this one's internal
+endpoint by another) or from the commands topic (the asynchronous path). A batch is
+decided command by command (commands.batch), and its events, the new snapshots, dead
+letters and (for fetched commands) the consumed offset are committed in one Kafka
+transaction (commands.transaction). On any failure the transaction is aborted, the
+partition's state is restored again and the partition re-read from its committed
+offset: a crash anywhere yields neither lost nor duplicated events.
 
-This module is the consumer loop, the rebalance listener and the wiring.
+Membership is static when the processor has an instance id (`group.instance.id`): a
+member restarted after a crash takes its partitions back at once instead of after the
+session timeout, and a graceful stop leaves the group explicitly so its partitions
+move at once. Workers of partitions a rebalance leaves in place keep running (their
+state stays loaded); a partition that moves is fenced by its new owner's producer.
+
+This module is the consumer loop, the rebalance listener, the directory claims
+(commands.routing) and the wiring.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -27,9 +38,11 @@ from redis.exceptions import RedisError
 from commands import CONTEXTS, replies
 from commands.batch import Answer
 from commands.context import BoundedContext
-from commands.partition import Counters, PartitionWorker
+from commands.partition import Counters, NotOwner, PartitionWorker
+from commands.routing import Directory, Owner, partition_for
 from shared_kernel import kafka
 from shared_kernel.avro import AvroCodec
+from shared_kernel.envelope import CommandEnvelope, CommandResult
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics, contract_topics, ensure_topics
 
@@ -43,32 +56,55 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.p = processor
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        async with self.p.lock:  # waits for the batch in flight to commit or abort
-            for tp in revoked:
-                worker = self.p.workers.pop(tp.partition, None)
-                if worker is not None:
-                    await worker.stop()
-            if revoked:
-                log.info("partitions revoked", extra={"partitions": sorted(tp.partition for tp in revoked)})
+        # Workers keep running through the rebalance: those whose partition stays here
+        # keep their loaded state, and one whose partition moves cannot commit once the
+        # new owner's producer has fenced it. The new assignment stops the others.
+        if revoked:
+            log.info("rebalance", extra={"partitions": sorted(tp.partition for tp in revoked)})
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        async with self.p.lock:
-            consumer = self.p.consumer
+        p = self.p
+        async with p.lock:
+            consumer = p.consumer
             assert consumer is not None
-            for tp in assigned:
-                if tp.partition in self.p.workers:
-                    continue
-                worker = self.p.worker(tp.partition)
-                await worker.start(consumer)
-                self.p.workers[tp.partition] = worker
-            log.info("partitions assigned", extra={"partitions": sorted(tp.partition for tp in assigned)})
+            mine = {tp.partition for tp in assigned}
+            gone = [p.workers.pop(n) for n in sorted(set(p.workers) - mine)]
+            await asyncio.gather(*(w.stop() for w in gone))
+            if gone:
+                log.info("partitions revoked", extra={"partitions": [w.partition for w in gone]})
+            new = [p.worker(n) for n in sorted(mine - set(p.workers))]
+            # In parallel: each start fences the partition's previous owner and restores it.
+            started = await asyncio.gather(*(w.start(consumer) for w in new), return_exceptions=True)
+            for w, outcome in zip(new, started, strict=True):
+                if isinstance(outcome, BaseException):
+                    # unowned until the next rebalance; senders get 503 with Retry-After
+                    log.error("partition failed to start", extra={"partition": w.partition}, exc_info=outcome)
+                    await w.stop()
+                else:
+                    p.workers[w.partition] = w
+            p.generation = consumer._coordinator.generation
+            log.info("partitions assigned", extra={"partitions": sorted(mine), "generation": p.generation})
+        await p.claim(sorted(mine))
 
 
 class CommandProcessor:
     """Runs the consumer loop and the partition workers until `stop` is set."""
 
-    def __init__(self, settings: Settings, contexts: Sequence[BoundedContext] = CONTEXTS) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        contexts: Sequence[BoundedContext] = CONTEXTS,
+        *,
+        url: str = "",
+        instance: str | None = None,
+    ) -> None:
+        """`url`: where this process answers forwarded commands (empty: nowhere, the
+        commands topic only); `instance`: its static member id (None: a dynamic member)."""
         self.settings = settings
+        self.url = url
+        self.instance = instance
+        self.generation = -1
+        self.directory: Directory | None = None
         self.contexts = {c.name: c for c in contexts}
         self.codec = AvroCodec.from_directory()
         self.topics = Topics(settings.topic_prefix)
@@ -94,6 +130,30 @@ class CommandProcessor:
             counters=self.counters,
         )
 
+    def owns(self, aggregate_id: str) -> bool:
+        return partition_for(aggregate_id, self.settings.partitions) in self.workers
+
+    async def submit(self, command: CommandEnvelope, value: bytes) -> CommandResult:
+        """Decide and commit a command of a partition owned here; its committed result.
+
+        Raises `NotOwner` (nothing written) when the partition is not owned here, and
+        `Backlogged` or `Unsettled` (commands.partition) as the worker does."""
+        partition = partition_for(command.aggregate_id, self.settings.partitions)
+        worker = self.workers.get(partition)
+        if worker is None:
+            raise NotOwner(f"partition {partition} is not owned here")
+        return await worker.submit(command, value)
+
+    async def claim(self, partitions: list[int]) -> None:
+        """Tell the API instances that these partitions are answered here."""
+        if not self.url or self.directory is None or not partitions:
+            return
+        owner = Owner(self.url, self.instance or self.group_id, self.generation)
+        try:
+            await self.directory.claim(partitions, owner)
+        except (RedisError, OSError):
+            log.warning("could not write the partition directory", exc_info=True)
+
     def resume(self, tp: TopicPartition) -> None:
         if self.consumer is not None and tp in self.consumer.paused():
             self.consumer.resume(tp)
@@ -112,9 +172,11 @@ class CommandProcessor:
         settings = self.settings
         await ensure_topics(settings, contract_topics(settings, self.contexts, [CONSUMER_NAME]))
         self.redis = Redis.from_url(settings.redis_url)
+        self.directory = Directory(self.redis, settings.topic_prefix)
         self.consumer = kafka.consumer(
             settings,
             group_id=self.group_id,
+            group_instance_id=self.instance,
             isolation_level="read_committed",
             max_poll_interval_ms=300_000,
             session_timeout_ms=10_000,
@@ -122,7 +184,10 @@ class CommandProcessor:
         )
         self.consumer.subscribe([self.topics.commands], listener=_Rebalance(self))
         await self.consumer.start()
-        log.info("command processor started", extra={"group": self.group_id})
+        log.info(
+            "command processor started",
+            extra={"group": self.group_id, "instance": self.instance, "url": self.url},
+        )
         last_report = time.monotonic()
         try:
             while not stop.is_set():
@@ -142,8 +207,13 @@ class CommandProcessor:
                         },
                     )
         finally:
-            await self.consumer.stop()  # runs on_partitions_revoked: workers stop cleanly
-            for worker in list(self.workers.values()):
-                await worker.stop()
-            self.workers.clear()
+            owned = sorted(self.workers)
+            workers = list(self.workers.values())
+            self.workers.clear()  # refuse new direct commands from here on
+            await asyncio.gather(*(w.stop() for w in workers))  # in-flight transactions end
+            with contextlib.suppress(RedisError, OSError):
+                await self.directory.release(owned, self.instance or self.group_id)
+            if self.instance is not None:
+                await kafka.leave_group_static(self.consumer)  # its partitions move now
+            await self.consumer.stop()
             await self.redis.aclose()

@@ -1,5 +1,6 @@
 """Where command results go: a Redis key per command id (the result cache, so a retried
-request gets the same answer) and the Redis channel of the API instance that waits."""
+request gets the same answer, and the status of an asynchronous command), and the Redis
+channel a command's envelope names in `reply_to`, if any."""
 
 from __future__ import annotations
 
@@ -12,10 +13,6 @@ from shared_kernel.envelope import CommandResult
 
 def result_key(prefix: str, command_id: str) -> str:
     return f"{prefix}:result:{command_id}"
-
-
-def reply_channel(prefix: str, instance: str) -> str:
-    return f"{prefix}:replies:{instance}"
 
 
 async def publish(

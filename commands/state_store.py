@@ -15,6 +15,7 @@ from aiokafka import TopicPartition
 from commands.context import BoundedContext
 from commands.snapshots import LoadedAggregate, load
 from shared_kernel import kafka
+from shared_kernel.position import Position
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics
 
@@ -30,6 +31,9 @@ class PartitionState:
         self.contexts = contexts
         self.committed: dict[Key, bytes] = {}
         self.live: dict[Key, LoadedAggregate] = {}
+        # events topic -> where its next event will go, learnt from this owner's own commits
+        # (commands.transaction); unknown after a restore, until the first commit there.
+        self.next_event_offsets: dict[str, Position] = {}
 
     def get(self, key: Key) -> LoadedAggregate | None:
         loaded = self.live.get(key)
@@ -68,9 +72,11 @@ async def restore(settings: Settings, contexts: dict[str, BoundedContext], parti
     await consumer.start()
     try:
         tps = {TopicPartition(topics.state(name), partition): name for name in contexts}
+        # Ends first: once assigned, a fetch long-polls the broker and a ListOffsets request
+        # on the same connection would wait behind it (up to APP_KAFKA_FETCH_MAX_WAIT_MS).
+        ends = await consumer.end_offsets(list(tps))
         consumer.assign(list(tps))
         await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(list(tps))
         pending = {tp for tp in tps if ends[tp] > 0}
         while pending:
             batch = await consumer.getmany(*pending, timeout_ms=500, max_records=20_000)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -17,7 +18,7 @@ from commands.batch import Answer, Decision
 from commands.context import BoundedContext
 from commands.sizes import KAFKA_DEFAULT_MAX_MESSAGE_BYTES, record_size
 from commands.snapshots import dump
-from commands.state_store import PartitionState
+from commands.state_store import Key, PartitionState
 from shared_kernel.envelope import CommandResult
 from shared_kernel.position import Position, PositionToken
 from shared_kernel.topics import Topics
@@ -27,7 +28,7 @@ async def write(
     producer: AIOKafkaProducer,
     decision: Decision[ConsumerRecord[bytes, bytes]],
     *,
-    consumed: TopicPartition,
+    consumed: TopicPartition | None,
     next_offset: int,
     group_id: str,
     topics: Topics,
@@ -36,55 +37,86 @@ async def write(
     state: PartitionState,
     max_record_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
 ) -> list[Answer]:
-    """Commit the decision with `next_offset` as the consumed offset of `consumed`.
+    """Commit the decision, with `next_offset` as the consumed offset of `consumed` when
+    the batch holds records of the commands topic (direct commands have no offset).
 
     Returns the answers (the ready ones, then the accepted, then the repeats); raises,
     with the transaction aborted, if any write fails.
     """
     answers = list(decision.answers)
+    written = [topics.events(acc.key[0]) for acc in decision.accepted if acc.events]
+    # This owner is the single writer of its events partitions: after a transaction of its
+    # own commits, the next event of a partition goes at the last one's offset + 2 (the
+    # commit marker takes one). With every offset known before the broker assigns it, the
+    # snapshots (which keep each recent command's position) go out beside the events, in
+    # the same round trip, and the broker's offsets are checked before the commit.
+    predicted = state.next_event_offsets if all(t in state.next_event_offsets for t in written) else None
+    snapshots: dict[Key, bytes] = {}
     async with producer.transaction():
         # The consumed offset is known up front: its two coordinator round trips
         # (AddOffsetsToTxn, TxnOffsetCommit) overlap with the produce requests.
-        offsets = asyncio.ensure_future(
-            producer.send_offsets_to_transaction({consumed: next_offset}, group_id)
-        )
-        offsets.add_done_callback(_retrieve)  # if the body fails first, the abort says why
+        offsets = None
+        if consumed is not None:
+            offsets = asyncio.ensure_future(
+                producer.send_offsets_to_transaction({consumed: next_offset}, group_id)
+            )
+            offsets.add_done_callback(_retrieve)  # if the body fails first, the abort says why
         sends = []
         for acc in decision.accepted:
             topic = topics.events(acc.key[0])
             for ev in acc.events:
                 sends.append(await producer.send(topic, ev.value, key=ev.key, headers=ev.headers))
-        metadata = iter(await asyncio.gather(*sends))
-        for acc in decision.accepted:
-            # events first: zip must not pull a record metadata that belongs to the next command
-            positions = [
-                Position(m.topic, m.partition, m.offset) for _, m in zip(acc.events, metadata, strict=False)
-            ]
-            result = CommandResult(
-                command_id=acc.command.command_id,
-                status="accepted",
-                aggregate_id=acc.command.aggregate_id,
-                version=acc.events[-1].metadata.aggregate_version if acc.events else None,
-                position=PositionToken.after(positions).encode(),
-                events=len(acc.events),
-                fingerprint=acc.command.fingerprint,
-            )
-            decision.touched[acc.key].remember(result)
-            answers.append((acc.reply_to, result))
-        for repeat in decision.repeats:
-            answers.append((repeat.reply_to, decision.touched[repeat.key].recent[repeat.command_id]))
-        snapshots = {}
-        for key, loaded in decision.touched.items():
-            data = dump(contexts[key[0]], loaded)
-            snapshots[key] = data
-            await producer.send(topics.state(key[0]), data, key=key[1].encode())
-        for dead in decision.dead_letters:
-            value, headers = dead_letter(dead.record, dead.error, max_record_bytes)
-            await producer.send(dlq_topic, value, key=dead.record.key, headers=headers)
-        await offsets
+
+        async def rest(positions: list[Position]) -> None:
+            """Answers from the events' positions, then the snapshots and dead letters."""
+            at = iter(positions)
+            for acc in decision.accepted:
+                # events first: zip must not pull a position that belongs to the next command
+                mine = [p for _, p in zip(acc.events, at, strict=False)]
+                result = CommandResult(
+                    command_id=acc.command.command_id,
+                    status="accepted",
+                    aggregate_id=acc.command.aggregate_id,
+                    version=acc.events[-1].metadata.aggregate_version if acc.events else None,
+                    position=PositionToken.after(mine).encode(),
+                    events=len(acc.events),
+                    fingerprint=acc.command.fingerprint,
+                )
+                decision.touched[acc.key].remember(result)
+                answers.append((acc.reply_to, result))
+            for repeat in decision.repeats:
+                answers.append((repeat.reply_to, decision.touched[repeat.key].recent[repeat.command_id]))
+            for key, loaded in decision.touched.items():
+                data = dump(contexts[key[0]], loaded)
+                snapshots[key] = data
+                await producer.send(topics.state(key[0]), data, key=key[1].encode())
+            for dead in decision.dead_letters:
+                value, headers = dead_letter(dead.record, dead.error, max_record_bytes)
+                await producer.send(dlq_topic, value, key=dead.record.key, headers=headers)
+
+        if predicted is not None:
+            expected, following = [], dict(predicted)
+            for topic in (topics.events(acc.key[0]) for acc in decision.accepted for _ in acc.events):
+                expected.append(following[topic])
+                following[topic] = replace(following[topic], offset=following[topic].offset + 1)
+            await rest(expected)
+            actual = [Position(m.topic, m.partition, m.offset) for m in await asyncio.gather(*sends)]
+            if actual != expected:  # someone else wrote there: abort; the worker restores
+                raise OffsetsMoved(f"events went to {actual[:3]}..., not {expected[:3]}...")
+        else:
+            actual = [Position(m.topic, m.partition, m.offset) for m in await asyncio.gather(*sends)]
+            await rest(actual)
+        if offsets is not None:
+            await offsets
+    for position in actual:
+        state.next_event_offsets[position.topic] = replace(position, offset=position.offset + 2)
     for key, data in snapshots.items():
         state.commit(key, data, decision.touched[key])
     return answers
+
+
+class OffsetsMoved(RuntimeError):
+    """The broker put the events at other offsets than this single writer expected."""
 
 
 def dead_letter(

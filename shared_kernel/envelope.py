@@ -105,6 +105,10 @@ class CommandEnvelope:
     reply_to: str = ""
     fingerprint: str = ""
     issued_at: str = ""
+    # The client can send it again under this id (it chose the id: an Idempotency-Key, or
+    # it was given a status URL): its result is cached. A command sent without a key is
+    # answered once, on its connection, and never looked up.
+    retriable: bool = True
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(asdict(self))

@@ -6,14 +6,19 @@ run loop, a test fixture); nothing connects at import time.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.consumer import fetcher as _fetcher
 from aiokafka.producer import sender as _aiokafka_sender
+from aiokafka.protocol.api import Request, RequestStruct, Response
+from aiokafka.protocol.types import Array, Int16, Int32, Schema, String
 
 from shared_kernel.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
@@ -116,3 +121,61 @@ def wait_long_only_for_whole_fetches(settings: Settings) -> None:
 
 def admin(settings: Settings) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id=settings.service_name)
+
+
+class _LeaveGroupResponseV3(Response):  # type: ignore[misc]
+    API_KEY = 13
+    API_VERSION = 3
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        ("error_code", Int16),
+        (
+            "members",
+            Array(
+                ("member_id", String("utf-8")), ("group_instance_id", String("utf-8")), ("error_code", Int16)
+            ),
+        ),
+    )
+
+
+class _LeaveGroupRequestV3(RequestStruct):  # type: ignore[misc]
+    API_KEY = 13
+    API_VERSION = 3
+    RESPONSE_TYPE = _LeaveGroupResponseV3
+    SCHEMA = Schema(
+        ("group_id", String("utf-8")),
+        ("members", Array(("member_id", String("utf-8")), ("group_instance_id", String("utf-8")))),
+    )
+
+
+class _StaticLeave(Request[_LeaveGroupRequestV3]):  # type: ignore[misc]
+    """LeaveGroup v3 (KIP-345): the only way a static member leaves; aiokafka sends v0/v1."""
+
+    API_KEY = 13
+
+    def __init__(self, group_id: str, member_id: str, instance_id: str) -> None:
+        self.group_id, self.member_id, self.instance_id = group_id, member_id, instance_id
+
+    def build(self, request_struct_class: type[_LeaveGroupRequestV3]) -> _LeaveGroupRequestV3:
+        return request_struct_class(self.group_id, [(self.member_id, self.instance_id)])
+
+
+async def leave_group_static(consumer: AIOKafkaConsumer) -> None:
+    """Take a static member out of its group now, so its partitions move at once.
+
+    A consumer with a `group_instance_id` does not leave when it stops (a restart is
+    meant to find its partitions waiting); a member that stops for good must say so, or
+    its partitions wait out the session timeout."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    instance = getattr(consumer, "_group_instance_id", None)
+    if coordinator is None or instance is None or coordinator.generation <= 0:
+        return
+    try:
+        response = await coordinator._send_req(
+            _StaticLeave(coordinator.group_id, coordinator.member_id, instance)
+        )
+    except Exception as exc:  # best effort: the session timeout still applies
+        log.warning("could not leave the group", extra={"error": repr(exc)})
+        return
+    if response.error_code:
+        log.warning("leaving the group was refused", extra={"error_code": response.error_code})

@@ -41,6 +41,25 @@ class Settings(BaseSettings):
         "with the load (what queued while the last transaction committed goes into the next)",
     )
     command_batch_max: int = Field(default=500, ge=1)
+    api_owns_partitions: bool = Field(
+        default=True,
+        description="the API process is also a command processor, owning a share of the partitions "
+        "(the shortest command path); false: it forwards every command to the processors' "
+        "internal endpoints (`cqrs run command-processor`), so the two scale apart",
+    )
+    advertised_url: str = Field(
+        default="",
+        description="where this process takes forwarded commands (its base URL as other API "
+        "instances reach it); `cqrs serve api` and `cqrs run command-processor` set it from "
+        "their --host and --port when it is not given",
+    )
+    instance_id: str = Field(
+        default="",
+        max_length=200,
+        description="the processor's static member id in its consumer group (unique per running "
+        "process, stable across its restarts: a restarted member takes its partitions back at once); "
+        "the CLI defaults it to host:port; empty: a dynamic member",
+    )
     projection_batch_max: int = Field(default=1000, ge=1, description="events per projection transaction")
     projection_batch_wait_ms: int = Field(
         default=10,

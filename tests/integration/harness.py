@@ -1,5 +1,6 @@
-"""Runs the real processes (`cqrs serve api`, `cqrs run command-processor`) against the
-real services, each test group under its own topic prefix, and reads back the log."""
+"""Runs the real processes (`cqrs serve api`, which owns command partitions, `cqrs run
+command-processor`, projectors) against the real services, each test group under its
+own topic prefix, and reads back the log."""
 
 from __future__ import annotations
 
@@ -39,6 +40,13 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    args: tuple[str, ...] = ()
+    env: dict[str, str] | None = None
+    url: str = ""  # its HTTP base URL, if it serves one
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
 
     def kill9(self) -> None:
         self.popen.send_signal(signal.SIGKILL)
@@ -61,6 +69,7 @@ class WriteSide:
     workdir: Path
     env: dict[str, str]
     processors: list[Proc] = field(default_factory=list)
+    apis: list[Proc] = field(default_factory=list)
     projectors: list[Proc] = field(default_factory=list)
     projections: set[str] = field(default_factory=set)  # those the projectors keep
     api: Proc | None = None
@@ -83,32 +92,49 @@ class WriteSide:
         }
         return cls(settings=settings, workdir=workdir, env=env)
 
-    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
+    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None, url: str = "") -> Proc:
         log = self.workdir / f"{name}.log"
         out = log.open("ab")
         popen = subprocess.Popen([CQRS, *args], stdout=out, stderr=subprocess.STDOUT, env=env or self.env)
-        return Proc(name, popen, log)
+        return Proc(name, popen, log, args, env, url)
+
+    def restart(self, proc: Proc) -> Proc:
+        """The same process again (same port, so the same group member id), after it ended."""
+        proc.stop()
+        again = self._spawn(proc.name, *proc.args, env=proc.env, url=proc.url)
+        for group in (self.processors, self.apis):
+            if proc in group:
+                group[group.index(proc)] = again
+        if self.api is proc:
+            self.api = again
+        return again
 
     def start_processor(self) -> Proc:
-        proc = self._spawn(f"processor-{len(self.processors)}", "run", "command-processor")
+        """`cqrs run command-processor` on a free port: an owner of a share of the partitions."""
+        port = free_port()
+        proc = self._spawn(
+            f"processor-{len(self.processors)}",
+            "run",
+            "command-processor",
+            "--port",
+            str(port),
+            url=f"http://127.0.0.1:{port}",
+        )
         self.processors.append(proc)
         return proc
 
-    async def start_api(self, env: dict[str, str] | None = None, wait_ready: bool = True) -> None:
+    async def start_api(self, env: dict[str, str] | None = None, wait_ready: bool = True) -> Proc:
+        """`cqrs serve api` on a free port (by default it owns a share of the partitions);
+        the first one started is `api` / `api_url`."""
         port = free_port()
-        self.api = self._spawn("api", "serve", "api", "--port", str(port), env=env)
-        self.api_url = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient(base_url=self.api_url) as client:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    r = await client.get("/ready" if wait_ready else "/health")
-                    if r.status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.2)
-        raise AssertionError(f"API did not start; log:\n{self.api.log.read_text()[-3000:]}")
+        name = "api" if not self.apis else f"api-{len(self.apis)}"
+        url = f"http://127.0.0.1:{port}"
+        proc = self._spawn(name, "serve", "api", "--port", str(port), env=env, url=url)
+        self.apis.append(proc)
+        if self.api is None:
+            self.api, self.api_url = proc, url
+        await wait_until_up(proc, "/ready" if wait_ready else "/health")
+        return proc
 
     async def wait_until_commands_flow(self, client: httpx.AsyncClient) -> None:
         """Send a probe command until the processor answers it (partitions assigned)."""
@@ -121,12 +147,11 @@ class WriteSide:
             if r.status_code == 201:
                 return
             assert r.status_code == 503, r.text
-        logs = "\n".join(p.log.read_text()[-3000:] for p in self.processors)
-        raise AssertionError(f"commands do not flow; processor logs:\n{logs}")
+        logs = "\n".join(p.log.read_text()[-3000:] for p in [*self.apis, *self.processors])
+        raise AssertionError(f"commands do not flow; logs:\n{logs}")
 
     async def start_serving(self) -> None:
-        """One processor and the API, answering commands."""
-        self.start_processor()
+        """The API, owning every partition, answering commands (the layout of `make up`)."""
         await self.start_api()
         async with httpx.AsyncClient(base_url=self.api_url, timeout=30) as client:
             await self.wait_until_commands_flow(client)
@@ -174,18 +199,32 @@ class WriteSide:
                         raise AssertionError(f"projections do not catch up; logs:\n{logs}")
 
     def stop(self) -> None:
-        for p in [*self.processors, *self.projectors, *([self.api] if self.api else [])]:
+        for p in [*self.processors, *self.projectors, *self.apis]:
             p.stop()
 
     @classmethod
     async def everything(cls, base: Settings, workdir: Path, **overrides: Any) -> WriteSide:
-        """A processor, the API and every projection in one projectors process (the layout
-        of `make up`), each projection having applied a probe command."""
+        """The API (owning the partitions) and every projection in one projectors process
+        (the layout of `make up`), each projection having applied a probe command."""
         side = cls.create(base, workdir, **overrides)
         await side.start_serving()
         side.start_projectors(*PROJECTIONS)
         await side.wait_until_projected()
         return side
+
+
+async def wait_until_up(proc: Proc, path: str = "/health", seconds: float = 60) -> None:
+    """Until the process answers 200 on `path`."""
+    async with httpx.AsyncClient(base_url=proc.url) as client:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and proc.popen.poll() is None:
+            try:
+                if (await client.get(path)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{proc.name} did not come up; log:\n{proc.log.read_text()[-3000:]}")
 
 
 async def read_records(

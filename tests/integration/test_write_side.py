@@ -18,7 +18,7 @@ from commands.replies import result_key
 from shared_kernel.avro import AvroCodec
 from shared_kernel.settings import Settings
 from shared_kernel.topics import contract_topics, ensure_topics
-from tests.integration.harness import WriteSide, free_port, read_events
+from tests.integration.harness import Proc, WriteSide, free_port, read_events, read_records, wait_until_up
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -125,15 +125,14 @@ async def test_the_same_idempotency_key_gives_one_set_of_events_and_identical_an
     assert first.status_code == second.status_code == 200
     assert first.json() == second.json()
 
-    # Restart the processor and forget the cached result: the answer must now come
-    # from the durable state topic, not from Redis.
-    for proc in side.processors:
-        proc.stop()
-    side.processors.clear()
+    # Restart the API (the partitions' owner) and forget the cached result: the answer
+    # must now come from the durable state topic, not from Redis.
+    assert side.api is not None
+    side.api.stop()
     redis = Redis.from_url(settings.redis_url)
     assert await redis.delete(result_key(side.settings.topic_prefix, key)) == 1
     await redis.aclose()
-    side.start_processor()
+    await wait_until_up(side.restart(side.api), "/ready")
     await side.wait_until_commands_flow(client)
     third = await comment()
     assert (third.status_code, third.json(), third.headers["etag"]) == (
@@ -172,9 +171,10 @@ async def test_an_invalid_transition_is_a_409_that_names_the_allowed_ones(client
 
 
 async def _load(
-    api_url: str, incidents: list[str], commands: int, concurrency: int, on_progress: Any
+    urls: list[str], incidents: list[str], commands: int, concurrency: int, on_progress: Any
 ) -> dict[str, tuple[str, int]]:
-    """Comment commands from concurrent clients; each retried with its key until 2xx.
+    """Comment commands from concurrent clients, spread over the API instances at `urls`;
+    each retried with its key until 2xx (on another instance when one is unreachable).
 
     Returns command id -> (incident id, version) for every command that got a 2xx.
     """
@@ -183,32 +183,35 @@ async def _load(
     for i in range(commands):
         queue.put_nowait(i)
 
-    async def client_loop() -> None:
-        async with httpx.AsyncClient(base_url=api_url, timeout=60) as client:
+    async def client_loop(c: int) -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
             while not queue.empty():
                 i = queue.get_nowait()
                 incident = random.choice(incidents)
                 key = f"load-{i}-{uuid.uuid4().hex[:6]}"
+                at = c
                 for _attempt in range(40):
                     try:
                         r = await client.post(
-                            f"/api/v1/incidents/{incident}/comments",
+                            f"{urls[at % len(urls)]}/api/v1/incidents/{incident}/comments",
                             json={"author": "load", "body": f"comment {i}"},
                             headers={"Idempotency-Key": key},
                         )
                     except httpx.TransportError:
-                        await asyncio.sleep(0.5)
+                        at += 1  # that instance is down: the same command through another
+                        await asyncio.sleep(0.2)
                         continue
                     if r.status_code == 200:
                         accepted[key] = (incident, r.json()["version"])
                         break
                     assert r.status_code == 503, r.text  # never a 500: only "retry later"
-                    await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+                    assert "Retry-After" in r.headers
+                    await asyncio.sleep(float(r.headers["retry-after"]) / 4)
                 else:
                     raise AssertionError(f"command {key} never accepted")
                 await on_progress(len(accepted))
 
-    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    await asyncio.gather(*(client_loop(c) for c in range(concurrency)))
     return accepted
 
 
@@ -251,52 +254,72 @@ async def _probe_keys(ws: WriteSide) -> set[str]:
     return {e["headers"]["causation-id"] for e in events if e["headers"]["causation-id"].startswith("probe-")}
 
 
-async def _load_with_disruption(ws: WriteSide, disrupt: Any) -> None:
-    """2,000 commands from 32 clients over 40 incidents; `disrupt()` runs once 500 are accepted."""
-    ws.start_processor()
-    await ws.start_api()
+async def _load_with_disruption(ws: WriteSide, disrupt: Any, at: int = 500) -> None:
+    """2,000 commands from 32 clients over 40 incidents, spread over every API instance
+    started; `disrupt()` runs once `at` of them are accepted."""
     incidents, creates = await _open_incidents(ws, 40)
     disrupted = asyncio.Event()
 
     async def progress(done: int) -> None:
-        if done >= 500 and not disrupted.is_set():
+        if done >= at and not disrupted.is_set():
             disrupted.set()
             await disrupt()
 
-    accepted = await _load(ws.api_url, incidents, 2000, 32, progress)
+    urls = [p.url for p in ws.apis]
+    accepted = await _load(urls, incidents, 2000, 32, progress)
     assert disrupted.is_set()
     assert len(accepted) == 2000
     await _assert_exactly_once(ws, accepted, creates | await _probe_keys(ws))
 
 
-async def test_kill_9_of_the_processor_under_load_loses_and_duplicates_nothing(
+def _owned(proc: Proc) -> list[int]:
+    """The partitions the process was last given (its log's latest assignment)."""
+    import json
+
+    lines = proc.log.read_text().splitlines()
+    assigned = [json.loads(line) for line in lines if "partitions assigned" in line]
+    return list(assigned[-1]["partitions"]) if assigned else []
+
+
+async def test_kill_9_of_an_owner_at_a_random_point_under_load_loses_and_duplicates_nothing(
     settings: Settings, tmp_path: Path
 ) -> None:
+    """Two API instances own the partitions between them; one is killed -9 at a random
+    point of the load and restarted on its port (its static member id): clients whose
+    instance is down send the same command through the other."""
     ws = WriteSide.create(settings, tmp_path, command_timeout_s=3.0)
+    await ws.start_api()
+    await ws.start_api()
+    victim = ws.apis[1]
 
     async def kill_and_restart() -> None:
-        ws.processors[0].kill9()
-        await asyncio.sleep(1)
-        ws.start_processor()
+        assert _owned(victim), "the second instance owned no partition before the kill"
+        victim.kill9()
+        await asyncio.sleep(random.uniform(0.2, 1.5))
+        ws.restart(victim)
 
     try:
-        await _load_with_disruption(ws, kill_and_restart)
+        await _load_with_disruption(ws, kill_and_restart, at=random.randint(200, 1200))
     finally:
         ws.stop()
 
 
-async def test_a_rebalance_to_a_second_processor_under_load_loses_and_duplicates_nothing(
+async def test_a_rebalance_to_a_second_and_a_third_instance_under_load_loses_and_duplicates_nothing(
     settings: Settings, tmp_path: Path
 ) -> None:
-    ws = WriteSide.create(settings, tmp_path, command_timeout_s=3.0)
+    ws = WriteSide.create(settings, tmp_path, command_timeout_s=3.0, partitions=6)
+    await ws.start_api()
 
-    async def second_processor_joins() -> None:
+    async def two_more_join() -> None:
+        ws.start_processor()
         ws.start_processor()
 
     try:
-        await _load_with_disruption(ws, second_processor_joins)
-        # The second processor really took partitions over.
-        assert "partitions assigned" in ws.processors[1].log.read_text()
+        await _load_with_disruption(ws, two_more_join)
+        # The newcomers really took partitions over, and every partition has one owner.
+        owned = [_owned(p) for p in [*ws.apis, *ws.processors]]
+        assert all(owned), owned
+        assert sorted(p for ps in owned for p in ps) == list(range(6))
     finally:
         ws.stop()
 
@@ -320,19 +343,20 @@ async def test_commands_get_503_with_retry_after_when_kafka_is_unreachable(
         ws.stop()
 
 
-async def test_a_result_that_does_not_arrive_in_time_is_a_503_not_a_500(
+async def test_a_command_whose_partition_has_no_owner_is_a_503_with_retry_after_not_a_500(
     settings: Settings, tmp_path: Path
 ) -> None:
     ws = WriteSide.create(settings, tmp_path, command_timeout_s=1.0)
-    # the topics exist, as in a deployment (`cqrs topics create`), but no processor runs
+    # the topics exist, as in a deployment (`cqrs topics create`), but no process owns a partition
     await ensure_topics(ws.settings, contract_topics(ws.settings, ["datasets", "incidents"]))
-    await ws.start_api()
+    await ws.start_api(env={**ws.env, "APP_API_OWNS_PARTITIONS": "false"})
     try:
         async with httpx.AsyncClient(base_url=ws.api_url, timeout=30) as client:
             r = await client.post("/api/v1/incidents", json={"title": "x"})
             assert r.status_code == 503
-            assert r.json()["error"] == "result_timeout"
-            assert "Retry-After" in r.headers
+            assert r.json()["error"] == "unavailable"
+            assert "has no owner" in r.json()["detail"]
+            assert r.headers["retry-after"] == "1"
     finally:
         ws.stop()
 
@@ -340,8 +364,6 @@ async def test_a_result_that_does_not_arrive_in_time_is_a_503_not_a_500(
 async def test_a_poison_command_goes_to_the_dead_letter_topic_and_the_partition_keeps_flowing(
     side: WriteSide, client: httpx.AsyncClient
 ) -> None:
-    from aiokafka import TopicPartition
-
     from shared_kernel import kafka
     from shared_kernel.topics import Topics
 
@@ -355,25 +377,21 @@ async def test_a_poison_command_goes_to_the_dead_letter_topic_and_the_partition_
     finally:
         await producer.stop()
 
-    # The next command for the same aggregate lands in the same partition, after the poison.
+    # A command for the same aggregate is still answered (the HTTP path does not wait for
+    # the commands topic)...
     r = await client.post("/api/v1/datasets", json={"id": dataset_id, "name": "after the poison"})
     assert r.status_code == 201, r.text
     assert r.json()["id"] == dataset_id
 
-    consumer = kafka.consumer(side.settings)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topics.dlq("command-processor"), p) for p in range(side.settings.partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        dead = []
-        while any([await consumer.position(tp) < ends[tp] for tp in tps]):
-            for records in (await consumer.getmany(timeout_ms=1000)).values():
-                dead.extend(records)
-    finally:
-        await consumer.stop()
-    ours = [d for d in dead if d.key == dataset_id.encode()]
+    # ...and the poison, read from the topic by its partition's owner, is dead-lettered.
+    ours: list[Any] = []
+    deadline = asyncio.get_running_loop().time() + 30
+    while not ours:
+        assert asyncio.get_running_loop().time() < deadline, "the poison was never dead-lettered"
+        dead = await read_records(side.settings, [topics.dlq("command-processor")])
+        ours = [d for d in dead if d.key == dataset_id.encode()]
+        if not ours:
+            await asyncio.sleep(0.2)
     assert len(ours) == 1
     assert ours[0].value == poison
     headers = {k: v.decode() for k, v in ours[0].headers}

@@ -336,7 +336,6 @@ class _Redis:
 def _bus(producer: _Producer) -> CommandBus:
     bus = CommandBus(Settings(environment="test"), producer, _Redis())  # type: ignore[arg-type]
     bus.producer_ready.set()
-    bus._subscribed.set()
     return bus
 
 
@@ -356,11 +355,11 @@ async def test_a_command_larger_than_a_record_is_refused_by_the_bus_before_produ
     assert refused.value.size > refused.value.limit == 1_048_576
 
 
-async def test_kafkas_own_size_refusal_is_too_large_not_unavailable() -> None:
+async def test_kafkas_own_size_refusal_of_an_asynchronous_command_is_too_large_not_unavailable() -> None:
     bus = _bus(_Producer(fail=MessageSizeTooLargeError("the broker says no")))
 
     with pytest.raises(CommandTooLarge):
-        await bus.send(_command(uuid4(), "small"))
+        await bus.enqueue(_command(uuid4(), "small"))
 
 
 async def test_dispatch_answers_a_command_too_large_with_413() -> None:
