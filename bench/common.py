@@ -10,6 +10,7 @@ needs a read model's schema or index names asks `projections` itself and passes 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -291,6 +292,23 @@ class WriteSide:
 
 
 # ---- CPU from /proc ----------------------------------------------------------------------
+
+
+def service_pids(*services: str) -> dict[str, int]:
+    """The stack's services, from `infra/stack.py status --json`."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve().parent.parent / "infra" / "stack.py"),
+            "status",
+            "--json",
+            *services,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {row["service"]: int(row["pid"]) for row in json.loads(out) if row["pid"]}
 
 
 def cpu_seconds(pids: Sequence[int]) -> float:

@@ -27,11 +27,8 @@ For each layout, once every projection has applied a probe command and
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import tomllib
@@ -48,6 +45,7 @@ from bench.common import (
     drop_prefix,
     host_cpu,
     process_tree,
+    service_pids,
     steal_pct,
 )
 from bench.results import show, summary_ms, write
@@ -77,17 +75,6 @@ def grouped_projectors() -> list[list[str]]:
         for entry in spec.values()
         if entry["command"][1:3] in (["run", "projector"], ["run", "projectors"])
     ]
-
-
-def service_pids() -> dict[str, int]:
-    """The stack's services, from `infra/stack.py status --json`."""
-    out = subprocess.run(
-        [sys.executable, str(REPO / "infra" / "stack.py"), "status", "--json", *SERVICES],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return {row["service"]: int(row["pid"]) for row in json.loads(out) if row["pid"]}
 
 
 def rss_mb(pids: Sequence[int]) -> float:
@@ -177,7 +164,7 @@ async def _layout(base: Settings, name: str, projectors: list[list[str]], workdi
             "api": side.api.pid if side.api else 0,
             **{" ".join(args[1:]): p.pid for args, p in zip(projectors, side.projectors, strict=True)},
         }
-        services = service_pids()
+        services = service_pids(*SERVICES)
         meter = Meter({**apps, **services})
 
         print(f"S7 {name}: at rest for {IDLE_S:.0f} s", flush=True)

@@ -27,6 +27,7 @@ from commands import transaction
 from commands.batch import Answer, decide_batch
 from commands.context import BoundedContext
 from commands.state_store import PartitionState, restore
+from commands.transaction import OffsetsMoved
 from shared_kernel import kafka
 from shared_kernel.avro import AvroCodec
 from shared_kernel.envelope import CommandEnvelope, CommandResult
@@ -245,6 +246,18 @@ class PartitionWorker:
             for s in waiting:
                 s.result.set_exception(NotOwner(f"partition {self.partition} was handed over"))
             self._refuse_waiting(NotOwner(f"partition {self.partition} was handed over"))
+            return
+        except OffsetsMoved as exc:
+            # Another producer wrote to an events partition (nothing of ours was committed:
+            # the transaction aborted before its end). Restore and decide the batch again,
+            # its events' offsets now read from the broker.
+            log.warning(
+                "events partition written by another producer; deciding again",
+                extra={"partition": self.partition, "error": str(exc)},
+            )
+            await self._recover(consumer)
+            self.pending[:0] = [s for s in waiting if not s.result.done()]
+            self.wakeup.set()
             return
         except Exception as exc:
             log.exception("transaction failed; restoring the partition", extra={"partition": self.partition})

@@ -215,4 +215,5 @@ async def test_metadata_growing_the_snapshot_past_a_record_is_413_for_the_one_th
         "k2",
         "k3",
     ]
-    assert "transaction failed" not in side.processors[0].log.read_text()
+    assert side.api is not None
+    assert "transaction failed" not in side.api.log.read_text()
