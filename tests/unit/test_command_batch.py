@@ -31,6 +31,7 @@ from commands.incidents import CONTEXT as INCIDENTS
 from commands.incidents import commands as inc
 from commands.snapshots import LoadedAggregate, dump, load
 from commands.state_store import PartitionState
+from commands.transaction import OffsetsMoved
 from shared_kernel.avro import AvroCodec
 from shared_kernel.envelope import CommandEnvelope, CommandResult
 from shared_kernel.position import PositionToken
@@ -154,7 +155,8 @@ class Sent:
 class FakeProducer:
     """The transactional producer as the writer uses it: keeps what each committed
     transaction held; a transaction whose body raises is aborted and leaves nothing.
-    Records get offsets from 100 on, per topic, on partition 0."""
+    Records get offsets from 100 on, per topic, on partition 0, and a committed
+    transaction's marker takes one more in each topic it wrote, as Kafka's do."""
 
     def __init__(self, fail_on_topic: str = "") -> None:
         self.fail_on_topic = fail_on_topic
@@ -168,6 +170,8 @@ class FakeProducer:
         self._open, self._offsets = [], ({}, "")
         yield
         self.transactions.append((self._open, *self._offsets))
+        for topic in {sent.topic for sent in self._open}:
+            self._next[topic] += 1  # the commit marker
 
     async def send(
         self, topic: str, value: bytes | None, key: bytes | None = None, headers: Any = None
@@ -451,6 +455,41 @@ async def test_one_transaction_holds_events_snapshots_dead_letters_and_the_offse
     retry = partition.when(envelope(DATASETS, register, "c1", reply_to="replies:api-3"))
     assert retry.answers == [("replies:api-3", accepted)]
     assert events(retry) == []
+
+
+async def test_after_its_first_commit_a_writer_sends_snapshots_beside_events_at_the_offsets_it_expects() -> (
+    None
+):
+    ID = uuid4()
+    partition = Partition()
+    producer = FakeProducer()
+    first = partition.when(envelope(DATASETS, ds.RegisterDataset(ID, "Weather"), "c1"))
+    await commit(partition, first, producer)  # event at 100, its commit marker at 101
+    second = partition.when(envelope(DATASETS, ds.DescribeDataset(ID, name="Climate"), "c2"))
+
+    [(_, described)] = await commit(partition, second, producer)
+
+    assert PositionToken.decode(described.position).offsets == {"t.events.datasets": {0: 103}}
+    # The snapshot, written before the broker answered, already holds that position.
+    [_, state] = producer.transactions[1][0]
+    assert state.value is not None
+    assert load(DATASETS, str(ID), state.value).recent["c2"].position == described.position
+
+
+async def test_events_at_other_offsets_than_the_single_writer_expects_abort_the_transaction() -> None:
+    ID = uuid4()
+    partition = Partition()
+    producer = FakeProducer()
+    await commit(
+        partition, partition.when(envelope(DATASETS, ds.RegisterDataset(ID, "Weather"), "c1")), producer
+    )
+    producer._next["t.events.datasets"] += 1  # someone else wrote to the events partition
+    second = partition.when(envelope(DATASETS, ds.DescribeDataset(ID, name="Climate"), "c2"))
+
+    with pytest.raises(OffsetsMoved):
+        await commit(partition, second, producer)
+
+    assert len(producer.transactions) == 1
 
 
 async def test_an_aborted_transaction_leaves_the_partition_state_as_it_was() -> None:
