@@ -152,7 +152,7 @@ class CommandBus:
         owner = self.owner
         if owner is not None and partition in owner.workers:
             try:
-                return await asyncio.wait_for(owner.submit(command, value), remaining)
+                return await asyncio.wait_for(owner.submit(command, value, partition), remaining)
             except (Backlogged, Unsettled) as exc:
                 raise BusUnavailable(str(exc)) from exc
         try:
@@ -186,13 +186,13 @@ class CommandBus:
         value = self._encoded(command)
         if not self.producer_ready.is_set():
             raise BusUnavailable("Kafka is not connected yet")
+        key = command.aggregate_id.encode()
         try:
             await asyncio.wait_for(
-                self.producer.send_and_wait(self.topic, value, key=command.aggregate_id.encode()),
-                self.settings.command_timeout_s,
+                self.producer.send_and_wait(self.topic, value, key=key), self.settings.command_timeout_s
             )
         except MessageSizeTooLargeError as exc:
-            size = record_size(command.aggregate_id.encode(), value)
+            size = record_size(key, value)
             raise CommandTooLarge("the command", size, self.max_record_bytes) from exc
         except (KafkaError, TimeoutError) as exc:
             raise BusUnavailable(f"Kafka did not take the command: {exc!r}") from exc

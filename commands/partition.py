@@ -214,8 +214,8 @@ class PartitionWorker:
         consumed = [r for r in records if not isinstance(r, Submitted)]
         waiting = [r for r in records if isinstance(r, Submitted)]
         if self.fenced:
-            for s in waiting:
-                s.result.set_exception(NotOwner(f"partition {self.partition} was handed over"))
+            self.pending[:0] = waiting
+            self._refuse_waiting(NotOwner(f"partition {self.partition} was handed over"))
             return
         if not records:
             return
@@ -243,8 +243,7 @@ class PartitionWorker:
             )
             self.fenced = True
             # Not committed: the new owner's InitProducerId aborted the open transaction.
-            for s in waiting:
-                s.result.set_exception(NotOwner(f"partition {self.partition} was handed over"))
+            self.pending[:0] = waiting
             self._refuse_waiting(NotOwner(f"partition {self.partition} was handed over"))
             return
         except OffsetsMoved as exc:
@@ -272,9 +271,9 @@ class PartitionWorker:
         t2 = time.perf_counter()
         by_id = {result.command_id: result for _, result in answers}
         for s in waiting:
-            result = by_id.get(s.command.command_id)
             if s.result.done():
                 continue
+            result = by_id.get(s.command.command_id)
             if result is None:  # every decided command has an answer; never leave a caller waiting
                 s.result.set_exception(Unsettled("the command got no answer"))
             else:

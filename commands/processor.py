@@ -130,15 +130,16 @@ class CommandProcessor:
             counters=self.counters,
         )
 
-    def owns(self, aggregate_id: str) -> bool:
-        return partition_for(aggregate_id, self.settings.partitions) in self.workers
-
-    async def submit(self, command: CommandEnvelope, value: bytes) -> CommandResult:
+    async def submit(
+        self, command: CommandEnvelope, value: bytes, partition: int | None = None
+    ) -> CommandResult:
         """Decide and commit a command of a partition owned here; its committed result.
 
-        Raises `NotOwner` (nothing written) when the partition is not owned here, and
-        `Backlogged` or `Unsettled` (commands.partition) as the worker does."""
-        partition = partition_for(command.aggregate_id, self.settings.partitions)
+        `partition` is the command's, when the caller knows it already. Raises `NotOwner`
+        (nothing written) when the partition is not owned here, and `Backlogged` or
+        `Unsettled` (commands.partition) as the worker does."""
+        if partition is None:
+            partition = partition_for(command.aggregate_id, self.settings.partitions)
         worker = self.workers.get(partition)
         if worker is None:
             raise NotOwner(f"partition {partition} is not owned here")
