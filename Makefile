@@ -24,6 +24,7 @@ $(BIN)/.installed: pyproject.toml
 
 up: venv
 	$(STACK) up
+	$(BIN)/cqrs auth init
 	$(STACK) up-apps
 	$(BIN)/cqrs demo
 	@$(STACK) urls

@@ -16,6 +16,8 @@ from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from api.auth import permissions as p
+from api.auth.access import requires
 from api.errors import ReadModelsUnavailable, RequestProblem
 from api.readmodels import PoolDep
 from api.reads import READ_RESPONSES
@@ -35,7 +37,12 @@ def _known(name: str) -> None:
         raise RequestProblem(404, "not_found", f"no projection {name!r}; known: {', '.join(PROJECTIONS)}")
 
 
-@router.get("/projections", operation_id="listProjections", responses=READ_RESPONSES)
+@router.get(
+    "/projections",
+    operation_id="listProjections",
+    dependencies=[requires(p.ADMIN_PROJECTIONS)],
+    responses=READ_RESPONSES,
+)
 async def list_projections(request: Request, pool: PoolDep) -> dict[str, Any]:
     """Every projection: its live version, how far it is behind (events and seconds,
     per partition too), events applied and dead-lettered, the last error, a rebuild."""
@@ -48,7 +55,7 @@ async def list_projections(request: Request, pool: PoolDep) -> dict[str, Any]:
     return {"projections": found}
 
 
-@router.get("/read-cache", operation_id="getReadCache")
+@router.get("/read-cache", operation_id="getReadCache", dependencies=[requires(p.ADMIN_PROJECTIONS)])
 async def read_cache(request: Request) -> dict[str, Any]:
     """The single reads this API process keeps in memory (`api.readcache`): whether it
     follows the projectors' change notifications (else every read goes to PostgreSQL),
@@ -61,7 +68,12 @@ async def read_cache(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/projections/{name}", operation_id="getProjection", responses=READ_RESPONSES)
+@router.get(
+    "/projections/{name}",
+    operation_id="getProjection",
+    dependencies=[requires(p.ADMIN_PROJECTIONS)],
+    responses=READ_RESPONSES,
+)
 async def get_projection(name: str, request: Request, pool: PoolDep) -> dict[str, Any]:
     """One projection's versions: state, rebuild progress (done/total, rate, ETA), workers."""
     _known(name)
@@ -71,6 +83,7 @@ async def get_projection(name: str, request: Request, pool: PoolDep) -> dict[str
 @router.post(
     "/projections/{name}/rebuild",
     operation_id="rebuildProjection",
+    dependencies=[requires(p.ADMIN_PROJECTIONS)],
     status_code=202,
     responses={**READ_RESPONSES, 409: {"description": "A rebuild of this projection is running."}},
 )
@@ -101,7 +114,12 @@ async def rebuild_projection(name: str, request: Request) -> JSONResponse:
     )
 
 
-@router.get("/projections/{name}/rebuilds/{rebuild_id}", operation_id="getRebuild", responses=READ_RESPONSES)
+@router.get(
+    "/projections/{name}/rebuilds/{rebuild_id}",
+    operation_id="getRebuild",
+    dependencies=[requires(p.ADMIN_PROJECTIONS)],
+    responses=READ_RESPONSES,
+)
 async def get_rebuild(name: str, rebuild_id: int, pool: PoolDep) -> dict[str, Any]:
     """A rebuild (the version it builds): state, events done of total, rate, ETA."""
     _known(name)
@@ -135,6 +153,7 @@ def _finished(tasks: set[asyncio.Task[Any]]) -> Any:
 @router.post(
     "/projections/{name}/rollback",
     operation_id="rollbackProjection",
+    dependencies=[requires(p.ADMIN_PROJECTIONS)],
     responses={**READ_RESPONSES, 409: {"description": "There is no retired version to return to."}},
 )
 async def rollback_projection(name: str, request: Request, pool: PoolDep) -> dict[str, Any]:

@@ -15,9 +15,14 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis
 
 from api import admin, commands, errors, health, inputs, internal, limits, subscriptions
+from api.auth import access
+from api.auth import routes as auth_routes
+from api.auth.edge import Authenticate, Identity
+from api.auth.local import ensure_keys
 from api.changes import ChangeFollower, ChangeListener
 from api.consistency import CommittedPositions
 from api.readcache import CachedReads
@@ -31,7 +36,7 @@ from projections.migrations import migrate
 from projections.registry import PROJECTIONS
 from projections.search import SearchProjection, alias_name, ensure_index, index_name, search_client
 from shared_kernel import kafka
-from shared_kernel.settings import Settings, get_settings
+from shared_kernel.settings import LOCAL_ISSUER, Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,7 @@ async def _connect_read_models(app: FastAPI, settings: Settings) -> None:
         try:
             await migrate(settings)  # the tables exist before any projector has run
             app.state.pool = await create_pool(settings, min_size=2, max_size=10, reset=keep_session)
+            app.state.identity.pool = app.state.pool  # API keys
             log.info("connected to the read models")
             break
         except (OSError, asyncpg.PostgresError) as exc:
@@ -102,6 +108,7 @@ async def _close(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    await app.state.identity.audit.stop()
     await app.state.feed.stop()
     if app.state.pool is not None:
         await app.state.pool.close()
@@ -128,6 +135,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             else None
         )
         bus = CommandBus(settings, producer, redis, owner)
+        identity.attach(redis)
+        identity.audit.start(producer, bus.producer_ready)
         app.state.bus = bus
         app.state.owner = None
         app.state.settings = settings
@@ -170,8 +179,43 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dependencies=[Depends(inputs.check_path_params)],  # every route's path parameters
     )
     errors.install(app)
+    if settings.environment != "production" and settings.auth_issuer == LOCAL_ISSUER:
+        ensure_keys(settings)  # the local issuer's key: `cqrs auth token` signs with it
+    identity = Identity(settings)
+    app.state.identity = identity
+    app.state.settings = settings
     app.add_middleware(CachedReads, routes=cached_routes())
     app.add_middleware(inputs.InputGuard)  # ahead of the read cache and of every route
+    app.add_middleware(Authenticate, identity=identity)  # a credential before anything is read
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=[
+                "Authorization",
+                "X-API-Key",
+                "Content-Type",
+                "Idempotency-Key",
+                "If-Match",
+                "If-None-Match",
+                "X-Consistency-Token",
+                "X-Correlation-Id",
+                "Prefer",
+                "traceparent",
+            ],
+            expose_headers=[
+                "ETag",
+                "Location",
+                "Retry-After",
+                "X-Consistency-Token",
+                "RateLimit-Limit",
+                "RateLimit-Remaining",
+                "RateLimit-Reset",
+                "RateLimit-Policy",
+            ],
+            max_age=600,
+        )
     app.add_middleware(limits.BodyLimit, max_bytes=settings.max_body_bytes)  # outermost: before any route
     app.include_router(health.router)
     for context in CONTEXTS:
@@ -180,5 +224,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(commands.router)
     app.include_router(admin.router)
     app.include_router(internal.router)
+    app.include_router(auth_routes.router)
     subscriptions.install(app)
+    access.document(app)  # every route's permission in the OpenAPI document
     return app

@@ -8,6 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 from fastapi.responses import JSONResponse
 
+from api.auth import permissions as p
+from api.auth.access import PrincipalDep, requires
 from api.bodies import ERROR_RESPONSES, CommandStatus
 from api.deps import BusDep
 from api.errors import COMMANDS_PATH
@@ -19,18 +21,20 @@ router = APIRouter(prefix=COMMANDS_PATH, tags=["commands"], responses=ERROR_RESP
 @router.get(
     "/{command_id}",
     operation_id="commandStatus",
+    dependencies=[requires(p.COMMANDS_READ)],
     response_model=CommandStatus,
     responses={202: {"model": CommandStatus, "description": "Not decided yet (or never sent)."}},
 )
 async def command_status(
     command_id: Annotated[HeaderText, Path(description="The command id (its Idempotency-Key).")],
     bus: BusDep,
+    principal: PrincipalDep,
 ) -> JSONResponse:
     """200 with the outcome once the command is decided; 202 with Retry-After before.
 
     Outcomes are kept `APP_RESULT_TTL_S` (7 days); a command sent without an
     Idempotency-Key and answered synchronously has no status."""
-    result = await bus.cached(command_id)
+    result = await bus.cached(principal.tenant, command_id)
     if result is None:
         pending = CommandStatus(command_id=command_id, status="pending")
         return JSONResponse(pending.model_dump(exclude_none=True), 202, {"Retry-After": "1"})

@@ -16,3 +16,5 @@ class ApiContext:
     # path prefix -> the projection whose row, keyed by the id that follows, its route
     # renders: answers kept by `api.readcache` until a change of that row
     cached: Mapping[str, str] = field(default_factory=dict)
+    # what those reads need (a hit is answered without the route, so the cache checks it)
+    read_permission: str = ""

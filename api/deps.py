@@ -1,5 +1,6 @@
 """Request dependencies: the bus, and the command metadata taken from headers (each
-header on its rule in `api.inputs`: an empty or over-long one is a 422 naming it)."""
+header on its rule in `api.inputs`: an empty or over-long one is a 422 naming it) and
+from the caller's credential (actor and tenant: never from a header the client sets)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from api.auth.access import PrincipalDep
 from api.errors import RequestProblem
 from api.inputs import ETags, HeaderText, TraceParent
 from commands.bus import CommandBus
@@ -41,9 +43,12 @@ class CommandMeta:
     traceparent: str
     keyed: bool = True  # the command id is the client's Idempotency-Key
     respond_async: bool = False  # `Prefer: respond-async`: answer 202 once queued
+    request: Request | None = None  # where the outcome is audited from
 
 
 async def command_meta(
+    request: Request,
+    principal: PrincipalDep,
     idempotency_key: Annotated[
         HeaderText | None,
         Header(description="Command id: a retry with the same key gets the same answer."),
@@ -51,8 +56,6 @@ async def command_meta(
     if_match: Annotated[
         ETags | None, Header(description='Expected aggregate version (the ETag, e.g. "3"), or *.')
     ] = None,
-    x_actor: Annotated[HeaderText | None, Header(description="Who issues the command.")] = None,
-    x_tenant: Annotated[HeaderText | None, Header(description="Tenant of the caller.")] = None,
     x_correlation_id: Annotated[
         HeaderText | None, Header(description="Correlates the command's events; the command id if absent.")
     ] = None,
@@ -81,11 +84,12 @@ async def command_meta(
     return CommandMeta(
         command_id=command_id,
         expected_version=expected,
-        actor=x_actor or "",
-        tenant=x_tenant or "",
+        actor=principal.subject,
+        tenant=principal.tenant,
         correlation_id=x_correlation_id or command_id,
         traceparent=traceparent or "",
         keyed=idempotency_key is not None,
+        request=request,
         respond_async=prefer is not None
         and "respond-async" in (p.strip().split("=")[0].lower() for p in prefer.split(",")),
     )

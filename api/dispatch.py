@@ -16,8 +16,8 @@ from fastapi import Response
 
 from api.bodies import CommandAccepted
 from api.deps import CommandMeta
-from api.errors import CommandRejected, Queued, RequestProblem
-from commands.bus import CommandBus, CommandTooLarge
+from api.errors import STATUS_OF_CODE, CommandRejected, Queued, RequestProblem
+from commands.bus import BusUnavailable, CommandBus, CommandTooLarge, ResultTimeout
 from commands.context import BoundedContext, command_payload
 from shared_kernel.envelope import CommandEnvelope
 
@@ -54,11 +54,17 @@ async def dispatch(
     try:
         if meta.respond_async:
             await bus.enqueue(envelope)
+            audit(meta, envelope, "queued", 202)
             raise Queued(envelope)
         result = await bus.send(envelope)
     except CommandTooLarge as exc:
+        audit(meta, envelope, "rejected", 413, "too_large")
         raise RequestProblem(413, "too_large", str(exc), max_bytes=exc.limit, bytes=exc.size) from exc
+    except (BusUnavailable, ResultTimeout) as exc:
+        audit(meta, envelope, "failed", 503, repr(exc))
+        raise
     if result.fingerprint and result.fingerprint != fingerprint:
+        audit(meta, envelope, "rejected", 422, "idempotency_key_reused")
         raise RequestProblem(
             422,
             "idempotency_key_reused",
@@ -67,8 +73,39 @@ async def dispatch(
             location="header",
         )
     if not result.accepted:
+        audit(
+            meta,
+            envelope,
+            "rejected",
+            STATUS_OF_CODE.get(result.code, 409),
+            f"{result.code}: {result.reason}",
+        )
         raise CommandRejected(result)
+    audit(meta, envelope, "accepted", 200)
     if result.version is not None:
         response.headers["ETag"] = f'"{result.version}"'
     response.headers["X-Consistency-Token"] = result.position
     return CommandAccepted(id=result.aggregate_id, version=result.version, position=result.position)
+
+
+def audit(meta: CommandMeta, envelope: CommandEnvelope, outcome: str, status: int, reason: str = "") -> None:
+    """The command's outcome on the audit topic (api.auth.audit), with its caller."""
+    request = meta.request
+    if request is None:
+        return
+    identity = getattr(request.app.state, "identity", None)
+    if identity is None:
+        return
+    route = request.scope.get("route")
+    if outcome == "accepted":
+        status = getattr(route, "status_code", None) or status  # 201 for a creation
+    identity.audit.record(
+        request.scope,
+        request.scope.get("state", {}).get("principal"),
+        outcome,
+        status,
+        reason,
+        route=getattr(route, "path", request.url.path),
+        aggregate_id=envelope.aggregate_id,
+        command_id=envelope.command_id,
+    )

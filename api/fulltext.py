@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Query, Request
 from opensearchpy import AsyncOpenSearch
 
+from api.auth.access import principal_of
 from api.errors import ReadModelsUnavailable, RequestProblem
 from api.inputs import Filter, Words
 from projections.search import alias_name
@@ -60,6 +61,7 @@ async def search(
     )
     status = filters.pop("status", None)
     others = [{"term": {k: v}} for k, v in filters.items() if v is not None]
+    others.append({"term": {"tenant": principal_of(request).tenant}})  # hits and counts: the caller's
     body: dict[str, Any] = {
         "query": {"bool": {"must": [text], "filter": others}},
         # The status filter applies to the hits but not to the counts by status.

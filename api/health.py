@@ -8,16 +8,23 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from api.auth.access import public
+
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", operation_id="health")
+@router.get("/health", operation_id="health", dependencies=[public()])
 async def health() -> dict[str, str]:
     """The process is up."""
     return {"status": "ok"}
 
 
-@router.get("/ready", operation_id="ready", responses={503: {"description": "A dependency is unreachable."}})
+@router.get(
+    "/ready",
+    operation_id="ready",
+    dependencies=[public()],
+    responses={503: {"description": "A dependency is unreachable."}},
+)
 async def ready(request: Request) -> JSONResponse:
     """Kafka, Redis, PostgreSQL and OpenSearch are reachable, and the live feed of the
     subscriptions follows the event log (503 with Retry-After when not: a stream opened

@@ -246,8 +246,6 @@ HEADER_RULES: Mapping[str, Any] = {
     "if-match": ETags,
     "if-none-match": ETags,
     "x-consistency-token": TokenHeader,
-    "x-actor": HeaderText,
-    "x-tenant": HeaderText,
     "x-correlation-id": HeaderText,
     "traceparent": TraceParent,
     "last-event-id": TokenHeader,

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
+from api.auth.access import CLUSTER, requires
 from commands.bus import INTERNAL_COMMANDS, NOT_OWNER
 from commands.partition import Backlogged, NotOwner, Unsettled
 from commands.processor import CommandProcessor
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(include_in_schema=False)
 
 
-@router.post(INTERNAL_COMMANDS)
+@router.post(INTERNAL_COMMANDS, dependencies=[requires(CLUSTER)])
 async def forwarded_command(request: Request) -> Response:
     owner: CommandProcessor | None = getattr(request.app.state, "owner", None)
     if owner is None:

@@ -15,6 +15,9 @@ Correctness rests on the projectors' change notifications (`api.changes`):
   the route, which waits in PostgreSQL;
 - while the follower does not listen, nothing is answered from memory.
 
+A hit is answered only to a caller with the route's permission and of the row's tenant
+(the kept answer records whose it is); anyone else's read goes to the route.
+
 Any other read (another route, `as_of`, `as_of_version`, an unknown query parameter,
 a malformed id or token) goes to the route untouched, so errors keep their one shape.
 """
@@ -28,6 +31,7 @@ from uuid import UUID
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.auth.principal import Principal
 from api.consistency import CommittedPositions
 from api.deps import etag_named
 from api.rendered import Key, Lease, RenderedReads
@@ -37,8 +41,11 @@ HIT = [(b"x-read-cache", b"hit")]
 MISS = (b"x-read-cache", b"miss")
 
 
-def _request(scope: Scope, routes: Mapping[str, str]) -> tuple[Key, str | None, bytes | None] | None:
-    """(key, token, If-None-Match) of a read this cache may answer, else None."""
+def _request(
+    scope: Scope, routes: Mapping[str, tuple[str, str]]
+) -> tuple[Key, str | None, bytes | None] | None:
+    """(key, token, If-None-Match) of a read this cache may answer, else None: a read by a
+    caller lacking the route's permission goes to the route (which answers 403)."""
     if scope["type"] != "http" or scope["method"] != "GET":
         return None
     path: str = scope["path"]
@@ -48,7 +55,10 @@ def _request(scope: Scope, routes: Mapping[str, str]) -> tuple[Key, str | None, 
     prefix = next((p for p in routes if path.startswith(p)), None)
     if prefix is None:
         return None
-    projection, ident = routes[prefix], path[len(prefix) :]
+    (projection, permission), ident = routes[prefix], path[len(prefix) :]
+    principal: Principal | None = scope.get("state", {}).get("principal")
+    if principal is None or not principal.can(permission):
+        return None
     if len(ident) != 36:
         return None
     try:
@@ -81,7 +91,7 @@ class CachedReads:
     follows, its route renders (each context registers its own). It finds the cache
     and the committed positions on `app.state.reads` / `app.state.positions`."""
 
-    def __init__(self, app: ASGIApp, routes: Mapping[str, str]) -> None:
+    def __init__(self, app: ASGIApp, routes: Mapping[str, tuple[str, str]]) -> None:
         self.app = app
         self.routes = dict(routes)
 
@@ -103,8 +113,9 @@ class CachedReads:
             if not committed.reached(key[0], token):
                 await self.app(scope, receive, send)  # the route waits in PostgreSQL
                 return
+        tenant = scope["state"]["principal"].tenant  # `_request` found one
         entry = reads.get(key)
-        if entry is not None:
+        if entry is not None and entry.tenant == tenant:
             if (
                 if_none_match is not None
                 and entry.etag
@@ -119,12 +130,14 @@ class CachedReads:
             return
         lease = reads.lease(key)
         try:
-            await self.app(scope, receive, _capture(send, reads, key, lease))
+            await self.app(scope, receive, _capture(send, reads, key, lease, tenant))
         finally:
             reads.release(key, lease)
 
 
-def _capture(send: Send, reads: RenderedReads, key: Key, lease: Lease) -> Callable[[Message], Any]:
+def _capture(
+    send: Send, reads: RenderedReads, key: Key, lease: Lease, tenant: str
+) -> Callable[[Message], Any]:
     """A `send` that passes the route's answer on and keeps it when it is a whole 200."""
     start: dict[str, Any] = {}
 
@@ -134,7 +147,7 @@ def _capture(send: Send, reads: RenderedReads, key: Key, lease: Lease) -> Callab
             message = {**message, "headers": [*message.get("headers", ()), MISS]}
         elif message["type"] == "http.response.body" and start.get("status") == 200:
             if not message.get("more_body", False):
-                reads.keep(key, lease, list(start.get("headers", ())), message.get("body", b""))
+                reads.keep(key, lease, list(start.get("headers", ())), message.get("body", b""), tenant)
             start["status"] = None  # a streamed body is not kept
         await send(message)
 

@@ -16,6 +16,7 @@ from uuid import UUID
 import orjson
 from fastapi import Header, Query, Request, Response
 
+from api.auth.access import principal_of
 from api.bodies import ErrorBody, InternalErrorBody
 from api.deps import etag_named
 from api.errors import NotModified, RequestProblem
@@ -51,6 +52,7 @@ def _after(cursor: str) -> tuple[datetime, UUID]:
 
 async def page(
     pool: Any,
+    tenant: str,
     view: str,
     time_column: str,
     filters: list[tuple[str, Any]],
@@ -58,7 +60,8 @@ async def page(
     cursor: str | None,
     order: str,
 ) -> dict[str, Any]:
-    where, args = [], []
+    where: list[str] = ["tenant = $1"]  # the caller's tenant only
+    args: list[Any] = [tenant]
     for clause, value in filters:
         args.append(value)
         where.append(clause.replace("?", f"${len(args)}"))
@@ -84,9 +87,16 @@ async def page(
 
 
 async def one(
-    pool: Any, view: str, ident: UUID, what: str, response: Response, if_none_match: str | None = None
+    pool: Any,
+    tenant: str,
+    view: str,
+    ident: UUID,
+    what: str,
+    response: Response,
+    if_none_match: str | None = None,
 ) -> dict[str, Any]:
-    row = await pool.fetchrow(f"SELECT * FROM {view} WHERE id = $1", ident)
+    """The row `ident` of the caller's tenant: another tenant's is as unknown as no row (404)."""
+    row = await pool.fetchrow(f"SELECT * FROM {view} WHERE id = $1 AND tenant = $2", ident, tenant)
     if row is None:
         raise RequestProblem(404, "not_found", f"no {what} {ident}")
     etag(response, row["version"], if_none_match)
@@ -101,14 +111,15 @@ def etag(response: Response, version: int, if_none_match: str | None) -> None:
     response.headers["ETag"] = etag
 
 
-async def history(pool: Any, context: str, ident: UUID, what: str) -> dict[str, Any]:
+async def history(pool: Any, tenant: str, context: str, ident: UUID, what: str) -> dict[str, Any]:
     """The events of the `context` aggregate `ident`: the archive holds every context, and an
     id of another context's aggregate is no aggregate of this one (404)."""
     rows = await pool.fetch(
         'SELECT event_id, event_type, version, occurred_at, headers, payload, topic, partition, "offset" '
-        "FROM events WHERE aggregate_id = $1 AND context = $2 ORDER BY version",
+        "FROM events WHERE aggregate_id = $1 AND context = $2 AND tenant = $3 ORDER BY version",
         str(ident),
         context,
+        tenant,
     )
     if not rows:
         raise RequestProblem(404, "not_found", f"no {what} {ident}")
@@ -141,13 +152,14 @@ async def current_or_past(
     from the events archive at a version or an instant (the past: `at` is an `Instant`,
     with a zone, which the route's parameter checked)."""
     settings, committed = request.app.state.settings, request.app.state.positions
+    tenant = principal_of(request).tenant
     if version is None and at is None:
         if token is not None:
             await wait_for(pool, settings, token, (projection,), committed)
-        return await one(pool, projection, ident, what, response, if_none_match)
+        return await one(pool, tenant, projection, ident, what, response, if_none_match)
     if token is not None:
         await wait_for(pool, settings, token, ("events",), committed)
-    state = await state_at(pool, context, str(ident), version, at)
+    state = await state_at(pool, context, str(ident), version, at, tenant=tenant)
     if state is None:
         raise RequestProblem(404, "not_found", f"no {what} {ident}" + (f" at {at.isoformat()}" if at else ""))
     if version is not None and state["version"] < version:

@@ -9,5 +9,8 @@ from api.context import ApiContext
 CONTEXTS: tuple[ApiContext, ...] = (datasets.CONTEXT, incidents.CONTEXT)
 
 
-def cached_routes() -> dict[str, str]:
-    return {prefix: projection for c in CONTEXTS for prefix, projection in c.cached.items()}
+def cached_routes() -> dict[str, tuple[str, str]]:
+    """path prefix -> (projection, the permission its reads need)"""
+    return {
+        prefix: (projection, c.read_permission) for c in CONTEXTS for prefix, projection in c.cached.items()
+    }

@@ -28,6 +28,7 @@ class Rendered:
     etag: bytes
     generation: int
     size: int
+    tenant: str = ""  # whose row it renders: only that tenant's reads are answered with it
 
 
 class Lease:
@@ -67,7 +68,9 @@ class RenderedReads(ChangeListener):
         self._leases[key] = lease  # a newer read of the key supersedes an older one
         return lease
 
-    def keep(self, key: Key, lease: Lease, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+    def keep(
+        self, key: Key, lease: Lease, headers: list[tuple[bytes, bytes]], body: bytes, tenant: str = ""
+    ) -> bool:
         """Keep an answer if its lease still holds (nothing changed the key meanwhile)."""
         if self._leases.get(key) is not lease:
             return False
@@ -77,7 +80,7 @@ class RenderedReads(ChangeListener):
             return False
         etag = next((v for k, v in headers if k == b"etag"), b"")
         self._drop(key)
-        self._entries[key] = Rendered(headers, body, etag, lease.generation, size)
+        self._entries[key] = Rendered(headers, body, etag, lease.generation, size, tenant)
         self.bytes += size
         while len(self._entries) > self.capacity or self.bytes > self.max_bytes:
             self.bytes -= self._entries.popitem(last=False)[1].size

@@ -31,17 +31,20 @@ async def state_at(
     aggregate_id: str,
     version: int | None = None,
     at: datetime | None = None,
+    *,
+    tenant: str,
 ) -> dict[str, Any] | None:
     """The state after the last event at or below `version` and at or before `at`;
     None when the aggregate has no such event (it did not exist yet, or is unknown)."""
     rows = await conn.fetch(
         "SELECT version, headers, payload FROM events WHERE aggregate_id = $1 AND context = $2 "
         "AND ($3::int IS NULL OR version <= $3) AND ($4::timestamptz IS NULL OR occurred_at <= $4) "
-        "ORDER BY version",
+        "AND tenant = $5 ORDER BY version",
         aggregate_id,
         context,
         version,
         at,
+        tenant,
     )
     if [row["version"] for row in rows] != list(range(1, len(rows) + 1)):
         log.warning(

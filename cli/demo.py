@@ -159,6 +159,8 @@ class Seeder:
         return self.sent
 
 
-def seed(base_url: str) -> int:
-    with httpx.Client(base_url=base_url, timeout=30) as client:
+def seed(base_url: str, token: str) -> int:
+    """Seed through the API as the token's principal (its tenant owns the demo data)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=base_url, timeout=30, headers=headers) as client:
         return Seeder(client).seed()

@@ -3,6 +3,8 @@
 cqrs serve api                 the HTTP API (uvicorn), owning a share of the command partitions
 cqrs run command-processor     a single writer of a share of the partitions, nothing else
 cqrs run projector NAME        keep a read model up to date (follows rebuilds)
+cqrs run projectors [NAME...]  every read model (and the audit sink) in one process
+cqrs auth token --sub --role --tenant   a token of the local issuer (the local API accepts it)
 cqrs projections list|status|rebuild|rollback   the read models and their versions
 cqrs demo                      demo datasets and incidents, through the API
 cqrs topics create             create the contract topics (idempotent)
@@ -35,11 +37,13 @@ run = typer.Typer(no_args_is_help=True, help="Run a long-lived processor.")
 topics = typer.Typer(no_args_is_help=True, help="Kafka topics of the contract.")
 schemas = typer.Typer(no_args_is_help=True, help="Avro schemas.")
 projections = typer.Typer(no_args_is_help=True, help="Read models: list, status, rebuild, rollback.")
+auth = typer.Typer(no_args_is_help=True, help="The local stack's credentials: tokens the local API accepts.")
 app.add_typer(serve, name="serve")
 app.add_typer(run, name="run")
 app.add_typer(topics, name="topics")
 app.add_typer(schemas, name="schemas")
 app.add_typer(projections, name="projections")
+app.add_typer(auth, name="auth")
 console = Console(stderr=True)
 
 
@@ -144,7 +148,61 @@ def run_projectors(
     _logging()
 
     settings = get_settings()
-    _run_fast(_until_signalled(lambda stop: supervise_group(settings, chosen, stop)))
+
+    async def main(stop: asyncio.Event) -> None:
+        from streams.audit import AuditSink
+
+        await asyncio.gather(supervise_group(settings, chosen, stop), AuditSink(settings).run(stop))
+
+    _run_fast(_until_signalled(main))
+
+
+@run.command("audit-sink")
+def run_audit_sink() -> None:
+    """Write the audit topic into PostgreSQL, where `GET /api/v1/admin/audit` reads it
+    (`cqrs run projectors` runs it too)."""
+    from streams.audit import AuditSink
+
+    _logging()
+    settings = get_settings()
+    _run_fast(_until_signalled(AuditSink(settings).run))
+
+
+@auth.command("token")
+def auth_token(
+    sub: Annotated[str, typer.Option(help="the subject: the actor of what the token does")],
+    role: Annotated[
+        list[str] | None, typer.Option(help="admin, operator or viewer (repeat for several; default viewer)")
+    ] = None,
+    tenant: Annotated[str, typer.Option(help="the tenant the token acts in")] = "default",
+    ttl: Annotated[int, typer.Option(help="seconds until it expires", min=1, max=366 * 86400)] = 3600,
+) -> None:
+    """Print a token of the local stack's issuer that the local API accepts (the signing
+    key is made on first use; `make up` makes it too). Not for production: there the
+    tokens come from your OIDC provider, and the local issuer is refused."""
+    from api.auth.local import issue_token
+    from api.auth.permissions import ROLES
+
+    settings = get_settings()
+    role = role or ["viewer"]
+    unknown = [r for r in role if r not in ROLES]
+    if unknown:
+        raise typer.BadParameter(f"unknown role(s) {unknown}; known: {', '.join(ROLES)}", param_hint="--role")
+    if settings.environment == "production":
+        raise typer.BadParameter("the local issuer is not for production", param_hint="APP_ENVIRONMENT")
+    typer.echo(issue_token(settings, sub, role, tenant, ttl))
+
+
+@auth.command("init")
+def auth_init() -> None:
+    """Make the local stack's signing key, JWKS and cluster secret if missing (idempotent)."""
+    from api.auth.local import ensure_keys
+    from shared_kernel.credentials import cluster_secret
+
+    settings = get_settings()
+    folder = ensure_keys(settings)
+    cluster_secret(settings)
+    typer.echo(str(folder))
 
 
 @run.command("replay")
@@ -301,12 +359,15 @@ def projections_rollback(name: Annotated[str, typer.Argument(help="the projectio
 @app.command("demo")
 def demo(
     url: Annotated[str, typer.Option(help="the API")] = "http://127.0.0.1:8000",
+    tenant: Annotated[str, typer.Option(help="the tenant that owns the demo data")] = "acme",
 ) -> None:
-    """Create demo datasets and incidents through the API (idempotent)."""
+    """Create demo datasets and incidents through the API (idempotent), as `demo`, an
+    operator of `tenant`, with a token of the local issuer (as `cqrs auth token` makes)."""
+    from api.auth.local import issue_token
     from cli.demo import seed
 
     try:
-        sent = seed(url)
+        sent = seed(url, issue_token(get_settings(), "demo", ["operator"], tenant, 600))
     except Exception as exc:  # the API's answer says what is wrong
         console.print(f"[red]demo data not created:[/] {exc}")
         raise typer.Exit(1) from exc

@@ -132,7 +132,7 @@ def decide_batch(
     asks for is larger than `max_record_bytes`.
     """
     batch: Decision[R] = Decision()
-    accepted_ids: set[str] = set()
+    accepted_ids: set[tuple[str, str]] = set()  # (tenant, command id): a key is its tenant's
     # per aggregate: what outcomes of commands accepted in this batch will add to its snapshot
     outcomes: dict[Key, int] = {}
     creations = {name for ctx in contexts.values() for name, h in ctx.commands.items() if h.creates}
@@ -167,10 +167,20 @@ def decide_batch(
             continue
         context = contexts.get(command.command_type.partition(".")[0])
         key: Key = (context.name if context else "", command.aggregate_id)
-        if command.command_id in accepted_ids:
+        if (command.tenant, command.command_id) in accepted_ids:
             batch.repeats.append(Repeat(command.reply_to, key, command.command_id))
             continue
         loaded = batch.touched.get(key) or (states.get(key) if context else None)
+        if context is not None and loaded is not None and loaded.tenant != command.tenant:
+            # another tenant's aggregate: as if there were none (nothing of it is told)
+            if command.command_type in creations:
+                reason = f"{command.aggregate_id} is taken; ids are unique across tenants"
+                result = rejected(command, "already_exists", reason)
+            else:
+                reason = f"no {context.aggregate_type} {command.aggregate_id}"
+                result = rejected(command, "not_found", reason)
+            batch.answers.append((command.reply_to, result))
+            continue
         if loaded is not None and command.command_id in loaded.recent:
             batch.answers.append((command.reply_to, loaded.recent[command.command_id]))
             continue
@@ -221,7 +231,7 @@ def decide_batch(
             )
             continue
         if loaded is None:
-            loaded = LoadedAggregate(aggregate)
+            loaded = LoadedAggregate(aggregate, tenant=command.tenant)
         appended = [to_record(context, codec, e, command) for e in events]
         reserve = outcomes.get(key, 0) + outcome_reserve(command)
         try:
@@ -254,7 +264,7 @@ def decide_batch(
             continue
         outcomes[key] = reserve
         batch.touched[key] = loaded
-        accepted_ids.add(command.command_id)
+        accepted_ids.add((command.tenant, command.command_id))
         batch.accepted.append(Accepted(command.reply_to, command, key, appended))
     return batch
 
@@ -285,4 +295,5 @@ def rejected(
         current_version=current_version,
         fingerprint=command.fingerprint,
         details=safe,
+        tenant=command.tenant,
     )

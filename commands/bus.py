@@ -39,6 +39,7 @@ from commands.partition import Backlogged, NotOwner, Unsettled
 from commands.replies import result_key
 from commands.routing import Directory, partition_for
 from commands.sizes import AIOKAFKA_DEFAULT_MAX_REQUEST_SIZE, TooLarge, record_size
+from shared_kernel.credentials import CLUSTER_HEADER, cluster_secret
 from shared_kernel.envelope import CommandEnvelope, CommandResult
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics
@@ -82,6 +83,7 @@ class CommandBus:
         self.redis = redis
         self.owner = owner  # the partitions' owner in this process, if it runs one
         self.directory = Directory(redis, settings.topic_prefix)
+        self.cluster_secret = cluster_secret(settings)
         self.http: aiohttp.ClientSession | None = None
         self.topic = Topics(settings.topic_prefix).commands
         self.producer_ready = asyncio.Event()
@@ -102,9 +104,9 @@ class CommandBus:
         if self.http is not None:
             await self.http.close()
 
-    async def cached(self, command_id: str) -> CommandResult | None:
+    async def cached(self, tenant: str, command_id: str) -> CommandResult | None:
         try:
-            data = await self.redis.get(result_key(self.settings.topic_prefix, command_id))
+            data = await self.redis.get(result_key(self.settings.topic_prefix, tenant, command_id))
         except (RedisError, OSError) as exc:
             raise BusUnavailable("Redis is unreachable") from exc
         return CommandResult.from_bytes(data) if data else None
@@ -123,7 +125,7 @@ class CommandBus:
         it again with the same id), `ResultTimeout` (it may still apply)."""
         value = self._encoded(command)
         if command.retriable:  # a command without a key cannot be a retry: nothing to look up
-            cached = await self.cached(command.command_id)
+            cached = await self.cached(command.tenant, command.command_id)
             if cached is not None:
                 return cached
         timeout = self.settings.command_timeout_s
@@ -166,7 +168,7 @@ class CommandBus:
             async with self.http.post(
                 route.url + INTERNAL_COMMANDS,
                 data=value,
-                headers={"Content-Type": "application/json"},
+                headers={"Content-Type": "application/json", CLUSTER_HEADER: self.cluster_secret},
                 timeout=aiohttp.ClientTimeout(total=remaining),
             ) as r:
                 body = await r.read()

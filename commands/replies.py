@@ -11,8 +11,9 @@ from redis.asyncio import Redis
 from shared_kernel.envelope import CommandResult
 
 
-def result_key(prefix: str, command_id: str) -> str:
-    return f"{prefix}:result:{command_id}"
+def result_key(prefix: str, tenant: str, command_id: str) -> str:
+    """A command id is its tenant's (an Idempotency-Key in two tenants names two commands)."""
+    return f"{prefix}:result:{tenant}:{command_id}"
 
 
 async def publish(
@@ -24,7 +25,7 @@ async def publish(
     for reply_to, result in results:
         data = result.to_bytes()
         if result.code != "internal_error":  # a bug may be fixed: let a retry run again
-            pipe.set(result_key(prefix, result.command_id), data, ex=ttl_s)
+            pipe.set(result_key(prefix, result.tenant, result.command_id), data, ex=ttl_s)
         if reply_to:
             pipe.publish(reply_to, data)
         count += 1

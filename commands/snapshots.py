@@ -31,6 +31,7 @@ class LoadedAggregate:
 
     aggregate: AggregateRoot
     recent: OrderedDict[str, CommandResult] = field(default_factory=OrderedDict)
+    tenant: str = ""  # the tenant it was created in: commands of another tenant do not see it
 
     @property
     def version(self) -> int:
@@ -47,6 +48,7 @@ def dump(context: BoundedContext, loaded: LoadedAggregate) -> bytes:
     body = {
         "type": context.aggregate_type,
         "version": loaded.version,
+        "tenant": loaded.tenant,
         "state": snap.state,
         "recent": [_compact(r) for r in loaded.recent.values()],
     }
@@ -69,10 +71,11 @@ def load(context: BoundedContext, aggregate_id: str, data: bytes) -> LoadedAggre
         state=state,
     )
     aggregate = snap.mutate(None)
+    tenant = str(body.get("tenant", ""))
     recent = OrderedDict(
-        (r.command_id, r) for r in (_expand(aggregate_id, row) for row in body.get("recent", []))
+        (r.command_id, r) for r in (_expand(aggregate_id, tenant, row) for row in body.get("recent", []))
     )
-    return LoadedAggregate(aggregate=aggregate, recent=recent)  # type: ignore[arg-type]
+    return LoadedAggregate(aggregate=aggregate, recent=recent, tenant=tenant)  # type: ignore[arg-type]
 
 
 def _compact(r: CommandResult) -> list[Any]:
@@ -81,13 +84,27 @@ def _compact(r: CommandResult) -> list[Any]:
     return ["r", r.command_id, r.fingerprint, r.code, r.reason, r.current_version]
 
 
-def _expand(aggregate_id: str, row: list[Any]) -> CommandResult:
+def _expand(aggregate_id: str, tenant: str, row: list[Any]) -> CommandResult:
     if row[0] == "a":
         _, cid, fp, version, position, events = row
         return CommandResult(
-            cid, "accepted", aggregate_id, version=version, position=position, events=events, fingerprint=fp
+            cid,
+            "accepted",
+            aggregate_id,
+            version=version,
+            position=position,
+            events=events,
+            fingerprint=fp,
+            tenant=tenant,
         )
     _, cid, fp, code, reason, current = row
     return CommandResult(
-        cid, "rejected", aggregate_id, code=code, reason=reason, current_version=current, fingerprint=fp
+        cid,
+        "rejected",
+        aggregate_id,
+        code=code,
+        reason=reason,
+        current_version=current,
+        fingerprint=fp,
+        tenant=tenant,
     )

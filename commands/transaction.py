@@ -81,6 +81,7 @@ async def write(
                     position=PositionToken.after(mine).encode(),
                     events=len(acc.events),
                     fingerprint=acc.command.fingerprint,
+                    tenant=acc.command.tenant,
                 )
                 decision.touched[acc.key].remember(result)
                 answers.append((acc.reply_to, result))

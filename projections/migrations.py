@@ -82,9 +82,29 @@ async def _create_storage(conn: asyncpg.Connection, settings: Settings) -> list[
             if await conn.fetchval("SELECT to_regclass($1)", f'"{schema}".{live.physical}') is None:
                 await live.create_storage(conn, settings)
                 done.append(live.physical)
-            if await conn.fetchval("SELECT to_regclass($1)", f'"{schema}".{live.table}') is None:
+            if await _add_tenant(conn, schema, live.physical):
+                await live.make_live(conn, settings)  # the view shows the new column
+                done.append(f"{live.physical}.tenant")
+            elif await conn.fetchval("SELECT to_regclass($1)", f'"{schema}".{live.table}') is None:
                 await live.make_live(conn, settings)
                 done.append(live.table)
     if done:
         log.info("read model storage created", extra={"schema": schema, "tables": done})
     return done
+
+
+async def _add_tenant(conn: asyncpg.Connection, schema: str, table: str) -> bool:
+    """A live table made before tenancy gets its `tenant` column, empty: its rows belong to
+    no tenant, so no caller sees them until a rebuild fills the column from the events'
+    headers (`cqrs projections rebuild NAME`)."""
+    has = await conn.fetchval(
+        "SELECT count(*) FROM information_schema.columns "
+        "WHERE table_schema = $1 AND table_name = $2 AND column_name = 'tenant'",
+        schema,
+        table,
+    )
+    if has:
+        return False
+    await conn.execute(f"ALTER TABLE {table} ADD COLUMN tenant text NOT NULL DEFAULT ''")
+    log.warning("read model made before tenancy: rebuild it to see its rows", extra={"table": table})
+    return True

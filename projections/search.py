@@ -204,6 +204,8 @@ async def ensure_index(
         except Exception as exc:  # created concurrently by another worker
             if "resource_already_exists_exception" not in str(exc):
                 raise
+    else:  # fields added since it was made (its documents lack them until a rebuild)
+        await client.indices.put_mapping(index=index, body={"properties": mapping["mappings"]["properties"]})
     if alias is not None and not await client.indices.exists_alias(name=alias):
         await client.indices.update_aliases(body={"actions": [{"add": {"index": index, "alias": alias}}]})
 

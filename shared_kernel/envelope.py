@@ -137,6 +137,7 @@ class CommandResult:
     current_version: int | None = None
     fingerprint: str = ""
     details: Mapping[str, Any] = field(default_factory=dict)
+    tenant: str = ""  # of the caller: results are kept per tenant (an Idempotency-Key is the tenant's)
 
     @property
     def accepted(self) -> bool:

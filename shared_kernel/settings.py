@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+LOCAL_ISSUER = "kafka-cqrs-local"  # the local stack's tokens (`cqrs auth token`); refused in production
+
 
 class Settings(BaseSettings):
     """Every knob of the service. Field `foo_bar` is read from `APP_FOO_BAR`."""
@@ -168,6 +170,85 @@ class Settings(BaseSettings):
         default=16, ge=1, description="resuming subscribers read the log concurrently, at most this many"
     )
 
+    # Identity (see api/auth): who calls, in which tenant, allowed to do what, how often.
+    auth_issuer: str = Field(
+        default=LOCAL_ISSUER,
+        description="the `iss` every token must carry; an https URL is also where the OIDC "
+        "discovery document is read (its `jwks_uri`) when no JWKS is given",
+    )
+    auth_audience: str = Field(default="kafka-cqrs", description="the `aud` every token must carry")
+    auth_jwks_url: str = Field(default="", description="the JWKS of the issuer (an OIDC provider's keys)")
+    auth_jwks_file: str = Field(
+        default="",
+        description="a JWKS in a file instead of a URL; empty outside production: the local stack's "
+        "(`APP_AUTH_KEY_DIR`/jwks.json, made by `make up` or `cqrs auth token`)",
+    )
+    auth_key_dir: str = Field(
+        default="",
+        description="where the local stack's signing key and JWKS live (not for production); "
+        "empty: `$XDG_CONFIG_HOME/kafka-cqrs/auth` (`~/.config/kafka-cqrs/auth`)",
+    )
+    cluster_secret: str = Field(
+        default="",
+        description="what API instances and processors show each other when forwarding a command; "
+        "required in production; empty elsewhere: one made in the local key folder",
+    )
+    auth_leeway_s: int = Field(default=30, ge=0, le=300, description="clock skew allowed on exp and nbf")
+    auth_jwks_refresh_min_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="a token with an unknown `kid` reloads the JWKS at most this often (a bound: "
+        "made-up kids cannot make the API hammer the provider)",
+    )
+    auth_jwks_ttl_s: float = Field(default=3600.0, gt=0, description="how long a fetched JWKS is kept")
+    auth_tenant_claim: str = Field(default="tenant", description="the token claim naming the caller's tenant")
+    auth_roles_claim: str = Field(
+        default="roles", description="the token claim listing the caller's roles (a list, or one name)"
+    )
+    auth_key_cache_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="how long an API process trusts what it read of an API key (a revoked key stops "
+        "working within this, in every process; at once in the one that revoked it)",
+    )
+    auth_key_ttl_days: int = Field(default=90, ge=1, le=3650, description="default lifetime of an API key")
+    auth_ticket_ttl_s: int = Field(
+        default=30, ge=1, le=600, description="how long a stream ticket (for EventSource) may wait for use"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="origins browsers may call the API from (comma-separated)"
+    )
+    rate_limits: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=lambda: {"admin": 0, "operator": 1000, "viewer": 1000},
+        description="requests per window by role, e.g. `operator=1000,viewer=1000,admin=0` (0: no limit)",
+    )
+    rate_limit_window_s: int = Field(default=3600, ge=1, description="the window of the rate limits")
+    rate_limit_when_redis_down: Literal["allow", "refuse"] = Field(
+        default="allow",
+        description="what a request gets while Redis (which counts) is unreachable: `allow` (default: "
+        "an outage of the counter must not become an outage of the API; authentication and "
+        "permissions still hold, and the outage is logged) or `refuse` (503 with Retry-After)",
+    )
+    audit_topic_suffix: str = Field(default="audit", description="audit records go to `<prefix>.<this>`")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [o.strip() for o in value.split(",") if o.strip()]
+        return value
+
+    @field_validator("rate_limits", mode="before")
+    @classmethod
+    def _limits(cls, value: object) -> object:
+        if isinstance(value, str):
+            pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError("APP_RATE_LIMITS is `role=count,...`")
+            return {k.strip(): int(v) for k, v in pairs}
+        return value
+
     @field_validator("projection_modules", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
@@ -196,6 +277,12 @@ class Settings(BaseSettings):
         for name in ("kafka_bootstrap", "postgres_dsn", "opensearch_url", "redis_url"):
             if "127.0.0.1" in getattr(self, name) or "localhost" in getattr(self, name):
                 problems.append(f"APP_{name.upper()} points at loopback")
+        if self.auth_issuer == LOCAL_ISSUER:
+            problems.append("APP_AUTH_ISSUER is not set (the local stack's issuer is refused)")
+        if not (self.auth_jwks_url or self.auth_jwks_file or self.auth_issuer.startswith("https://")):
+            problems.append("no JWKS: set APP_AUTH_JWKS_URL, APP_AUTH_JWKS_FILE or an https issuer")
+        if len(self.cluster_secret) < 32:
+            problems.append("APP_CLUSTER_SECRET unset or shorter than 32 characters")
         if self.replication_factor < 3:
             problems.append("APP_REPLICATION_FACTOR below 3")
         if problems:

@@ -1,7 +1,7 @@
 """Topic names and their contract configurations (the design's topic table).
 
 `<prefix>.commands`, `<prefix>.events.<context>`, `<prefix>.state.<context>`,
-`<prefix>.dlq.<consumer>`. Events and state topics have as many partitions as the
+`<prefix>.dlq.<consumer>`, `<prefix>.audit`. Events and state topics have as many partitions as the
 commands topic: the same key lands in the same partition number everywhere, which
 is what lets one processor own an aggregate's commands, events and state together.
 """
@@ -38,6 +38,9 @@ class Topics:
 
     def state(self, context: str) -> str:
         return f"{self.prefix}.state.{context}"
+
+    def audit(self, suffix: str = "audit") -> str:
+        return f"{self.prefix}.{suffix}"
 
     def dlq(self, consumer: str) -> str:
         return f"{self.prefix}.dlq.{consumer}"
@@ -89,6 +92,15 @@ def contract_topics(
             )
         )
     wanted.extend(dlq_topic(settings, consumer) for consumer in dlq_consumers)
+    wanted.append(
+        NewTopic(
+            t.audit(settings.audit_topic_suffix),
+            n,
+            rf,
+            # the trail is kept a year (the admin query reads the copy in PostgreSQL)
+            topic_configs={"cleanup.policy": "delete", "retention.ms": str(366 * DAY_MS), **size},
+        )
+    )
     return wanted
 
 

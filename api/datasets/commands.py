@@ -7,6 +7,8 @@ from uuid import UUID
 
 from fastapi import APIRouter, Path, Response
 
+from api.auth import permissions as p
+from api.auth.access import requires
 from api.bodies import ERROR_RESPONSES, CommandAccepted
 from api.datasets import bodies as s
 from api.deps import BusDep, CommandMetaDep
@@ -18,7 +20,7 @@ router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"], responses=ERROR
 MetadataKey = Annotated[str, Path(min_length=1, max_length=200)]
 
 
-@router.post("", status_code=201, operation_id="registerDataset")
+@router.post("", status_code=201, operation_id="registerDataset", dependencies=[requires(p.DATASETS_WRITE)])
 async def register_dataset(
     body: s.RegisterDatasetRequest, meta: CommandMetaDep, bus: BusDep, response: Response
 ) -> CommandAccepted:
@@ -34,7 +36,7 @@ async def register_dataset(
     return await dispatch(bus, CONTEXT, command, meta, response)
 
 
-@router.patch("/{dataset_id}", operation_id="describeDataset")
+@router.patch("/{dataset_id}", operation_id="describeDataset", dependencies=[requires(p.DATASETS_WRITE)])
 async def describe_dataset(
     dataset_id: UUID, body: s.DescribeDatasetRequest, meta: CommandMetaDep, bus: BusDep, response: Response
 ) -> CommandAccepted:
@@ -43,7 +45,11 @@ async def describe_dataset(
     return await dispatch(bus, CONTEXT, command, meta, response)
 
 
-@router.put("/{dataset_id}/metadata/{key}", operation_id="setDatasetMetadata")
+@router.put(
+    "/{dataset_id}/metadata/{key}",
+    operation_id="setDatasetMetadata",
+    dependencies=[requires(p.DATASETS_WRITE)],
+)
 async def set_metadata(
     dataset_id: UUID,
     key: MetadataKey,
@@ -56,7 +62,11 @@ async def set_metadata(
     return await dispatch(bus, CONTEXT, c.SetMetadataEntry(dataset_id, key, body.value), meta, response)
 
 
-@router.delete("/{dataset_id}/metadata/{key}", operation_id="removeDatasetMetadata")
+@router.delete(
+    "/{dataset_id}/metadata/{key}",
+    operation_id="removeDatasetMetadata",
+    dependencies=[requires(p.DATASETS_WRITE)],
+)
 async def remove_metadata(
     dataset_id: UUID, key: MetadataKey, meta: CommandMetaDep, bus: BusDep, response: Response
 ) -> CommandAccepted:
@@ -64,7 +74,9 @@ async def remove_metadata(
     return await dispatch(bus, CONTEXT, c.RemoveMetadataEntry(dataset_id, key), meta, response)
 
 
-@router.post("/{dataset_id}/versions", operation_id="publishDatasetVersion")
+@router.post(
+    "/{dataset_id}/versions", operation_id="publishDatasetVersion", dependencies=[requires(p.DATASETS_WRITE)]
+)
 async def publish_version(
     dataset_id: UUID, body: s.PublishVersionRequest, meta: CommandMetaDep, bus: BusDep, response: Response
 ) -> CommandAccepted:
@@ -74,7 +86,11 @@ async def publish_version(
     )
 
 
-@router.post("/{dataset_id}/quality-checks", operation_id="recordDatasetQualityCheck")
+@router.post(
+    "/{dataset_id}/quality-checks",
+    operation_id="recordDatasetQualityCheck",
+    dependencies=[requires(p.DATASETS_WRITE)],
+)
 async def record_quality_check(
     dataset_id: UUID, body: s.QualityCheckRequest, meta: CommandMetaDep, bus: BusDep, response: Response
 ) -> CommandAccepted:
@@ -83,7 +99,9 @@ async def record_quality_check(
     return await dispatch(bus, CONTEXT, command, meta, response)
 
 
-@router.post("/{dataset_id}/archive", operation_id="archiveDataset")
+@router.post(
+    "/{dataset_id}/archive", operation_id="archiveDataset", dependencies=[requires(p.DATASETS_WRITE)]
+)
 async def archive_dataset(
     dataset_id: UUID, body: s.ArchiveDatasetRequest, meta: CommandMetaDep, bus: BusDep, response: Response
 ) -> CommandAccepted:

@@ -8,6 +8,8 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
+from api.auth import permissions as p
+from api.auth.access import PrincipalDep, requires
 from api.readmodels import PoolDep, TokenDep, consistent
 from api.reads import (
     READ_RESPONSES,
@@ -30,10 +32,11 @@ router = APIRouter(prefix="/api/v1/datasets", tags=["queries"], responses=READ_R
 @router.get(
     "",
     operation_id="listDatasets",
-    dependencies=[Depends(consistent("datasets"))],
+    dependencies=[requires(p.DATASETS_READ), Depends(consistent("datasets"))],
 )
 async def list_datasets(
     pool: PoolDep,
+    principal: PrincipalDep,
     status: Annotated[Literal["active", "archived"] | None, Query()] = None,
     owner: Equals = None,
     tag: Equals = None,
@@ -48,10 +51,10 @@ async def list_datasets(
         filters.append(("owner = ?", owner))
     if tag:
         filters.append(("tags @> ARRAY[?]::text[]", tag.strip().lower()))
-    return await page(pool, "datasets", "created_at", filters, limit, cursor, order)
+    return await page(pool, principal.tenant, "datasets", "created_at", filters, limit, cursor, order)
 
 
-@router.get("/{dataset_id}", operation_id="getDataset")
+@router.get("/{dataset_id}", operation_id="getDataset", dependencies=[requires(p.DATASETS_READ)])
 async def get_dataset(
     dataset_id: UUID,
     request: Request,
@@ -81,14 +84,17 @@ async def get_dataset(
 @router.get(
     "/{dataset_id}/quality",
     operation_id="getDatasetQuality",
-    dependencies=[Depends(consistent("datasets", "quality_metrics"))],
+    dependencies=[requires(p.DATASETS_READ), Depends(consistent("datasets", "quality_metrics"))],
 )
-async def get_dataset_quality(dataset_id: UUID, pool: PoolDep, response: Response) -> dict[str, Any]:
-    dataset = await one(pool, "datasets", dataset_id, "dataset", response)
+async def get_dataset_quality(
+    dataset_id: UUID, pool: PoolDep, principal: PrincipalDep, response: Response
+) -> dict[str, Any]:
+    dataset = await one(pool, principal.tenant, "datasets", dataset_id, "dataset", response)
     checks = await pool.fetch(
         "SELECT metric, value, threshold, comparator, passed, recorded_at, version "
-        "FROM quality_metrics WHERE dataset_id = $1 ORDER BY version",
+        "FROM quality_metrics WHERE dataset_id = $1 AND tenant = $2 ORDER BY version",
         dataset_id,
+        principal.tenant,
     )
     return {"summary": dataset["quality"], "checks": [dict(c) for c in checks]}
 
@@ -96,7 +102,7 @@ async def get_dataset_quality(dataset_id: UUID, pool: PoolDep, response: Respons
 @router.get(
     "/{dataset_id}/events",
     operation_id="getDatasetHistory",
-    dependencies=[Depends(consistent("events"))],
+    dependencies=[requires(p.DATASETS_READ), Depends(consistent("events"))],
 )
-async def get_dataset_events(dataset_id: UUID, pool: PoolDep) -> dict[str, Any]:
-    return await history(pool, "datasets", dataset_id, "dataset")
+async def get_dataset_events(dataset_id: UUID, pool: PoolDep, principal: PrincipalDep) -> dict[str, Any]:
+    return await history(pool, principal.tenant, "datasets", dataset_id, "dataset")

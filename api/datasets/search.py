@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from api.auth import permissions as p
+from api.auth.access import requires
 from api.fulltext import Equals, Offset, SearchDep, Size, Text, search
 from api.readmodels import consistent
 from api.reads import READ_RESPONSES
@@ -16,7 +18,7 @@ router = APIRouter(prefix="/api/v1/search/datasets", tags=["search"], responses=
 @router.get(
     "",
     operation_id="searchDatasets",
-    dependencies=[Depends(consistent("datasets_search"))],
+    dependencies=[requires(p.SEARCH_READ), Depends(consistent("datasets_search"))],
 )
 async def search_datasets(
     request: Request,

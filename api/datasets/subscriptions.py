@@ -6,6 +6,8 @@ from uuid import UUID
 
 from fastapi import APIRouter, Request
 
+from api.auth import permissions as p
+from api.auth.access import requires
 from api.subscriptions.routes import (
     SSE_RESPONSES,
     EventTypes,
@@ -18,7 +20,12 @@ from api.subscriptions.routes import (
 router = APIRouter(prefix="/api/v1/datasets", tags=["subscriptions"])
 
 
-@router.get("/{dataset_id}/stream", operation_id="streamDataset", responses=SSE_RESPONSES)
+@router.get(
+    "/{dataset_id}/stream",
+    operation_id="streamDataset",
+    dependencies=[requires(p.EVENTS_SUBSCRIBE)],
+    responses=SSE_RESPONSES,
+)
 async def stream_dataset(
     request: Request,
     dataset_id: UUID,

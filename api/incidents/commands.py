@@ -6,6 +6,8 @@ from uuid import UUID
 
 from fastapi import APIRouter, Response
 
+from api.auth import permissions as p
+from api.auth.access import requires
 from api.bodies import ERROR_RESPONSES, CommandAccepted
 from api.deps import BusDep, CommandMetaDep
 from api.dispatch import dispatch, new_aggregate_id
@@ -16,7 +18,7 @@ from commands.incidents import commands as c
 router = APIRouter(prefix="/api/v1/incidents", tags=["incidents"], responses=ERROR_RESPONSES)
 
 
-@router.post("", status_code=201, operation_id="openIncident")
+@router.post("", status_code=201, operation_id="openIncident", dependencies=[requires(p.INCIDENTS_CREATE)])
 async def open_incident(
     body: s.OpenIncidentRequest, meta: CommandMetaDep, bus: BusDep, response: Response
 ) -> CommandAccepted:
@@ -32,14 +34,18 @@ async def open_incident(
     return await dispatch(bus, CONTEXT, command, meta, response)
 
 
-@router.post("/{incident_id}/assign", operation_id="assignIncident")
+@router.post(
+    "/{incident_id}/assign", operation_id="assignIncident", dependencies=[requires(p.INCIDENTS_ASSIGN)]
+)
 async def assign_incident(
     incident_id: UUID, body: s.AssignIncidentRequest, meta: CommandMetaDep, bus: BusDep, response: Response
 ) -> CommandAccepted:
     return await dispatch(bus, CONTEXT, c.AssignIncident(incident_id, body.assignee), meta, response)
 
 
-@router.post("/{incident_id}/status", operation_id="changeIncidentStatus")
+@router.post(
+    "/{incident_id}/status", operation_id="changeIncidentStatus", dependencies=[requires(p.INCIDENTS_UPDATE)]
+)
 async def change_status(
     incident_id: UUID, body: s.ChangeStatusRequest, meta: CommandMetaDep, bus: BusDep, response: Response
 ) -> CommandAccepted:
@@ -48,7 +54,9 @@ async def change_status(
     return await dispatch(bus, CONTEXT, command, meta, response)
 
 
-@router.post("/{incident_id}/reopen", operation_id="reopenIncident")
+@router.post(
+    "/{incident_id}/reopen", operation_id="reopenIncident", dependencies=[requires(p.INCIDENTS_UPDATE)]
+)
 async def reopen_incident(
     incident_id: UUID, body: s.ReopenIncidentRequest, meta: CommandMetaDep, bus: BusDep, response: Response
 ) -> CommandAccepted:
@@ -56,7 +64,9 @@ async def reopen_incident(
     return await dispatch(bus, CONTEXT, c.ReopenIncident(incident_id, body.reason), meta, response)
 
 
-@router.post("/{incident_id}/comments", operation_id="commentOnIncident")
+@router.post(
+    "/{incident_id}/comments", operation_id="commentOnIncident", dependencies=[requires(p.INCIDENTS_UPDATE)]
+)
 async def comment(
     incident_id: UUID, body: s.CommentRequest, meta: CommandMetaDep, bus: BusDep, response: Response
 ) -> CommandAccepted:

@@ -8,6 +8,8 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
+from api.auth import permissions as p
+from api.auth.access import PrincipalDep, requires
 from api.readmodels import PoolDep, TokenDep, consistent
 from api.reads import (
     READ_RESPONSES,
@@ -29,10 +31,11 @@ router = APIRouter(prefix="/api/v1/incidents", tags=["queries"], responses=READ_
 @router.get(
     "",
     operation_id="listIncidents",
-    dependencies=[Depends(consistent("incidents"))],
+    dependencies=[requires(p.INCIDENTS_VIEW), Depends(consistent("incidents"))],
 )
 async def list_incidents(
     pool: PoolDep,
+    principal: PrincipalDep,
     status: Annotated[Literal["open", "in_progress", "resolved", "closed"] | None, Query()] = None,
     priority: Annotated[Literal["low", "medium", "high", "critical"] | None, Query()] = None,
     assignee: Equals = None,
@@ -47,10 +50,10 @@ async def list_incidents(
         filters.append(("priority = ?", priority))
     if assignee:
         filters.append(("assignee = ?", assignee))
-    return await page(pool, "incidents", "opened_at", filters, limit, cursor, order)
+    return await page(pool, principal.tenant, "incidents", "opened_at", filters, limit, cursor, order)
 
 
-@router.get("/{incident_id}", operation_id="getIncident")
+@router.get("/{incident_id}", operation_id="getIncident", dependencies=[requires(p.INCIDENTS_VIEW)])
 async def get_incident(
     incident_id: UUID,
     request: Request,
@@ -80,7 +83,7 @@ async def get_incident(
 @router.get(
     "/{incident_id}/events",
     operation_id="getIncidentHistory",
-    dependencies=[Depends(consistent("events"))],
+    dependencies=[requires(p.INCIDENTS_VIEW), Depends(consistent("events"))],
 )
-async def get_incident_events(incident_id: UUID, pool: PoolDep) -> dict[str, Any]:
-    return await history(pool, "incidents", incident_id, "incident")
+async def get_incident_events(incident_id: UUID, pool: PoolDep, principal: PrincipalDep) -> dict[str, Any]:
+    return await history(pool, principal.tenant, "incidents", incident_id, "incident")

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from api.auth import permissions as p
+from api.auth.access import requires
 from api.fulltext import Equals, Offset, SearchDep, Size, Text, search
 from api.readmodels import consistent
 from api.reads import READ_RESPONSES
@@ -17,7 +19,7 @@ router = APIRouter(prefix="/api/v1/search/incidents", tags=["search"], responses
 @router.get(
     "",
     operation_id="searchIncidents",
-    dependencies=[Depends(consistent("incidents_search"))],
+    dependencies=[requires(p.SEARCH_READ), Depends(consistent("incidents_search"))],
 )
 async def search_incidents(
     request: Request,

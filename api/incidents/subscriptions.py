@@ -6,6 +6,8 @@ from uuid import UUID
 
 from fastapi import APIRouter, Request
 
+from api.auth import permissions as p
+from api.auth.access import requires
 from api.subscriptions.routes import (
     SSE_RESPONSES,
     EventTypes,
@@ -18,7 +20,12 @@ from api.subscriptions.routes import (
 router = APIRouter(prefix="/api/v1/incidents", tags=["subscriptions"])
 
 
-@router.get("/{incident_id}/stream", operation_id="streamIncident", responses=SSE_RESPONSES)
+@router.get(
+    "/{incident_id}/stream",
+    operation_id="streamIncident",
+    dependencies=[requires(p.EVENTS_SUBSCRIBE)],
+    responses=SSE_RESPONSES,
+)
 async def stream_incident(
     request: Request,
     incident_id: UUID,

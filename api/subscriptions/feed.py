@@ -246,10 +246,10 @@ class LiveFeed:
                 ev = LogEvent(record, i)
                 ev.snap = tuple(frontier)
                 for sub in wide or ():
-                    if sub.spec.matches(ev.aggregate_id, ev.event_type) and not sub.offer(ev):
+                    if sub.spec.matches(ev.aggregate_id, ev.event_type, ev.tenant) and not sub.offer(ev):
                         failed.append(sub)
                 for sub in narrow.get((tp.topic, ev.aggregate_id), ()):
-                    if sub.spec.matches(ev.aggregate_id, ev.event_type) and not sub.offer(ev):
+                    if sub.spec.matches(ev.aggregate_id, ev.event_type, ev.tenant) and not sub.offer(ev):
                         failed.append(sub)
         for sub in failed:
             log.warning(

@@ -33,7 +33,7 @@ from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord
 
 from shared_kernel.avro import AvroCodec, SchemaError
-from shared_kernel.envelope import H_AGGREGATE_ID, H_EVENT_TYPE, EventMetadata, MalformedRecord
+from shared_kernel.envelope import H_AGGREGATE_ID, H_EVENT_TYPE, H_TENANT, EventMetadata, MalformedRecord
 from shared_kernel.position import PositionToken
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ class LogEvent:
         "offset",
         "record",
         "snap",
+        "tenant",
         "topic",
     )
 
@@ -122,12 +123,14 @@ class LogEvent:
         self.record, self.index = record, index
         self.topic: str = record.topic
         self.offset: int = record.offset
-        self.event_type = self.aggregate_id = ""
+        self.event_type = self.aggregate_id = self.tenant = ""
         for key, value in record.headers:
             if key == H_EVENT_TYPE:
                 self.event_type = value.decode(errors="replace")
             elif key == H_AGGREGATE_ID:
                 self.aggregate_id = value.decode(errors="replace")
+            elif key == H_TENANT:
+                self.tenant = value.decode(errors="replace")
         self.snap: tuple[int, ...] = ()  # the live feed's position just after this record
         self._rest: bytes | None = None
         self._shared: dict[tuple[int, ...], Message] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -22,12 +23,14 @@ from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
+from api.auth import permissions as p
+from api.auth.access import principal_of, requires
 from api.errors import RequestProblem, _body
 from api.inputs import FilterValues, TokenHeader, TokenText
 from api.subscriptions.feed import FeedUnavailable, LiveFeed
 from api.subscriptions.messages import Message
 from api.subscriptions.spec import BEGINNING, MAX_VALUES, NOW, StreamSpec, parse_spec
-from api.subscriptions.subscriber import Ended, Subscriber
+from api.subscriptions.subscriber import Ended, Failure, Subscriber
 from shared_kernel.settings import Settings
 
 router = APIRouter(tags=["subscriptions"])
@@ -98,6 +101,7 @@ class SubscriptionStream(EventSourceResponse):
 
     def __init__(self, feed: LiveFeed, sub: Subscriber) -> None:
         self.feed, self.sub = feed, sub
+        self.expiry: asyncio.TimerHandle | None = None
         self.shutdown = anyio.Event()
         settings = feed.settings
         super().__init__(
@@ -115,6 +119,8 @@ class SubscriptionStream(EventSourceResponse):
             await super().__call__(scope, receive, send)
         finally:
             watcher.cancel()
+            if self.expiry is not None:
+                self.expiry.cancel()
             self.feed.unsubscribe(self.sub)
 
     async def _close_on_shutdown(self) -> None:
@@ -144,15 +150,34 @@ class SubscriptionStream(EventSourceResponse):
 
 def _spec(request: Request | WebSocket, **filters: Any) -> StreamSpec:
     settings: Settings = request.app.state.settings
-    return parse_spec(settings.topic_prefix, **filters)
+    return parse_spec(settings.topic_prefix, **filters, tenant=principal_of(request).tenant)
 
 
 def _stream(request: Request, spec: StreamSpec) -> SubscriptionStream:
     feed: LiveFeed = request.app.state.feed
-    return SubscriptionStream(feed, feed.subscribe(spec))
+    stream = SubscriptionStream(feed, feed.subscribe(spec))
+    stream.expiry = ends_with_credential(request, stream.sub)
+    return stream
 
 
-@router.get("/api/v1/events/stream", operation_id="streamEvents", responses=SSE_RESPONSES)
+EXPIRED = Failure("credential_expired", "the credential of this stream expired: reconnect with a new one")
+
+
+def ends_with_credential(connection: Request | WebSocket, sub: Subscriber) -> asyncio.TimerHandle | None:
+    """End `sub` with an `error` message when the caller's credential expires."""
+    expires_at = principal_of(connection).expires_at
+    if expires_at is None:
+        return None
+    loop = asyncio.get_running_loop()
+    return loop.call_later(max(0.0, expires_at - time.time()), sub.fail, EXPIRED)
+
+
+@router.get(
+    "/api/v1/events/stream",
+    operation_id="streamEvents",
+    dependencies=[requires(p.EVENTS_SUBSCRIBE)],
+    responses=SSE_RESPONSES,
+)
 async def stream_events(
     request: Request,
     context: Contexts = None,
@@ -194,7 +219,7 @@ def aggregate_stream(
     return _stream(request, spec)
 
 
-@router.websocket("/ws/v1/events")
+@router.websocket("/ws/v1/events", dependencies=[requires(p.EVENTS_SUBSCRIBE)])
 async def events_socket(
     websocket: WebSocket,
     context: Contexts = None,
@@ -215,6 +240,7 @@ async def events_socket(
             last_event_id=None,
         )
         sub = feed.subscribe(spec)
+        expiry = ends_with_credential(websocket, sub)
     except RequestProblem as problem:
         await _deny(websocket, JSONResponse(_body(problem), status_code=problem.status), problem.detail)
         return
@@ -229,6 +255,8 @@ async def events_socket(
         finally:
             receiver.cancel()
     finally:
+        if expiry is not None:
+            expiry.cancel()
         feed.unsubscribe(sub)
 
 

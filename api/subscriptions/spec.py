@@ -43,15 +43,18 @@ class StreamSpec:
     aggregate_ids: frozenset[str] | None = None
     event_types: frozenset[str] | None = None
     start: PositionToken | None = None  # None: from now on
+    tenant: str = ""  # the caller's: no stream shows another tenant's events
 
     def topics(self, prefix: str) -> tuple[str, ...]:
         t = Topics(prefix)
         return tuple(t.events(c) for c in self.contexts)
 
-    def matches(self, aggregate_id: str, event_type: str) -> bool:
+    def matches(self, aggregate_id: str, event_type: str, tenant: str) -> bool:
         """Whether an event of one of the spec's topics is wanted (the topic is checked by the caller)."""
-        return (self.aggregate_ids is None or aggregate_id in self.aggregate_ids) and (
-            self.event_types is None or event_type in self.event_types
+        return (
+            tenant == self.tenant
+            and (self.aggregate_ids is None or aggregate_id in self.aggregate_ids)
+            and (self.event_types is None or event_type in self.event_types)
         )
 
     def describe(self) -> dict[str, Any]:
@@ -117,6 +120,7 @@ def parse_spec(
     event_types: Iterable[str] | None,
     from_: str | None,
     last_event_id: str | None,
+    tenant: str = "",
 ) -> StreamSpec:
     """Validate the request's filters; every problem is a 422 that names its field."""
     known = [c.name for c in CONTEXTS]
@@ -142,4 +146,5 @@ def parse_spec(
         aggregate_ids=frozenset(ids) if ids else None,
         event_types=frozenset(types) if types else None,
         start=parse_start(prefix, from_, last_event_id),
+        tenant=tenant,
     )

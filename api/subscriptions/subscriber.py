@@ -258,7 +258,7 @@ class Subscriber:
                 i = layout.index[(tp.topic, tp.partition)]
                 for record in records:
                     ev = LogEvent(record, i)
-                    if self.spec.matches(ev.aggregate_id, ev.event_type):
+                    if self.spec.matches(ev.aggregate_id, ev.event_type, ev.tenant):
                         rest = ev.rest(feed.codec)
                         if rest is not None:
                             after = list(self.cursor)

@@ -19,6 +19,7 @@ class QualityMetricsProjection(AppendOnly):
         CREATE TABLE IF NOT EXISTS {table} (
             dataset_id   uuid             NOT NULL,
             version      int              NOT NULL,
+            tenant       text             NOT NULL DEFAULT '',
             metric       text             NOT NULL,
             value        double precision NOT NULL,
             threshold    double precision NOT NULL,
@@ -30,13 +31,24 @@ class QualityMetricsProjection(AppendOnly):
         CREATE INDEX IF NOT EXISTS {table}_metric ON {table} (dataset_id, metric, recorded_at);
     """
 
-    columns = ("dataset_id", "version", "metric", "value", "threshold", "comparator", "passed", "recorded_at")
+    columns = (
+        "dataset_id",
+        "version",
+        "tenant",
+        "metric",
+        "value",
+        "threshold",
+        "comparator",
+        "passed",
+        "recorded_at",
+    )
 
     def rows(self, events: list[StoredEvent]) -> list[tuple[Any, ...]]:
         return [
             (
                 UUID(e.meta.aggregate_id),
                 e.version,
+                e.meta.tenant,
                 e.payload["metric"],
                 e.payload["value"],
                 e.payload["threshold"],

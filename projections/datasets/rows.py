@@ -17,6 +17,7 @@ def _dataset_registered(row: Row | None, e: StoredEvent) -> Row:
     p = e.payload
     return {
         "id": UUID(e.meta.aggregate_id),
+        "tenant": e.meta.tenant,
         "name": p["name"],
         "description": p["description"],
         "owner": p["owner"],
@@ -77,6 +78,7 @@ class DatasetsProjection(FoldedRows):
     ddl = """
         CREATE TABLE IF NOT EXISTS {table} (
             id              uuid        PRIMARY KEY,
+            tenant          text        NOT NULL DEFAULT '',
             version         int         NOT NULL,
             name            text        NOT NULL,
             description     text        NOT NULL DEFAULT '',
@@ -91,13 +93,14 @@ class DatasetsProjection(FoldedRows):
             created_at      timestamptz NOT NULL,
             updated_at      timestamptz NOT NULL
         );
-        CREATE INDEX IF NOT EXISTS {table}_status ON {table} (status, created_at, id);
-        CREATE INDEX IF NOT EXISTS {table}_owner ON {table} (owner, created_at, id);
-        CREATE INDEX IF NOT EXISTS {table}_created ON {table} (created_at, id);
+        CREATE INDEX IF NOT EXISTS {table}_status ON {table} (tenant, status, created_at, id);
+        CREATE INDEX IF NOT EXISTS {table}_owner ON {table} (tenant, owner, created_at, id);
+        CREATE INDEX IF NOT EXISTS {table}_created ON {table} (tenant, created_at, id);
         CREATE INDEX IF NOT EXISTS {table}_tags ON {table} USING gin (tags);
     """
     columns = (
         "id",
+        "tenant",
         "version",
         "name",
         "description",

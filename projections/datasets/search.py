@@ -48,6 +48,7 @@ class DatasetsSearch(SearchProjection):
             "dynamic": False,
             "properties": {
                 "id": {"type": "keyword"},
+                "tenant": {"type": "keyword"},
                 "version": {"type": "long"},
                 "name": TEXT_WITH_KEYWORD,
                 "description": {"type": "text"},

@@ -15,6 +15,7 @@ def _incident_opened(row: Row | None, e: StoredEvent) -> Row:
     p = e.payload
     return {
         "id": UUID(e.meta.aggregate_id),
+        "tenant": e.meta.tenant,
         "title": p["title"],
         "description": p["description"],
         "priority": p["priority"],
@@ -56,6 +57,7 @@ class IncidentsProjection(FoldedRows):
     ddl = """
         CREATE TABLE IF NOT EXISTS {table} (
             id           uuid        PRIMARY KEY,
+            tenant       text        NOT NULL DEFAULT '',
             version      int         NOT NULL,
             title        text        NOT NULL,
             description  text        NOT NULL DEFAULT '',
@@ -70,13 +72,14 @@ class IncidentsProjection(FoldedRows):
             resolved_at  timestamptz,
             closed_at    timestamptz
         );
-        CREATE INDEX IF NOT EXISTS {table}_status ON {table} (status, opened_at, id);
-        CREATE INDEX IF NOT EXISTS {table}_priority ON {table} (priority, opened_at, id);
-        CREATE INDEX IF NOT EXISTS {table}_assignee ON {table} (assignee, opened_at, id);
-        CREATE INDEX IF NOT EXISTS {table}_opened ON {table} (opened_at, id);
+        CREATE INDEX IF NOT EXISTS {table}_status ON {table} (tenant, status, opened_at, id);
+        CREATE INDEX IF NOT EXISTS {table}_priority ON {table} (tenant, priority, opened_at, id);
+        CREATE INDEX IF NOT EXISTS {table}_assignee ON {table} (tenant, assignee, opened_at, id);
+        CREATE INDEX IF NOT EXISTS {table}_opened ON {table} (tenant, opened_at, id);
     """
     columns = (
         "id",
+        "tenant",
         "version",
         "title",
         "description",

@@ -33,6 +33,7 @@ class IncidentsSearch(SearchProjection):
             "dynamic": False,
             "properties": {
                 "id": {"type": "keyword"},
+                "tenant": {"type": "keyword"},
                 "version": {"type": "long"},
                 "title": TEXT_WITH_KEYWORD,
                 "description": {"type": "text"},

@@ -1,0 +1,103 @@
+"""What each route may be called by: `dependencies=[requires(<permission>)]` on every
+route (or `public()`), the caller as `PrincipalDep`, and the permission written into
+the OpenAPI document (`x-permission`, with the security schemes), which is where the
+authorization tests find every route and what it needs."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, WebSocketException
+from fastapi.dependencies.models import Dependant
+from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
+from starlette.requests import HTTPConnection
+
+from api.auth.principal import Principal
+from api.errors import RequestProblem
+from shared_kernel.credentials import CLUSTER_HEADER, cluster_secret
+
+PUBLIC = "public"
+CLUSTER = "cluster"  # the cluster secret (instances forwarding commands), no user credential
+SECURITY: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
+
+
+def principal_of(connection: HTTPConnection) -> Principal:
+    principal: Principal | None = connection.scope.get("state", {}).get("principal")
+    if principal is None:  # the edge lets only public paths through without one
+        raise RequestProblem(401, "unauthenticated", "a credential is required")
+    return principal
+
+
+class Require:
+    def __init__(self, permission: str) -> None:
+        self.permission = permission
+
+    def __call__(self, connection: HTTPConnection) -> Principal | None:
+        if self.permission == PUBLIC:
+            return None
+        if self.permission == CLUSTER:
+            shown = connection.headers.get(CLUSTER_HEADER, "")
+            secret = cluster_secret(connection.app.state.settings)
+            if not hmac.compare_digest(shown.encode(), secret.encode()):
+                raise RequestProblem(
+                    401, "unauthenticated", "this endpoint is for the cluster's own instances"
+                )
+            return None
+        principal = principal_of(connection)
+        if principal.can(self.permission):
+            return principal
+        detail = f"the role {principal.role or '(none)'} lacks the permission {self.permission}"
+        identity = getattr(connection.app.state, "identity", None)
+        if identity is not None:
+            identity.audit.record(connection.scope, principal, "forbidden", 403, detail)
+        if connection.scope["type"] == "websocket":
+            raise WebSocketException(1008, detail[:120])
+        raise RequestProblem(403, "forbidden", detail, missing_permission=self.permission)
+
+
+def requires(permission: str) -> Any:
+    return Depends(Require(permission))
+
+
+def public() -> Any:
+    return Depends(Require(PUBLIC))
+
+
+PrincipalDep = Annotated[Principal, Depends(principal_of)]
+
+
+def permission_of(dependant: Dependant) -> str | None:
+    for dep in dependant.dependencies:
+        if isinstance(dep.call, Require):
+            return dep.call.permission
+        found = permission_of(dep)
+        if found is not None:
+            return found
+    return None
+
+
+def document(app: FastAPI) -> None:
+    """Write each route's permission into the OpenAPI document, and the schemes."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        for route in app.routes:
+            if isinstance(route, APIRoute):
+                permission = permission_of(route.dependant)
+                extra = dict(route.openapi_extra or {})
+                extra["x-permission"] = permission or "undeclared"
+                if permission not in (None, PUBLIC):
+                    extra["security"] = SECURITY
+                route.openapi_extra = extra
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        }
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
