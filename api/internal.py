@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
+from api import errors
 from api.auth.access import CLUSTER, requires
 from commands.bus import INTERNAL_COMMANDS, NOT_OWNER
 from commands.partition import Backlogged, NotOwner, Unsettled
@@ -92,6 +93,8 @@ def create_owner_app(settings: Settings | None = None) -> FastAPI:
             yield
 
     app = FastAPI(title="kafka-cqrs command processor", lifespan=lifespan, openapi_url=None)
+    app.state.settings = settings
+    errors.install(app)  # its refusals (401 without the cluster secret) in the API's shape
 
     @app.get("/health")
     async def health() -> dict[str, str]:

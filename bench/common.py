@@ -32,6 +32,7 @@ import httpx
 import orjson
 from aiokafka import TopicPartition
 
+from api.auth.local import issue_token
 from shared_kernel import kafka
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics
@@ -60,8 +61,21 @@ def isolated(
         "APP_POSTGRES_DSN": settings.postgres_dsn,
         "APP_OPENSEARCH_URL": settings.opensearch_url,
         "APP_REDIS_URL": settings.redis_url,
+        # every client is an operator, counted against its rate limit as in production,
+        # with a limit no benchmark reaches (the count is what costs, not the refusal)
+        "APP_RATE_LIMITS": "admin=0,operator=1000000000,viewer=1000000000",
     }
     return settings, env
+
+
+def bearer(role: str = "operator", tenant: str = "bench", sub: str = "bench-client") -> dict[str, str]:
+    """A token of the local issuer, as `cqrs auth token --sub bench-client --role operator` prints."""
+    return {"Authorization": f"Bearer {issue_token(Settings(), sub, [role], tenant, 6 * 3600)}"}
+
+
+def api_client(role: str = "operator", tenant: str = "bench", **options: Any) -> httpx.AsyncClient:
+    """An HTTP client of the API with a token of `role` (an operator unless told)."""
+    return httpx.AsyncClient(headers={**bearer(role, tenant), **options.pop("headers", {})}, **options)
 
 
 async def end_offsets(settings: Settings, context: str = "datasets") -> dict[int, int]:
@@ -226,7 +240,7 @@ class WriteSide:
         port = port or free_port()
         api = self.api = self._spawn("api", "serve", "api", "--port", str(port))
         self.api_url = f"http://127.0.0.1:{port}"
-        async with httpx.AsyncClient(base_url=self.api_url) as client:
+        async with api_client(base_url=self.api_url) as client:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and api.popen.poll() is None:
                 try:
@@ -240,7 +254,7 @@ class WriteSide:
     async def start_serving(self) -> None:
         """The API, owning every partition, answering commands."""
         await self.start_api()
-        async with httpx.AsyncClient(base_url=self.api_url, timeout=30) as client:
+        async with api_client(base_url=self.api_url, timeout=30) as client:
             key = f"probe-{uuid.uuid4()}"
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:
@@ -263,7 +277,7 @@ class WriteSide:
             if projections is None
             else set(projections)
         )
-        async with httpx.AsyncClient(base_url=self.api_url, timeout=30) as client:
+        async with api_client(base_url=self.api_url, timeout=30) as client:
             d = (await client.post("/api/v1/datasets", json={"name": "probe"})).json()
             i = (await client.post("/api/v1/incidents", json={"title": "probe"})).json()
             probes = {

@@ -68,7 +68,7 @@ import orjson
 from aiokafka import TopicPartition
 from aiokafka.admin import NewTopic
 
-from bench.common import WriteSide, cpu_seconds, free_port
+from bench.common import WriteSide, api_client, cpu_seconds, free_port
 from bench.generator import dataset_events
 from bench.results import show, summary_ms, write
 from projections.db import schema_name
@@ -267,8 +267,8 @@ async def measure_latency(api_url: str) -> dict[str, Any]:
     sse, ws = Watch(), Watch()
     ready = [asyncio.Event(), asyncio.Event()]
     async with (
-        httpx.AsyncClient(base_url=api_url, timeout=30) as client,
-        httpx.AsyncClient(base_url=api_url, timeout=30) as reader,
+        api_client(base_url=api_url, timeout=30) as client,
+        api_client(base_url=api_url, timeout=30) as reader,
     ):
         readers = [
             asyncio.create_task(_sse_reader(client, params, sse, ready[0])),

@@ -41,6 +41,7 @@ import httpx
 
 from bench.common import (
     WriteSide,
+    api_client,
     cpu_seconds,
     drop_prefix,
     host_cpu,
@@ -136,7 +137,7 @@ async def _steady(api_url: str, rate: float, seconds: float) -> dict[str, Any]:
     limits = httpx.Limits(  # idle connections dropped before uvicorn's 5 s keep-alive ends them
         max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS, keepalive_expiry=2.0
     )
-    async with httpx.AsyncClient(base_url=api_url, timeout=30, limits=limits) as client:
+    async with api_client(base_url=api_url, timeout=30, limits=limits) as client:
         await asyncio.gather(*(worker(client) for _ in range(CONNECTIONS)))
     elapsed = time.monotonic() - start
     return {

@@ -25,6 +25,7 @@ from shared_kernel.avro import AvroCodec
 from shared_kernel.envelope import EventMetadata
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics
+from tests.auth import api_client
 
 CQRS = str(Path(sys.executable).parent / "cqrs")
 
@@ -153,7 +154,7 @@ class WriteSide:
     async def start_serving(self) -> None:
         """The API, owning every partition, answering commands (the layout of `make up`)."""
         await self.start_api()
-        async with httpx.AsyncClient(base_url=self.api_url, timeout=30) as client:
+        async with api_client(base_url=self.api_url, timeout=30) as client:
             await self.wait_until_commands_flow(client)
 
     def start_projector(self, name: str, env: dict[str, str] | None = None) -> Proc:
@@ -174,7 +175,7 @@ class WriteSide:
         """Probe commands until every projection started has applied them (Faust workers
         take a while to join their groups on a cold broker)."""
         running = self.projections
-        async with httpx.AsyncClient(base_url=self.api_url, timeout=30) as client:
+        async with api_client(base_url=self.api_url, timeout=30) as client:
             d = (await client.post("/api/v1/datasets", json={"name": "probe"})).json()
             i = (await client.post("/api/v1/incidents", json={"title": "probe"})).json()
             probes = {
@@ -215,7 +216,7 @@ class WriteSide:
 
 async def wait_until_up(proc: Proc, path: str = "/health", seconds: float = 60) -> None:
     """Until the process answers 200 on `path`."""
-    async with httpx.AsyncClient(base_url=proc.url) as client:
+    async with api_client(base_url=proc.url) as client:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and proc.popen.poll() is None:
             try:

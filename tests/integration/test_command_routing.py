@@ -11,7 +11,6 @@ from collections import Counter
 from pathlib import Path
 from uuid import UUID
 
-import httpx
 import orjson
 import pytest
 from redis.asyncio import Redis
@@ -20,8 +19,10 @@ from commands.bus import INTERNAL_COMMANDS
 from commands.context import command_payload
 from commands.incidents.commands import CommentOnIncident
 from commands.routing import directory_key, partition_for
+from shared_kernel.credentials import CLUSTER_HEADER, cluster_secret
 from shared_kernel.envelope import CommandEnvelope
 from shared_kernel.settings import Settings
+from tests.auth import TENANT, api_client
 from tests.integration.harness import WriteSide, read_events, wait_until_up
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -56,7 +57,7 @@ async def test_two_instances_each_own_part_of_the_partitions_and_either_answers_
         await _until(shared, 60, "the two instances never shared the partitions")
         owners = await _directory(ws)
         assert sorted(owners) == [0, 1, 2, 3]
-        async with httpx.AsyncClient(timeout=30) as client:
+        async with api_client(timeout=30) as client:
             # Incidents of every partition, opened through each instance in turn...
             opened: dict[int, str] = {}
             while len(opened) < 4:
@@ -94,22 +95,29 @@ async def test_a_paused_owner_whose_partitions_moved_neither_commits_nor_accepts
         await wait_until_up(stale)
         # A forwarder (owning nothing) in front of the processors, for the setup.
         await ws.start_api(env={**ws.env, "APP_API_OWNS_PARTITIONS": "false"})
-        async with httpx.AsyncClient(base_url=ws.api_url, timeout=30) as client:
+        async with api_client(base_url=ws.api_url, timeout=30) as client:
             await ws.wait_until_commands_flow(client)
             r = await client.post("/api/v1/incidents", json={"title": "contended"})
             assert r.status_code == 201, r.text
             incident = r.json()["id"]
 
             stale.popen.send_signal(signal.SIGSTOP)
+            cluster = {CLUSTER_HEADER: cluster_secret(ws.settings)}
             in_flight = CommandEnvelope(
                 command_id=f"stale-{uuid.uuid4()}",
                 command_type="incidents.CommentOnIncident",
                 aggregate_id=incident,
                 payload=command_payload(CommentOnIncident(UUID(incident), "stale", "decided on old state")),
+                tenant=TENANT,  # the incident's: another tenant's command would not find it
             )
             # the request waits in the paused process's socket
             sent = asyncio.create_task(
-                client.post(f"{stale.url}{INTERNAL_COMMANDS}", content=in_flight.to_bytes(), timeout=60)
+                client.post(
+                    f"{stale.url}{INTERNAL_COMMANDS}",
+                    content=in_flight.to_bytes(),
+                    headers=cluster,
+                    timeout=60,
+                )
             )
             successor = ws.start_processor()
             await wait_until_up(successor)
@@ -120,10 +128,16 @@ async def test_a_paused_owner_whose_partitions_moved_neither_commits_nor_accepts
                 payload=command_payload(
                     CommentOnIncident(UUID(incident), "fresh", "decided by the new owner")
                 ),
+                tenant=TENANT,
             )
+            # the owners' endpoint is the cluster's: a user's token does not open it
+            refused = await client.post(f"{successor.url}{INTERNAL_COMMANDS}", content=fresh.to_bytes())
+            assert refused.status_code == 401, refused.text
 
             async def successor_accepts() -> bool:
-                r = await client.post(f"{successor.url}{INTERNAL_COMMANDS}", content=fresh.to_bytes())
+                r = await client.post(
+                    f"{successor.url}{INTERNAL_COMMANDS}", content=fresh.to_bytes(), headers=cluster
+                )
                 assert r.status_code in (200, 409, 503), r.text
                 if r.status_code == 200:
                     assert r.json()["status"] == "accepted", r.text
@@ -154,7 +168,7 @@ async def test_an_asynchronous_command_is_answered_202_and_its_status_url_gives_
     ws = WriteSide.create(settings, tmp_path)
     try:
         await ws.start_serving()
-        async with httpx.AsyncClient(base_url=ws.api_url, timeout=30) as client:
+        async with api_client(base_url=ws.api_url, timeout=30) as client:
             key = f"bulk-{uuid.uuid4()}"
             r = await client.post(
                 "/api/v1/incidents",

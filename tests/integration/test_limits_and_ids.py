@@ -13,6 +13,7 @@ from aiokafka import TopicPartition
 from shared_kernel import kafka
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics
+from tests.auth import api_client
 from tests.integration.harness import WriteSide, read_events, read_records
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -157,7 +158,7 @@ async def test_a_command_within_the_body_limit_but_over_kafkas_is_413_before_pro
     )
     await generous.start_api()
     try:
-        async with httpx.AsyncClient(base_url=generous.api_url, timeout=30) as big:
+        async with api_client(base_url=generous.api_url, timeout=30) as big:
             topics = Topics(side.settings.topic_prefix)
             before = await _end_offsets(side.settings, [topics.commands])
             metadata = {f"k{i}": PLAIN for i in range(30)}  # 2 MB, every value valid

@@ -24,6 +24,7 @@ from projections.incidents.rows import IncidentsProjection
 from shared_kernel.settings import Settings
 from streams.app import RETRY_S
 from streams.group import supervise_group
+from tests.auth import api_client
 from tests.integration.harness import WriteSide
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -40,7 +41,7 @@ async def side(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture
 async def client(side: WriteSide) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=side.api_url, timeout=30) as c:
+    async with api_client(base_url=side.api_url, timeout=30) as c:
         yield c
 
 

@@ -13,12 +13,12 @@ import time
 from collections.abc import AsyncIterator
 from urllib.parse import urlparse
 
-import httpx
 import pytest
 
 from shared_kernel.position import PositionToken
 from shared_kernel.settings import Settings
 from streams.app import RETRY_S
+from tests.auth import api_client
 from tests.integration.harness import WriteSide, free_port
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -90,7 +90,7 @@ async def test_search_events_of_an_opensearch_outage_are_indexed_once_it_is_back
     side: WriteSide, relay: Relay
 ) -> None:
     word = f"outage{time.monotonic_ns()}"
-    async with httpx.AsyncClient(base_url=side.api_url, timeout=30) as client:
+    async with api_client(base_url=side.api_url, timeout=30) as client:
         await relay.cut()
         tokens = []
         for i in range(3):

@@ -23,6 +23,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from shared_kernel.position import PositionToken
 from shared_kernel.settings import Settings
+from tests.auth import api_client, bearer
 from tests.integration.harness import WriteSide, free_port, read_events
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -147,7 +148,7 @@ async def sse(
 @contextlib.asynccontextmanager
 async def ws(side: WriteSide, params: dict[str, Any] | None = None) -> AsyncIterator[WsStream]:
     url = httpx.URL(side.api_url.replace("http", "ws", 1) + "/ws/v1/events", params=params)
-    async with connect(str(url), compression=None) as conn:
+    async with connect(str(url), compression=None, additional_headers=bearer()) as conn:
         stream = WsStream(conn)
         stream.first = await _subscribed(stream)
         yield stream
@@ -168,7 +169,7 @@ async def comment(client: httpx.AsyncClient, incident_id: str, body: str) -> dic
     r = await client.post(
         f"/api/v1/incidents/{incident_id}/comments",
         json={"author": "alice", "body": body},
-        headers={"X-Actor": "alice"},
+        headers=bearer("operator", sub="alice"),  # the actor is the token's subject
     )
     assert r.status_code == 200, r.text
     return dict(r.json())
@@ -368,7 +369,7 @@ async def test_two_hundred_concurrent_clients_all_receive_every_event(side: Writ
     params = {"context": "incidents", "aggregate_id": ids}
     limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
     async with (
-        httpx.AsyncClient(base_url=side.api_url, timeout=60, limits=limits) as client,
+        api_client(base_url=side.api_url, timeout=60, limits=limits) as client,
         contextlib.AsyncExitStack() as stack,
     ):
         opening: list[contextlib.AbstractAsyncContextManager[Stream]] = [
@@ -414,7 +415,7 @@ async def test_a_slow_client_is_told_its_position_and_dropped_while_a_fast_one_k
 ) -> None:
     dataset = str(uuid.uuid4())
     path = f"/api/v1/datasets/{dataset}/stream"
-    async with httpx.AsyncClient(base_url=small.api_url, timeout=30) as api:
+    async with api_client(base_url=small.api_url, timeout=30) as api:
         slow = await RawSseClient.open(small.api_url, path)  # reads nothing more for now
         posted: dict[int, float] = {}
         received: dict[int, float] = {}
@@ -461,7 +462,7 @@ async def test_a_slow_client_is_told_its_position_and_dropped_while_a_fast_one_k
 
 
 async def test_a_catch_up_outrun_by_live_events_reads_on_and_misses_nothing(small: WriteSide) -> None:
-    async with httpx.AsyncClient(base_url=small.api_url, timeout=30) as api:
+    async with api_client(base_url=small.api_url, timeout=30) as api:
         r = await api.post("/api/v1/datasets", json={"name": "long history"})
         dataset = r.json()["id"]
         for n in range(80):  # 12 MB: more than the socket's buffers and the mailbox hold
@@ -511,6 +512,7 @@ class RawSseClient(Stream):
         resume = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id else ""
         request = (
             f"GET {path} HTTP/1.1\r\nHost: {url.host}\r\nAccept: text/event-stream\r\n{resume}"
+            f"Authorization: {bearer()['Authorization']}\r\n"
             "Connection: close\r\n\r\n"
         )
         await loop.sock_sendall(sock, request.encode())
@@ -632,7 +634,7 @@ async def test_unknown_filters_and_malformed_positions_are_422_naming_the_field(
     if not headers:
         url = httpx.URL(side.api_url.replace("http", "ws", 1) + "/ws/v1/events", params=params)
         with pytest.raises(InvalidStatus) as refused:
-            async with connect(str(url)):
+            async with connect(str(url), additional_headers=bearer()):
                 pass
         assert refused.value.response.status_code == 422
         assert orjson.loads(refused.value.response.body)["detail"][0]["loc"] == where
@@ -646,13 +648,15 @@ async def test_subscriptions_get_503_with_retry_after_when_kafka_is_unreachable(
         env={**down.env, "APP_KAFKA_BOOTSTRAP": down.settings.kafka_bootstrap}, wait_ready=False
     )
     try:
-        async with httpx.AsyncClient(base_url=down.api_url, timeout=30) as client:
+        async with api_client(base_url=down.api_url, timeout=30) as client:
             r = await client.get("/api/v1/events/stream")
             assert r.status_code == 503
             assert r.headers["retry-after"] == "1"
             assert r.json()["error"] == "unavailable"
         with pytest.raises(InvalidStatus) as refused:
-            async with connect(down.api_url.replace("http", "ws", 1) + "/ws/v1/events"):
+            async with connect(
+                down.api_url.replace("http", "ws", 1) + "/ws/v1/events", additional_headers=bearer()
+            ):
                 pass
         assert refused.value.response.status_code == 503
         assert refused.value.response.headers["Retry-After"] == "1"
@@ -668,7 +672,7 @@ async def test_a_shutdown_ends_every_stream_cleanly_and_the_process_exits(
     assert other.api is not None
     try:
         async with (
-            httpx.AsyncClient(base_url=other.api_url, timeout=30) as client,
+            api_client(base_url=other.api_url, timeout=30) as client,
             sse(client) as stream,
             ws(other) as socket_stream,
         ):

@@ -18,6 +18,7 @@ from commands.replies import result_key
 from shared_kernel.avro import AvroCodec
 from shared_kernel.settings import Settings
 from shared_kernel.topics import contract_topics, ensure_topics
+from tests.auth import TENANT, api_client, bearer
 from tests.integration.harness import Proc, WriteSide, free_port, read_events, read_records, wait_until_up
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -39,7 +40,14 @@ async def test_an_http_command_puts_its_event_on_the_topic_with_every_header(
     r = await client.post(
         "/api/v1/datasets",
         json={"name": "Weather", "description": "Hourly obs", "owner": "climate", "tags": ["Weather"]},
-        headers={"Idempotency-Key": key, "X-Actor": "alice", "X-Tenant": "acme", "traceparent": trace},
+        # what a client claims in X-Actor / X-Tenant is not read: the token says who and where
+        headers={
+            **bearer("operator", "acme", "alice"),
+            "Idempotency-Key": key,
+            "X-Actor": "mallory",
+            "X-Tenant": "evil",
+            "traceparent": trace,
+        },
     )
     assert r.status_code == 201, r.text
     body = r.json()
@@ -130,7 +138,7 @@ async def test_the_same_idempotency_key_gives_one_set_of_events_and_identical_an
     assert side.api is not None
     side.api.stop()
     redis = Redis.from_url(settings.redis_url)
-    assert await redis.delete(result_key(side.settings.topic_prefix, key)) == 1
+    assert await redis.delete(result_key(side.settings.topic_prefix, TENANT, key)) == 1
     await redis.aclose()
     await wait_until_up(side.restart(side.api), "/ready")
     await side.wait_until_commands_flow(client)
@@ -184,7 +192,7 @@ async def _load(
         queue.put_nowait(i)
 
     async def client_loop(c: int) -> None:
-        async with httpx.AsyncClient(timeout=60) as client:
+        async with api_client(timeout=60) as client:
             while not queue.empty():
                 i = queue.get_nowait()
                 incident = random.choice(incidents)
@@ -236,7 +244,7 @@ async def _assert_exactly_once(
 
 async def _open_incidents(ws: WriteSide, n: int) -> tuple[list[str], set[str]]:
     ids, keys = [], set()
-    async with httpx.AsyncClient(base_url=ws.api_url, timeout=30) as client:
+    async with api_client(base_url=ws.api_url, timeout=30) as client:
         await ws.wait_until_commands_flow(client)
         for i in range(n):
             key = f"create-{i}-{uuid.uuid4().hex[:6]}"
@@ -332,7 +340,7 @@ async def test_commands_get_503_with_retry_after_when_kafka_is_unreachable(
     )
     await ws.start_api(env={**ws.env, "APP_KAFKA_BOOTSTRAP": ws.settings.kafka_bootstrap}, wait_ready=False)
     try:
-        async with httpx.AsyncClient(base_url=ws.api_url, timeout=30) as client:
+        async with api_client(base_url=ws.api_url, timeout=30) as client:
             r = await client.post("/api/v1/incidents", json={"title": "x"})
             assert r.status_code == 503
             assert r.headers["retry-after"] == "1"
@@ -351,7 +359,7 @@ async def test_a_command_whose_partition_has_no_owner_is_a_503_with_retry_after_
     await ensure_topics(ws.settings, contract_topics(ws.settings, ["datasets", "incidents"]))
     await ws.start_api(env={**ws.env, "APP_API_OWNS_PARTITIONS": "false"})
     try:
-        async with httpx.AsyncClient(base_url=ws.api_url, timeout=30) as client:
+        async with api_client(base_url=ws.api_url, timeout=30) as client:
             r = await client.post("/api/v1/incidents", json={"title": "x"})
             assert r.status_code == 503
             assert r.json()["error"] == "unavailable"

@@ -47,6 +47,7 @@ class History:
                 aggregate_id=str(self.aggregate.id),
                 payload=payload,
                 actor="alice",
+                tenant="acme",
             )
             for event in events:
                 record = to_record(self.context, CODEC, event, envelope)

@@ -38,6 +38,7 @@ from commands.transaction import dead_letter
 from shared_kernel.envelope import CommandEnvelope, CommandResult
 from shared_kernel.settings import Settings
 from shared_kernel.topics import contract_topics
+from tests.auth import bearer
 from tests.unit.test_command_batch import (
     CODEC,
     FakeProducer,
@@ -484,7 +485,9 @@ async def test_the_api_refuses_a_body_over_its_limit_with_413() -> None:
 
     app = create_app(Settings(environment="test", max_body_bytes=2048))
     # no lifespan: nothing is connected, and the refusal needs nothing
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://api", headers=bearer()
+    ) as client:
         by_length = await client.post("/api/v1/datasets", json={"name": "x" * 4096})
 
         async def chunks() -> Any:
@@ -514,21 +517,23 @@ async def test_the_history_reads_the_contexts_own_events_only() -> None:
     ID = uuid4()
     pool = _Pool([])
     with pytest.raises(RequestProblem) as problem:
-        await history(pool, "incidents", ID, "incident")
+        await history(pool, "acme", "incidents", ID, "incident")
     assert (problem.value.status, problem.value.code) == (404, "not_found")
     [(sql, args)] = pool.queries
     assert "context = $2" in sql
-    assert args == (str(ID), "incidents")
+    assert "tenant = $3" in sql
+    assert args == (str(ID), "incidents", "acme")
 
 
 async def test_a_temporal_query_of_an_unknown_or_broken_history_is_none_never_an_error() -> None:
     ID = str(uuid4())
     unknown = _Pool([])
-    assert await temporal.state_at(unknown, "incidents", ID, version=1) is None
+    assert await temporal.state_at(unknown, "incidents", ID, version=1, tenant="acme") is None
     assert unknown.queries[0][1][:2] == (ID, "incidents")
+    assert unknown.queries[0][1][-1] == "acme"
     # an archive from before ids were unique: the second aggregate's first events were dropped
     broken = _Pool([{"version": 3, "headers": {}, "payload": {}}])
-    assert await temporal.state_at(broken, "incidents", ID, version=3) is None
+    assert await temporal.state_at(broken, "incidents", ID, version=3, tenant="acme") is None
 
 
 def test_loaded_aggregate_snapshot_roundtrip_of_a_big_state_stays_under_the_limit() -> None:

@@ -44,6 +44,7 @@ def test_every_event_is_a_row_with_its_position_headers_and_payload() -> None:
         "context": "datasets",
         "aggregate_type": "datasets.Dataset",
         "aggregate_id": str(dataset),
+        "tenant": "acme",
         "version": 2,
         "event_type": "datasets.VersionPublished",
         "occurred_at": datasets.time(1),

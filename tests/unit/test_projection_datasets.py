@@ -45,6 +45,7 @@ def test_a_registered_dataset_is_one_active_row_at_version_1() -> None:
     ident, history = a_dataset()
     assert row_after(history) == {
         "id": ident,
+        "tenant": "acme",  # the tenant of the command that created it (its events' header)
         "version": 1,
         "name": "Weather",
         "description": "Hourly observations",
@@ -130,8 +131,8 @@ def test_every_quality_check_is_a_row_of_its_own() -> None:
     )
     rows = QualityMetricsProjection().rows(history.events)
     assert rows == [
-        (ident, 2, "completeness", 0.9, 0.95, ">=", False, history.time(1)),
-        (ident, 4, "completeness", 0.97, 0.95, ">=", True, history.time(3)),
+        (ident, 2, "acme", "completeness", 0.9, 0.95, ">=", False, history.time(1)),
+        (ident, 4, "acme", "completeness", 0.97, 0.95, ">=", True, history.time(3)),
     ]
     assert len(rows[0]) == len(QualityMetricsProjection.columns)
 

@@ -34,6 +34,7 @@ def test_an_opened_incident_is_an_open_row_with_nobody_assigned() -> None:
     ident, history = an_incident()
     assert row_after(history) == {
         "id": ident,
+        "tenant": "acme",  # the tenant of the command that created it (its events' header)
         "version": 1,
         "title": "Nightly load failed",
         "description": "exit 1",

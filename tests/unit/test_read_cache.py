@@ -15,6 +15,7 @@ import asyncpg
 import orjson
 import pytest
 
+from api.auth.principal import Principal
 from api.changes import ChangeFollower
 from api.consistency import CommittedPositions
 from api.errors import RequestProblem
@@ -28,6 +29,9 @@ from shared_kernel.settings import Settings
 SETTINGS = Settings(environment="test", topic_prefix="unit")
 TOPIC = "unit.events.datasets"
 HEADERS = [(b"content-type", b"application/json"), (b"etag", b'"1"')]
+
+
+VIEWER = Principal("reader", "acme", ("viewer",), "token")
 
 
 def follow(reads: RenderedReads | None = None, settings: Settings = SETTINGS) -> ChangeFollower:
@@ -133,9 +137,14 @@ def test_requests_the_cache_may_answer() -> None:
             "path": path,
             "query_string": query,
             "headers": headers or [],
+            "state": {"principal": VIEWER},
         }
 
     assert request(scope(f"/api/v1/datasets/{ident}")) == (("datasets", ident), None, None)
+    # a caller without the route's permission (or none) is the route's to answer (403, 401)
+    assert request({**scope(f"/api/v1/datasets/{ident}"), "state": {}}) is None
+    nobody = Principal("n", "acme", ("unknown-role",), "token")
+    assert request({**scope(f"/api/v1/datasets/{ident}"), "state": {"principal": nobody}}) is None
     assert request(scope(f"/api/v1/incidents/{ident}", b"consistent_with=abc")) == (
         ("incidents", ident),
         "abc",
@@ -249,7 +258,9 @@ async def call(
     path: str,
     headers: list[tuple[bytes, bytes]] | None = None,
     query: bytes = b"",
+    principal: Principal | None = None,
 ) -> tuple[int, dict[bytes, bytes], bytes]:
+    principal = principal or VIEWER
     sent: list[dict[str, Any]] = []
 
     async def send(message: MutableMapping[str, Any]) -> None:
@@ -266,6 +277,7 @@ async def call(
         "query_string": query,
         "headers": headers or [],
         "app": holder,
+        "state": {"principal": principal},
     }
     await app(scope, receive, send)
     return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
@@ -294,6 +306,10 @@ async def test_repeated_reads_skip_the_route_until_a_change_names_them() -> None
     assert route.calls == 1
     status, headers, body = await call(app, state, path, [(b"if-none-match", b'"1"')])
     assert (status, body, headers[b"etag"]) == (304, b"", b'"1"')
+    # what acme's read kept is acme's: another tenant's read of the id goes to the route
+    _, headers, _ = await call(app, state, path, principal=Principal("o", "other", ("viewer",), "token"))
+    assert (headers[b"x-read-cache"], route.calls) == (b"miss", 2)
+    route.calls = 1
 
     route.version = 2
     follower.on_change(Change("datasets", 1, ((TOPIC, 0, 3),), frozenset({ident})))
