@@ -8,6 +8,7 @@ from __future__ import annotations
 import hmac
 from typing import Annotated, Any
 
+import fastapi.routing
 from fastapi import Depends, FastAPI, WebSocketException
 from fastapi.dependencies.models import Dependant
 from fastapi.openapi.utils import get_openapi
@@ -78,21 +79,30 @@ def permission_of(dependant: Dependant) -> str | None:
     return None
 
 
+def api_routes(app: FastAPI) -> list[APIRoute]:
+    """Every API route of the app, inside included routers too (FastAPI may keep them
+    nested rather than flattened)."""
+    contexts = getattr(fastapi.routing, "iter_route_contexts", None)
+    if contexts is None:
+        return [r for r in app.routes if isinstance(r, APIRoute)]
+    return [c.original_route for c in contexts(app.routes) if isinstance(c.original_route, APIRoute)]
+
+
 def document(app: FastAPI) -> None:
-    """Write each route's permission into the OpenAPI document, and the schemes."""
+    """Write each route's permission into the OpenAPI document (`x-permission`, by
+    operation id), with the security schemes."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
-        for route in app.routes:
-            if isinstance(route, APIRoute):
-                permission = permission_of(route.dependant)
-                extra = dict(route.openapi_extra or {})
-                extra["x-permission"] = permission or "undeclared"
-                if permission not in (None, PUBLIC):
-                    extra["security"] = SECURITY
-                route.openapi_extra = extra
+        declared = {r.operation_id: permission_of(r.dependant) for r in api_routes(app) if r.operation_id}
         schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                permission = declared.get(operation.get("operationId"))
+                operation["x-permission"] = permission or "undeclared"
+                if permission not in (None, PUBLIC):
+                    operation["security"] = SECURITY
         schema.setdefault("components", {})["securitySchemes"] = {
             "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
             "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},

@@ -50,6 +50,7 @@ def envelope(
     *,
     expected_version: int | None = None,
     reply_to: str = "replies:api-1",
+    tenant: str = "",
 ) -> CommandEnvelope:
     """A command as the API puts it on the commands topic (see api/dispatch.py, commands/bus.py)."""
     command_type = context.command_type(command)
@@ -60,6 +61,7 @@ def envelope(
         payload=command_payload(command),
         expected_version=expected_version,
         actor="alice",
+        tenant=tenant,
         reply_to=reply_to,
         fingerprint=f"fp-{command_id}",
     )
@@ -74,12 +76,13 @@ class Partition:
         self.offset = 0
 
     def given(
-        self, context: BoundedContext, *commands: Any, recent: Sequence[CommandResult] = ()
+        self, context: BoundedContext, *commands: Any, recent: Sequence[CommandResult] = (), tenant: str = ""
     ) -> Partition:
-        """The state topic holds the aggregate the commands made, with these recent outcomes."""
+        """The state topic holds the aggregate the commands made (in `tenant`), with these
+        recent outcomes."""
         aggregate = Scenario(context).given(*commands).aggregate
         assert aggregate is not None
-        loaded = LoadedAggregate(aggregate)
+        loaded = LoadedAggregate(aggregate, tenant=tenant)
         for result in recent:
             loaded.remember(result)
         self.state.committed[(context.name, str(aggregate.id))] = dump(context, loaded)
@@ -372,6 +375,53 @@ def test_a_command_id_in_the_aggregates_recent_outcomes_is_answered_from_there()
     assert events(decision) == []  # not decided a second time
     assert decision.answers == [("replies:api-9", earlier)]
     assert decision.touched == {}  # and nothing to rewrite
+
+
+def test_another_tenants_aggregate_is_not_found_and_tells_nothing_of_itself() -> None:
+    ID = uuid4()
+    earlier = CommandResult(
+        "c1", "accepted", str(ID), version=1, position="token", events=1, fingerprint="fp-c1"
+    )
+    partition = Partition().given(
+        DATASETS, ds.RegisterDataset(ID, "Weather"), recent=[earlier], tenant="acme"
+    )
+
+    decision = partition.when(
+        envelope(DATASETS, ds.DescribeDataset(ID, name="Mine"), "x1", tenant="globex"),
+        envelope(DATASETS, ds.DescribeDataset(ID, name="Mine"), "c1", tenant="globex"),  # acme's command id
+        envelope(DATASETS, ds.RegisterDataset(ID, "Mine too"), "x2", tenant="globex"),
+        envelope(DATASETS, ds.DescribeDataset(ID, name="Ours"), "a1", tenant="acme"),
+    )
+
+    answers = {result.command_id: result for _, result in decision.answers}
+    assert (answers["x1"].code, answers["x1"].current_version, answers["x1"].tenant) == (
+        "not_found",
+        None,
+        "globex",
+    )
+    assert answers["c1"].code == "not_found"  # not acme's cached outcome of c1
+    assert (answers["x2"].code, answers["x2"].current_version) == ("already_exists", None)
+    assert events(decision) == [("a1", "datasets.DatasetDescribed", 2)]
+    written = snapshot(decision, DATASETS, ID)
+    assert (written.tenant, dataset(written).name) == ("acme", "Ours")  # a snapshot keeps its tenant
+    assert "x1" not in written.recent  # nothing of globex's attempts is kept with acme's aggregate
+
+
+def test_one_command_id_in_two_tenants_is_two_commands_and_a_new_aggregate_takes_its_tenant() -> None:
+    A, B = uuid4(), uuid4()
+    decision = Partition().when(
+        envelope(DATASETS, ds.RegisterDataset(A, "Ours"), "same-key", tenant="acme"),
+        envelope(DATASETS, ds.RegisterDataset(B, "Theirs"), "same-key", tenant="globex"),
+    )
+    assert events(decision) == [
+        ("same-key", "datasets.DatasetRegistered", 1),
+        ("same-key", "datasets.DatasetRegistered", 1),
+    ]
+    assert [acc.command.tenant for acc in decision.accepted] == ["acme", "globex"]
+    assert (snapshot(decision, DATASETS, A).tenant, snapshot(decision, DATASETS, B).tenant) == (
+        "acme",
+        "globex",
+    )
 
 
 def test_an_unknown_command_type_is_an_invalid_command() -> None:
