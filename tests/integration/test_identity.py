@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,7 +32,7 @@ from shared_kernel.credentials import key_dir
 from shared_kernel.position import PositionToken
 from shared_kernel.settings import Settings
 from tests.auth import TENANT, api_client, bearer
-from tests.integration.harness import WriteSide, free_port, read_records
+from tests.integration.harness import Proc, WriteSide, free_port, read_records
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -49,6 +50,17 @@ async def side(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
     await ws.wait_until_projected()
     yield ws
     ws.stop()
+
+
+@contextlib.asynccontextmanager
+async def another_api(side: WriteSide, wait_ready: bool = True, **env: str) -> AsyncIterator[Proc]:
+    """One more API instance of the side, with settings of its own, for one test."""
+    proc = await side.start_api(env={**side.env, **env}, wait_ready=wait_ready)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        side.apis.remove(proc)
 
 
 def _unauthenticated(r: httpx.Response) -> None:
@@ -348,8 +360,8 @@ async def test_the_same_idempotency_key_in_two_tenants_is_two_commands(side: Wri
 
 
 async def test_an_api_key_works_rotates_and_stops_working_once_revoked(side: WriteSide) -> None:
-    second = await side.start_api()  # another instance: it learns of a revocation within the bound
     async with (
+        another_api(side) as second,  # another instance: it learns of a revocation within the bound
         api_client("admin", TENANT, base_url=side.api_url, timeout=30) as admin,
         httpx.AsyncClient(base_url=side.api_url, timeout=30) as first_api,
         httpx.AsyncClient(base_url=second.url, timeout=30) as second_api,
@@ -398,8 +410,6 @@ async def test_an_api_key_works_rotates_and_stops_working_once_revoked(side: Wri
             await asyncio.sleep(0.05)
         assert (await second_api.get("/api/v1/incidents", headers={"X-API-Key": new_key})).status_code == 200
         assert (await first_api.get("/api/v1/incidents", headers={"X-API-Key": key + "x"})).status_code == 401
-    second.stop()
-    side.apis.remove(second)
 
 
 # ---- rate limits -------------------------------------------------------------------------------
@@ -408,9 +418,8 @@ async def test_an_api_key_works_rotates_and_stops_working_once_revoked(side: Wri
 async def test_the_1001st_request_of_a_window_is_a_429_counted_exactly_under_concurrency(
     side: WriteSide,
 ) -> None:
-    limited = await side.start_api(env={**side.env, "APP_RATE_LIMIT_WINDOW_S": "120"})
     sub = f"busy-{uuid.uuid4().hex[:6]}"
-    try:
+    async with another_api(side, APP_RATE_LIMIT_WINDOW_S="120") as limited:
         async with api_client("viewer", TENANT, sub, base_url=limited.url, timeout=30) as busy:
 
             async def one() -> httpx.Response:
@@ -429,12 +438,8 @@ async def test_the_1001st_request_of_a_window_is_a_429_counted_exactly_under_con
             assert refused.headers["ratelimit-policy"] == "1000;w=120"
             assert refused.json()["error"] == "rate_limited"
         async with api_client("admin", TENANT, base_url=side.api_url, timeout=30) as admin:
-            started, audited = time.monotonic(), list[dict[str, Any]]()
-            while not audited and time.monotonic() - started < DEADLINE_S:
-                params = {"actor": sub, "outcome": "rate_limited", "limit": "500"}
-                audited = (await admin.get("/api/v1/admin/audit", params=params)).json()["items"]
-                await asyncio.sleep(0.2)
-            assert audited, "no audit record of the 429s"
+            params = {"actor": sub, "outcome": "rate_limited", "limit": "500"}
+            audited = await _audited(admin, params, lambda found: bool(found))
             assert audited[0]["status"] == 429
         async with api_client("viewer", TENANT, f"{sub}-2", base_url=limited.url, timeout=30) as fresh:
             r = await fresh.get("/api/v1/incidents")  # each principal has its own count
@@ -443,18 +448,16 @@ async def test_the_1001st_request_of_a_window_is_a_429_counted_exactly_under_con
             r = await admin.get("/api/v1/incidents")  # admins are not limited
             assert r.status_code == 200
             assert "ratelimit-limit" not in r.headers
-    finally:
-        limited.stop()
-        side.apis.remove(limited)
 
 
 async def test_with_redis_down_the_setting_decides_and_the_default_allows(side: WriteSide) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    allow = await side.start_api(env={**side.env, "APP_REDIS_URL": dead}, wait_ready=False)
-    refuse = await side.start_api(
-        env={**side.env, "APP_REDIS_URL": dead, "APP_RATE_LIMIT_WHEN_REDIS_DOWN": "refuse"}, wait_ready=False
-    )
-    try:
+    async with (
+        another_api(side, wait_ready=False, APP_REDIS_URL=dead) as allow,
+        another_api(
+            side, wait_ready=False, APP_REDIS_URL=dead, APP_RATE_LIMIT_WHEN_REDIS_DOWN="refuse"
+        ) as refuse,
+    ):
         for proc, expected in ((allow, 200), (refuse, 503)):
             async with api_client("viewer", base_url=proc.url, timeout=30) as client:
                 started = time.monotonic()
@@ -467,10 +470,6 @@ async def test_with_redis_down_the_setting_decides_and_the_default_allows(side: 
                 if expected == 503:
                     assert r.headers["retry-after"] == "1"
                 _unauthenticated(await client.get("/api/v1/incidents", headers={"Authorization": "Bearer x"}))
-    finally:
-        for proc in (allow, refuse):
-            proc.stop()
-            side.apis.remove(proc)
 
 
 # ---- browsers ----------------------------------------------------------------------------------
@@ -512,28 +511,40 @@ async def test_a_stream_ticket_opens_one_stream_and_a_stream_ends_with_its_crede
 
 
 async def test_cors_answers_the_configured_origins_only(side: WriteSide) -> None:
-    cors = await side.start_api(env={**side.env, "APP_CORS_ORIGINS": "https://console.example"})
-    try:
-        async with httpx.AsyncClient(base_url=cors.url, timeout=30) as client:
-            preflight = {
-                "Access-Control-Request-Method": "POST",
-                "Access-Control-Request-Headers": "authorization",
-            }
-            ok = await client.options(
-                "/api/v1/incidents", headers={"Origin": "https://console.example", **preflight}
-            )
-            assert ok.status_code == 200
-            assert ok.headers["access-control-allow-origin"] == "https://console.example"
-            no = await client.options(
-                "/api/v1/incidents", headers={"Origin": "https://evil.example", **preflight}
-            )
-            assert "access-control-allow-origin" not in no.headers
-    finally:
-        cors.stop()
-        side.apis.remove(cors)
+    async with (
+        another_api(side, APP_CORS_ORIGINS="https://console.example") as cors,
+        httpx.AsyncClient(base_url=cors.url, timeout=30) as client,
+    ):
+        preflight = {
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization",
+        }
+        ok = await client.options(
+            "/api/v1/incidents", headers={"Origin": "https://console.example", **preflight}
+        )
+        assert ok.status_code == 200
+        assert ok.headers["access-control-allow-origin"] == "https://console.example"
+        no = await client.options(
+            "/api/v1/incidents", headers={"Origin": "https://evil.example", **preflight}
+        )
+        assert "access-control-allow-origin" not in no.headers
 
 
 # ---- the audit trail --------------------------------------------------------------------------
+
+
+async def _audited(
+    admin: httpx.AsyncClient, params: dict[str, str], enough: Callable[[list[dict[str, Any]]], bool]
+) -> list[dict[str, Any]]:
+    """The audit records matching `params` once there are enough (the sink writes them
+    within about a second of the request)."""
+    started = time.monotonic()
+    while True:
+        found: list[dict[str, Any]] = (await admin.get("/api/v1/admin/audit", params=params)).json()["items"]
+        if enough(found) or time.monotonic() - started > DEADLINE_S:
+            assert enough(found), f"not audited: {params}, found {found}"
+            return found
+        await asyncio.sleep(0.2)
 
 
 async def test_each_outcome_is_audited_and_an_admin_queries_its_own_tenants_trail(side: WriteSide) -> None:
@@ -557,12 +568,7 @@ async def test_each_outcome_is_audited_and_an_admin_queries_its_own_tenants_trai
         assert (accepted.status_code, forbidden.status_code) == (201, 403)
         assert conflict.status_code == 409, conflict.text
         wanted = {"accepted", "rejected", "forbidden"}
-        started, found = time.monotonic(), []
-        while time.monotonic() - started < DEADLINE_S:
-            found = (await admin.get("/api/v1/admin/audit", params={"actor": actor})).json()["items"]
-            if {f["outcome"] for f in found} >= wanted:
-                break
-            await asyncio.sleep(0.2)
+        found = await _audited(admin, {"actor": actor}, lambda found: {f["outcome"] for f in found} >= wanted)
         by_outcome: dict[str, list[dict[str, Any]]] = {}
         for record in found:
             by_outcome.setdefault(record["outcome"], []).append(record)
