@@ -10,6 +10,7 @@ needs a read model's schema or index names asks `projections` itself and passes 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -68,9 +69,14 @@ def isolated(
     return settings, env
 
 
+@functools.cache
+def _token(role: str, tenant: str, sub: str) -> str:
+    return issue_token(Settings(), sub, [role], tenant, 6 * 3600)
+
+
 def bearer(role: str = "operator", tenant: str = "bench", sub: str = "bench-client") -> dict[str, str]:
     """A token of the local issuer, as `cqrs auth token --sub bench-client --role operator` prints."""
-    return {"Authorization": f"Bearer {issue_token(Settings(), sub, [role], tenant, 6 * 3600)}"}
+    return {"Authorization": f"Bearer {_token(role, tenant, sub)}"}
 
 
 def api_client(role: str = "operator", tenant: str = "bench", **options: Any) -> httpx.AsyncClient:

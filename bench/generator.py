@@ -101,6 +101,7 @@ def dataset_events(datasets: int, per_dataset: int, live: int = 1) -> Iterator[E
                     aggregate_id=str(dataset.id),
                     payload={},
                     actor="bench",
+                    tenant="bench",  # the tenant of the benchmarks' tokens (bench.common.bearer)
                 )
                 yield to_record(DATASETS, codec, its[step], envelope)
 

@@ -44,8 +44,10 @@ import aiohttp
 import orjson
 from aiokafka.admin import NewTopic
 
+from bench import auth_cost
 from bench.common import (
     WriteSide,
+    bearer,
     cpu_seconds,
     drop_prefix,
     free_port,
@@ -166,23 +168,28 @@ async def run_ours(base_url: str, clients: int) -> Level:
     level = Level(clients)
     run_id = uuid.uuid4().hex[:6]
     connector = aiohttp.TCPConnector(limit=clients + 4)
+    # every client is an operator of its own, with its own token (counted against its own
+    # rate limit); the peer, which has no authentication, ignores the header
+    credentials = {c: bearer(sub=f"bench-client-{c}") for c in range(clients)}
+    credential_of: dict[str, dict[str, str]] = {}
     async with aiohttp.ClientSession(base_url, connector=connector) as http:
 
         async def prepare(c: int) -> str:
             key = f"s1-{run_id}-{c}"
             async with http.post(
-                "/api/v1/datasets", json=registration(c), headers={"Idempotency-Key": key}
+                "/api/v1/datasets", json=registration(c), headers={"Idempotency-Key": key, **credentials[c]}
             ) as r:
                 body = await r.json()
                 if r.status != 201:
                     raise RuntimeError(f"register answered {r.status}: {body}")
+                credential_of[str(body["id"])] = credentials[c]
                 return str(body["id"])
 
         async def run(dataset_id: str, i: int) -> None:
             kind, args = step(i)
             method, route = ROUTES[kind]
             path, body = route(dataset_id, args)
-            async with http.request(method, path, json=body) as r:
+            async with http.request(method, path, json=body, headers=credential_of[dataset_id]) as r:
                 if r.status >= 300:
                     raise RuntimeError(f"{kind} answered {r.status}: {await r.text()}")
                 await r.read()
@@ -464,7 +471,7 @@ async def cpu_per_command(side: WriteSide, clients: int) -> dict[str, Any]:
 async def _first_answer(url: str, aggregate: str, deadline_s: float = 60) -> float:
     """Seconds until a command on `aggregate` through `url` is answered 2xx."""
     t0 = time.monotonic()
-    async with aiohttp.ClientSession(url) as http:
+    async with aiohttp.ClientSession(url, headers=bearer()) as http:
         while time.monotonic() - t0 < deadline_s:
             try:
                 async with http.patch(
@@ -490,7 +497,7 @@ async def failover(settings: Settings, workdir: Path) -> dict[str, Any]:
         api = side.api
         assert api is not None
         async with (
-            aiohttp.ClientSession(side.api_url) as http,
+            aiohttp.ClientSession(side.api_url, headers=bearer()) as http,
             http.post("/api/v1/datasets", json=registration(0)) as r,
         ):
             dataset = str((await r.json())["id"])
@@ -513,7 +520,7 @@ async def failover(settings: Settings, workdir: Path) -> dict[str, Any]:
             }
         if not owned:
             raise RuntimeError(f"the second owner took no partition; log:\n{second.tail()}")
-        async with aiohttp.ClientSession(side.api_url) as http:
+        async with aiohttp.ClientSession(side.api_url, headers=bearer()) as http:
             theirs = ""
             while not theirs:
                 async with http.post("/api/v1/datasets", json=registration(1)) as r:
@@ -547,6 +554,7 @@ async def run(settings: Settings) -> dict[str, Any]:
     http_peer = [(await run_http_peer(settings, workdir, n)).figures() for n in LEVELS]
     peer = [(await asyncio.to_thread(run_peer, settings, n)).figures() for n in LEVELS]
     gaps = await failover(settings, workdir)
+    auth = await auth_cost.measure(settings)
 
     def at(rows: list[dict[str, Any]], n: int) -> dict[str, Any]:
         return next((r for r in rows if r["clients"] == n), rows[-1])
@@ -577,6 +585,7 @@ async def run(settings: Settings) -> dict[str, Any]:
         "p50_goal_ms_at_one_client": round(at(limit, one)["p50_ms"] + 3, 3),
         "cpu_per_command": cpu,
         "failover": gaps,
+        "authentication": auth,
         **({"profiles": profiles} if profiles else {}),
     }
     write("S1", result)
@@ -598,6 +607,7 @@ async def run(settings: Settings) -> dict[str, Any]:
     )
     rows.append(("cpu per command", f"{cpu['total_ms_per_command']} ms", str(cpu)))
     rows.append(("failover", str(gaps["restarted_owner_answers_after_s"]), str(gaps)))
+    rows.append(("authentication", f"{auth['token_us_per_request']} us/request", str(auth)))
     show("S1", "commands over HTTP", rows)
     shutil.rmtree(workdir, ignore_errors=True)
     return result

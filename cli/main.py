@@ -172,7 +172,10 @@ def run_audit_sink() -> None:
 def auth_token(
     sub: Annotated[str, typer.Option(help="the subject: the actor of what the token does")],
     role: Annotated[
-        list[str] | None, typer.Option(help="admin, operator or viewer (repeat for several; default viewer)")
+        list[str] | None,
+        typer.Option(
+            help="admin, operator, viewer, or platform (projections); repeat for several; default viewer"
+        ),
     ] = None,
     tenant: Annotated[str, typer.Option(help="the tenant the token acts in")] = "default",
     ttl: Annotated[int, typer.Option(help="seconds until it expires", min=1, max=366 * 86400)] = 3600,

@@ -220,8 +220,10 @@ class Settings(BaseSettings):
         default_factory=list, description="origins browsers may call the API from (comma-separated)"
     )
     rate_limits: Annotated[dict[str, int], NoDecode] = Field(
-        default_factory=lambda: {"admin": 0, "operator": 1000, "viewer": 1000},
-        description="requests per window by role, e.g. `operator=1000,viewer=1000,admin=0` (0: no limit)",
+        default_factory=lambda: {"platform": 0, "admin": 0, "operator": 1000, "viewer": 1000},
+        description="requests per window by role, e.g. `operator=1000,viewer=1000,admin=0` (0: no "
+        "limit); a principal with several roles gets the largest (seed 001: users 1,000 an hour, "
+        "admins unlimited)",
     )
     rate_limit_window_s: int = Field(default=3600, ge=1, description="the window of the rate limits")
     rate_limit_when_redis_down: Literal["allow", "refuse"] = Field(

@@ -1,10 +1,13 @@
 """Roles and what each may do: the one table every route's permission is checked against.
 
-A role is an admin, operator or viewer *of its own tenant*; nothing here reaches across
-tenants (there is no platform-wide role: a deployment that needs one adds it here, and
-explicitly). Each route declares the permission it needs with `requires(...)` (or
-`public()`), and `api.auth.openapi` writes it into the OpenAPI document, where the
-authorization tests read it.
+admin, operator and viewer are roles *of the caller's tenant*: everything they reach is
+that tenant's (its aggregates, rows, streams, keys, audit trail). What is shared by
+every tenant is the platform's: the projections (their versions, lag, dead letters,
+rebuilds and rollbacks, which serve all tenants at once) need `platform`, a role of its
+own that a tenant's admin does not have; a token names it explicitly. Each route
+declares the permission it needs with `requires(...)` (or `public()`), and
+`api.auth.access` writes it into the OpenAPI document, where the authorization tests
+read it.
 """
 
 from __future__ import annotations
@@ -26,11 +29,17 @@ ADMIN_AUDIT: Final = "admin:audit"
 
 VIEWER: Final = frozenset({DATASETS_READ, INCIDENTS_VIEW, SEARCH_READ, EVENTS_SUBSCRIBE, COMMANDS_READ})
 OPERATOR: Final = VIEWER | {DATASETS_WRITE, INCIDENTS_CREATE, INCIDENTS_UPDATE, INCIDENTS_ASSIGN}
-ADMIN: Final = OPERATOR | {ADMIN_PROJECTIONS, ADMIN_KEYS, ADMIN_AUDIT}
+ADMIN: Final = OPERATOR | {ADMIN_KEYS, ADMIN_AUDIT}
+PLATFORM: Final = frozenset({ADMIN_PROJECTIONS})  # across tenants: the shared read models
 
 # role -> its permissions: the one table
-ROLES: Final[dict[str, frozenset[str]]] = {"admin": ADMIN, "operator": OPERATOR, "viewer": VIEWER}
-PERMISSIONS: Final = sorted(ADMIN)
+ROLES: Final[dict[str, frozenset[str]]] = {
+    "admin": ADMIN,
+    "operator": OPERATOR,
+    "viewer": VIEWER,
+    "platform": PLATFORM,
+}
+PERMISSIONS: Final = sorted(ADMIN | PLATFORM)
 
 
 def permissions_of(roles: list[str] | tuple[str, ...]) -> frozenset[str]:
@@ -43,7 +52,7 @@ def permissions_of(roles: list[str] | tuple[str, ...]) -> frozenset[str]:
 
 def main_role(roles: list[str] | tuple[str, ...]) -> str:
     """The strongest known role (the rate limit's class), or "" for none."""
-    for role in ("admin", "operator", "viewer"):
+    for role in ("platform", "admin", "operator", "viewer"):
         if role in roles:
             return role
     return ""

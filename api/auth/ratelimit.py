@@ -71,7 +71,7 @@ class RateLimiter:
         limits = self.settings.rate_limits
         known = [limits[r] for r in principal.roles if r in limits]
         if not known:
-            return 0 if principal.role == "admin" else limits.get("viewer", 0)
+            return 0 if principal.role in ("admin", "platform") else limits.get("viewer", 0)
         return 0 if 0 in known else max(known)
 
     async def hit(self, principal: Principal) -> Verdict:

@@ -30,7 +30,9 @@ OUTCOMES = ("accepted", "rejected", "queued", "failed", "unauthenticated", "forb
 
 class IssueKeyRequest(RequestBody):
     name: Annotated[HeaderText, Field(description="What the key is for (a service's name).")]
-    role: Literal["admin", "operator", "viewer"] = "viewer"
+    role: Literal["admin", "operator", "viewer"] = Field(
+        default="viewer", description="a role of this tenant (a key never has the platform role)"
+    )
     ttl_days: int | None = Field(default=None, ge=1, le=3650, description="90 days unless given")
 
 
@@ -160,4 +162,4 @@ def _json(body: dict[str, Any]) -> Any:
     return orjson.loads(orjson.dumps(body, default=str))
 
 
-assert set(ROLES) == {"admin", "operator", "viewer"}  # IssueKeyRequest.role lists them
+assert set(ROLES) == {"admin", "operator", "viewer", "platform"}  # IssueKeyRequest.role lists the tenant's

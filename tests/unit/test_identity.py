@@ -28,10 +28,13 @@ def test_the_roles_table_a_viewer_reads_an_operator_changes_an_admin_administers
     assert not p.ROLES["viewer"] & (WRITES | ADMINISTRATION)
     assert p.ROLES["viewer"] >= {p.DATASETS_READ, p.INCIDENTS_VIEW, p.SEARCH_READ, p.EVENTS_SUBSCRIBE}
     assert p.ROLES["operator"] == p.ROLES["viewer"] | WRITES
-    assert p.ROLES["admin"] == p.ROLES["operator"] | ADMINISTRATION
+    # a tenant's admin administers its tenant; the shared projections are the platform's
+    assert p.ROLES["admin"] == p.ROLES["operator"] | {p.ADMIN_KEYS, p.ADMIN_AUDIT}
+    assert p.ROLES["platform"] == {p.ADMIN_PROJECTIONS}
     assert p.permissions_of(["viewer", "made-up"]) == p.ROLES["viewer"]
     assert p.permissions_of(["made-up"]) == frozenset()
     assert p.main_role(["viewer", "admin"]) == "admin"
+    assert sorted(p.PERMISSIONS) == sorted(set().union(*p.ROLES.values()))
 
 
 @pytest.fixture
