@@ -97,7 +97,7 @@ class Jwks:
     async def _document(self) -> dict[str, Any]:
         s = self.settings
         url = s.auth_jwks_url
-        if not url and not s.auth_jwks_file and s.auth_issuer.startswith("https://"):
+        if not url and not s.auth_jwks_file and _discoverable(s):
             discovery = await _get_json(s.auth_issuer.rstrip("/") + "/.well-known/openid-configuration")
             url = str(discovery["jwks_uri"])
         if url:
@@ -105,6 +105,15 @@ class Jwks:
         path = jwks_file(s)
         data: dict[str, Any] = orjson.loads(await asyncio.to_thread(path.read_bytes))
         return data
+
+
+def _discoverable(settings: Settings) -> bool:
+    """An issuer whose discovery document names its keys: an https URL (a plain http one
+    too outside production, e.g. a provider on loopback in tests)."""
+    issuer = settings.auth_issuer
+    return issuer.startswith("https://") or (
+        settings.environment != "production" and issuer.startswith("http://")
+    )
 
 
 async def _get_json(url: str) -> dict[str, Any]:

@@ -164,3 +164,46 @@ def test_an_api_key_has_one_format_and_a_ticket_keeps_its_principal() -> None:
         1_900_000_000.0,
         "ticket",
     )
+
+
+async def test_an_https_issuer_is_found_by_oidc_discovery_and_its_jwks_fetched(
+    local: Settings, tmp_path: Path
+) -> None:
+    """The provider's discovery document names its `jwks_uri`; the keys come from there
+    (an aiohttp server on loopback stands for the provider)."""
+    from aiohttp import web
+
+    jwks = (Path(local.auth_key_dir) / JWKS).read_text()
+    fetched: list[str] = []
+
+    async def discovery(request: web.Request) -> web.Response:
+        fetched.append(request.path)
+        return web.json_response({"issuer": issuer, "jwks_uri": f"{base}/keys"})
+
+    async def keys(request: web.Request) -> web.Response:
+        fetched.append(request.path)
+        return web.Response(text=jwks, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/realm/.well-known/openid-configuration", discovery)
+    app.router.add_get("/keys", keys)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    base = f"http://127.0.0.1:{port}"
+    issuer = f"{base}/realm"
+    try:
+        # told its JWKS URL
+        told = Settings(environment="test", auth_issuer=issuer, auth_jwks_url=f"{base}/keys")
+        token = issue_token(local, "carol", ["viewer"], "acme", 60, issuer=issuer)
+        assert (await TokenVerifier(told).verify(token)).subject == "carol"
+        assert fetched == ["/keys"]
+        # told nothing but the issuer: its discovery document names the keys
+        fetched.clear()
+        found = Settings(environment="test", auth_issuer=issuer)
+        assert (await TokenVerifier(found).verify(token)).tenant == "acme"
+        assert fetched == ["/realm/.well-known/openid-configuration", "/keys"]
+    finally:
+        await runner.cleanup()
