@@ -1,10 +1,19 @@
 """Requests per principal and window, counted in Redis (`APP_RATE_LIMITS` by role).
 
-One fixed window per principal: the first request of a window creates its counter with
-the window's expiry, each request increments it, in one atomic script, so concurrent
-requests on any number of API instances are counted exactly. Over the limit: 429 with
-`Retry-After` (the window's remaining seconds) and the `RateLimit-*` headers that every
-answer carries (`RateLimit-Limit`, `-Remaining`, `-Reset`, `-Policy`).
+One fixed window per principal (`APP_RATE_LIMIT_WINDOW_S`). The count is Redis's, and
+an API instance takes it in *leases*: one atomic script grants it up to `want` of the
+window's remaining requests, and the instance spends them locally, one per request,
+before it asks again. The first lease of a principal is one request, and each next one
+twice the last (up to `MAX_LEASE`), but never more than an eighth of what remains of
+the window: a client sending one request an hour costs one Redis call each, a busy one
+one call per 64 requests. Nothing is counted twice or admitted beyond the limit, on any
+number of instances (a request is admitted only with a granted token); what a lease
+holds unspent when the window ends is not given to anyone else: at most an eighth of
+the remainder, per instance.
+
+Over the limit: 429 with `Retry-After` (the window's remaining seconds). Every answer
+carries `RateLimit-Limit`, `-Remaining`, `-Reset` and `-Policy` (the remaining count is
+the window's as this instance last saw it, less what it spent since).
 
 While Redis is unreachable, `APP_RATE_LIMIT_WHEN_REDIS_DOWN` decides: `allow` (the
 default: the counter's outage must not stop the API, whose credentials and permissions
@@ -25,12 +34,26 @@ from shared_kernel.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_COUNT = """
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+MAX_LEASE = 64
+LEASES_KEPT = 100_000
+
+# KEYS[1] the window's counter; ARGV: window ms, wanted, limit -> {granted, used, ttl ms}
+_LEASE = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local limit = tonumber(ARGV[3])
+local grant = math.min(tonumber(ARGV[2]), limit - used, math.max(1, math.floor((limit - used) / 8)))
+if grant > 0 then
+  used = redis.call('INCRBY', KEYS[1], grant)
+  if used == grant then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+else
+  grant = 0
+end
 local ttl = redis.call('PTTL', KEYS[1])
-if ttl < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]); ttl = tonumber(ARGV[1]) end
-return {n, ttl}
+if ttl < 0 then
+  if used > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+  ttl = tonumber(ARGV[1])
+end
+return {grant, used, ttl}
 """
 
 
@@ -56,16 +79,29 @@ class Verdict:
 UNLIMITED = Verdict(True)
 
 
+@dataclass(slots=True)
+class Lease:
+    left: int  # granted to this instance, not spent yet
+    used: int  # the window's count (every instance's grants) when last asked
+    ends: float  # monotonic time the window ends
+    next: int = 1  # how many to ask for next time
+
+    def verdict(self, limit: int) -> Verdict:
+        reset = max(1, int(self.ends - time.monotonic() + 0.999))
+        return Verdict(True, limit, max(0, limit - self.used + self.left), reset)
+
+
 class RateLimiter:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.redis: Redis | None = None
         self._script: object = None
+        self._leases: dict[str, Lease] = {}
         self._warned = 0.0
 
     def attach(self, redis: Redis) -> None:
         self.redis = redis
-        self._script = redis.register_script(_COUNT)
+        self._script = redis.register_script(_LEASE)
 
     def limit_of(self, principal: Principal) -> int:
         limits = self.settings.rate_limits
@@ -78,16 +114,38 @@ class RateLimiter:
         limit = self.limit_of(principal)
         if not limit:
             return UNLIMITED
-        window_ms = self.settings.rate_limit_window_s * 1000
         key = f"{self.settings.topic_prefix}:rate:{principal.tenant}:{principal.subject}"
+        lease = self._leases.get(key)
+        if lease is not None and lease.left > 0 and time.monotonic() < lease.ends:
+            lease.left -= 1
+            return lease.verdict(limit)
+        want = lease.next if lease is not None and time.monotonic() < lease.ends else 1
+        window_ms = self.settings.rate_limit_window_s * 1000
         try:
             if self.redis is None or self._script is None:
                 raise RedisError("no Redis client yet")
-            count, ttl_ms = await self._script(keys=[key], args=[window_ms])  # type: ignore[operator]
+            granted, used, ttl_ms = await self._script(keys=[key], args=[window_ms, want, limit])  # type: ignore[operator]
         except (RedisError, OSError) as exc:
             return self._redis_down(exc, limit)
-        reset = max(1, -(-int(ttl_ms) // 1000))
-        return Verdict(int(count) <= limit, limit, max(0, limit - int(count)), reset)
+        now = time.monotonic()
+        lease = self._leases.get(key)  # another request of the principal may have taken one meanwhile
+        if lease is None or now >= lease.ends:
+            lease = self._leases[key] = Lease(0, 0, 0.0)
+            if len(self._leases) > LEASES_KEPT:
+                self._forget(now)
+        lease.left += int(granted)
+        lease.used = max(lease.used, int(used))
+        lease.ends = now + int(ttl_ms) / 1000
+        lease.next = min(MAX_LEASE, want * 2)
+        if lease.left > 0:
+            lease.left -= 1
+            return lease.verdict(limit)
+        lease.next = 1
+        return Verdict(False, limit, 0, max(1, -(-int(ttl_ms) // 1000)))
+
+    def _forget(self, now: float) -> None:
+        for key in [k for k, lease in self._leases.items() if lease.ends <= now or not lease.left]:
+            del self._leases[key]
 
     def _redis_down(self, exc: Exception, limit: int) -> Verdict:
         now = time.monotonic()
