@@ -136,7 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         bus = CommandBus(settings, producer, redis, owner)
         identity.attach(redis)
-        identity.audit.start(producer, bus.producer_ready)
+        identity.audit.start()
         app.state.bus = bus
         app.state.owner = None
         app.state.settings = settings

@@ -24,12 +24,14 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from api.auth.principal import Principal
+from shared_kernel import kafka
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics
 
 log = logging.getLogger(__name__)
 
 QUEUED_MAX = 50_000
+LINGER_MS = 50
 
 
 def audit_topic(settings: Settings) -> str:
@@ -51,15 +53,18 @@ def client_of(scope: MutableMapping[str, Any]) -> tuple[str, str, str]:
 
 class AuditLog:
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.topic = audit_topic(settings)
         self.producer: AIOKafkaProducer | None = None
         self.queue: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(QUEUED_MAX)
         self.dropped = 0
         self._task: asyncio.Task[None] | None = None
 
-    def start(self, producer: AIOKafkaProducer, ready: asyncio.Event) -> None:
-        self.producer = producer
-        self._task = asyncio.create_task(self._send(ready), name="audit")
+    def start(self) -> None:
+        """Produce what is recorded from now on, in the background. A producer of its own
+        that lingers (`LINGER_MS`): records wait a little to share a request, where the
+        commands' producer sends at once."""
+        self._task = asyncio.create_task(self._send(), name="audit")
 
     async def stop(self) -> None:
         if self._task is None:
@@ -107,9 +112,29 @@ class AuditLog:
             if self.dropped % 1000 == 1:
                 log.error("audit records dropped: Kafka has not taken them", extra={"dropped": self.dropped})
 
-    async def _send(self, ready: asyncio.Event) -> None:
-        await ready.wait()
-        assert self.producer is not None
+    async def _connect(self) -> AIOKafkaProducer:
+        delay = 0.5
+        while True:
+            producer = kafka.producer(self.settings, linger_ms=LINGER_MS)
+            try:
+                await producer.start()
+                return producer
+            except KafkaError as exc:
+                await producer.stop()
+                log.warning(
+                    "audit: Kafka unreachable; retrying", extra={"error": repr(exc), "retry_in_s": delay}
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
+
+    async def _send(self) -> None:
+        self.producer = await self._connect()
+        try:
+            await self._produce(self.producer)
+        finally:
+            await self.producer.stop()
+
+    async def _produce(self, producer: AIOKafkaProducer) -> None:
         while True:
             key, value = await self.queue.get()
             batch = [(key, value)]
@@ -118,7 +143,7 @@ class AuditLog:
             delay = 0.5
             while True:
                 try:
-                    sent = [await self.producer.send(self.topic, v, key=k) for k, v in batch]
+                    sent = [await producer.send(self.topic, v, key=k) for k, v in batch]
                     await asyncio.gather(*sent)
                     break
                 except KafkaError as exc:
