@@ -16,9 +16,10 @@ from fastapi import Response
 
 from api.bodies import CommandAccepted
 from api.deps import CommandMeta
-from api.errors import STATUS_OF_CODE, CommandRejected, Queued, RequestProblem
+from api.errors import CommandRejected, Queued, RequestProblem
 from commands.bus import BusUnavailable, CommandBus, CommandTooLarge, ResultTimeout
 from commands.context import BoundedContext, command_payload
+from shared_kernel.audit import STATUS_OF_CODE
 from shared_kernel.envelope import CommandEnvelope
 
 NEW_AGGREGATE_NAMESPACE = UUID("0b5e6f8e-9d3c-4f7a-8e21-5c4d3b2a1f00")

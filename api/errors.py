@@ -17,21 +17,12 @@ from opensearchpy.exceptions import TransportError as SearchTransportError
 from api import inputs
 from api.bodies import CommandQueued
 from commands.bus import BusUnavailable, ResultTimeout
+from shared_kernel.audit import STATUS_OF_CODE
 from shared_kernel.envelope import CommandEnvelope, CommandResult
 from shared_kernel.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-STATUS_OF_CODE = {
-    "not_found": 404,
-    "already_exists": 409,
-    "version_conflict": 409,
-    "invariant_violation": 409,
-    "invalid_command": 422,
-    "idempotency_key_reused": 422,
-    "too_large": 413,
-    "internal_error": 500,
-}
 
 
 class RequestProblem(Exception):

@@ -107,7 +107,14 @@ class Decision(Generic[R]):
     # The aggregates whose state or recent outcomes the batch changed: snapshots to write.
     touched: dict[Key, LoadedAggregate] = field(default_factory=dict)
     dead_letters: list[DeadLetter[R]] = field(default_factory=list)
+    # The commands read from the commands topic (the asynchronous path), by command id:
+    # their outcomes are audited in the transaction (a direct one's by the API that took it).
+    queued: dict[str, CommandEnvelope] = field(default_factory=dict)
 
+
+# A command handed to its owner directly (not read from the commands topic) comes in a
+# record of this topic name (commands.partition.Submitted).
+DIRECT = "http"
 
 # What an accepted command's outcome adds to its aggregate's snapshot once the transaction
 # remembers it (commands.snapshots: version, event count and a position token, whose
@@ -165,6 +172,8 @@ def decide_batch(
         except MalformedRecord as exc:
             batch.dead_letters.append(DeadLetter(record, f"malformed command: {exc}"))
             continue
+        if getattr(record, "topic", DIRECT) != DIRECT:
+            batch.queued[command.command_id] = command
         context = contexts.get(command.command_type.partition(".")[0])
         key: Key = (context.name if context else "", command.aggregate_id)
         if (command.tenant, command.command_id) in accepted_ids:

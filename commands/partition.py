@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from commands import transaction
-from commands.batch import Answer, decide_batch
+from commands.batch import DIRECT, Answer, decide_batch
 from commands.context import BoundedContext
 from commands.state_store import PartitionState, restore
 from commands.transaction import OffsetsMoved
@@ -64,7 +64,7 @@ class Submitted:
     result: asyncio.Future[CommandResult]
     key: bytes | None = None
     headers: list[tuple[str, bytes]] = field(default_factory=list)
-    topic: str = "http"
+    topic: str = DIRECT
     partition: int = -1
     offset: int = -1
 
@@ -233,6 +233,7 @@ class PartitionWorker:
                 group_id=self.group_id,
                 topics=self.topics,
                 dlq_topic=self.dlq_topic,
+                audit_topic=self.topics.audit(self.settings.audit_topic_suffix),
                 contexts=self.contexts,
                 state=self.state,
                 max_record_bytes=self.max_record_bytes,

@@ -19,6 +19,7 @@ from commands.context import BoundedContext
 from commands.sizes import KAFKA_DEFAULT_MAX_MESSAGE_BYTES, record_size
 from commands.snapshots import dump
 from commands.state_store import Key, PartitionState
+from shared_kernel.audit import STATUS_OF_CODE, audit_record
 from shared_kernel.envelope import CommandResult
 from shared_kernel.position import Position, PositionToken
 from shared_kernel.topics import Topics
@@ -34,6 +35,7 @@ async def write(
     topics: Topics,
     dlq_topic: str,
     contexts: Mapping[str, BoundedContext],
+    audit_topic: str = "",
     state: PartitionState,
     max_record_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
 ) -> list[Answer]:
@@ -94,6 +96,9 @@ async def write(
             for dead in decision.dead_letters:
                 value, headers = dead_letter(dead.record, dead.error, max_record_bytes)
                 await producer.send(dlq_topic, value, key=dead.record.key, headers=headers)
+            if audit_topic:
+                for tenant, record in audited(decision, answers):
+                    await producer.send(audit_topic, record, key=tenant)
 
         if predicted is not None:
             expected, following = [], dict(predicted)
@@ -114,6 +119,32 @@ async def write(
     for key, data in snapshots.items():
         state.commit(key, data, decision.touched[key])
     return answers
+
+
+def audited(decision: Decision[Any], answers: list[Answer]) -> list[tuple[bytes, bytes]]:
+    """The audit records of the outcomes of commands read from the commands topic (their
+    callers were answered 202 by the API, which audited them as queued): committed with
+    the outcome, or not at all."""
+    records = []
+    for _, result in answers:
+        command = decision.queued.get(result.command_id)
+        if command is None:
+            continue
+        records.append(
+            audit_record(
+                tenant=command.tenant,
+                actor=command.actor,
+                outcome=result.status,
+                status=200 if result.accepted else STATUS_OF_CODE.get(result.code, 409),
+                reason="" if result.accepted else f"{result.code}: {result.reason}",
+                method="ASYNC",
+                route=command.command_type,
+                aggregate_id=command.aggregate_id,
+                command_id=command.command_id,
+                correlation_id=command.correlation_id,
+            )
+        )
+    return records
 
 
 class OffsetsMoved(RuntimeError):

@@ -14,17 +14,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import MutableMapping
-from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from api.auth.principal import Principal
 from shared_kernel import kafka
+from shared_kernel.audit import audit_record
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics
 
@@ -88,25 +86,24 @@ class AuditLog:
         command_id: str = "",
     ) -> None:
         ip, agent, correlation = client_of(scope)
-        body = {
-            "id": str(uuid.uuid4()),
-            "at": datetime.now(UTC).isoformat(),
-            "tenant": principal.tenant if principal else "",
-            "actor": principal.subject if principal else "",
-            "credential": principal.credential if principal else "",
-            "method": scope.get("method", "WEBSOCKET" if scope.get("type") == "websocket" else ""),
-            "route": route or getattr(scope.get("route"), "path", None) or scope.get("path", ""),
-            "aggregate_id": aggregate_id,
-            "command_id": command_id,
-            "outcome": outcome,
-            "status": status,
-            "reason": reason[:500],
-            "client_ip": ip,
-            "user_agent": agent,
-            "correlation_id": correlation or command_id,
-        }
+        method = scope.get("method", "WEBSOCKET" if scope.get("type") == "websocket" else "")
+        record = audit_record(
+            tenant=principal.tenant if principal else "",
+            actor=principal.subject if principal else "",
+            credential=principal.credential if principal else "",
+            method=method,
+            route=route or getattr(scope.get("route"), "path", None) or scope.get("path", ""),
+            aggregate_id=aggregate_id,
+            command_id=command_id,
+            outcome=outcome,
+            status=status,
+            reason=reason,
+            client_ip=ip,
+            user_agent=agent,
+            correlation_id=correlation,
+        )
         try:
-            self.queue.put_nowait((body["tenant"].encode(), orjson.dumps(body)))
+            self.queue.put_nowait(record)
         except asyncio.QueueFull:
             self.dropped += 1
             if self.dropped % 1000 == 1:

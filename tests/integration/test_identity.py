@@ -613,3 +613,34 @@ async def test_refusals_without_a_tenant_are_on_the_audit_topic(side: WriteSide)
         ("unauthenticated", 401, "", "/api/v1/incidents")
     ] * 2
     assert "credential is required" in mine[0]["reason"]
+
+
+async def test_a_queued_commands_outcome_is_audited_by_the_transaction_that_decided_it(
+    side: WriteSide,
+) -> None:
+    actor = f"bulk-{uuid.uuid4().hex[:6]}"
+    key = f"queued-{uuid.uuid4()}"
+    async with (
+        api_client("operator", TENANT, actor, base_url=side.api_url, timeout=30) as op,
+        api_client("admin", TENANT, base_url=side.api_url, timeout=30) as admin,
+    ):
+        r = await op.post(
+            "/api/v1/incidents",
+            json={"title": "queued"},
+            headers={"Prefer": "respond-async", "Idempotency-Key": key},
+        )
+        assert r.status_code == 202, r.text
+        found = await _audited(
+            admin, {"actor": actor}, lambda found: {f["outcome"] for f in found} >= {"queued", "accepted"}
+        )
+        outcomes = {f["outcome"]: f for f in found}
+        assert (outcomes["queued"]["status"], outcomes["queued"]["method"]) == (202, "POST")
+        decided = outcomes["accepted"]
+        assert (decided["method"], decided["route"], decided["command_id"], decided["tenant"]) == (
+            "ASYNC",
+            "incidents.OpenIncident",
+            key,
+            TENANT,
+        )
+        status = (await op.get(f"/api/v1/commands/{key}")).json()
+        assert (status["status"], status["id"]) == ("accepted", decided["aggregate_id"])

@@ -11,18 +11,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeAlias
 from uuid import UUID, uuid4
 
+import orjson
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
 
 from commands import CONTEXTS, transaction
-from commands.batch import Decision, Repeat, decide_batch
+from commands.batch import DIRECT, Decision, Repeat, decide_batch
 from commands.context import BoundedContext, acts_on, command_payload
 from commands.datasets import CONTEXT as DATASETS
 from commands.datasets import commands as ds
@@ -193,7 +194,7 @@ class FakeProducer:
 
 
 async def commit(
-    partition: Partition, decision: Decision[Record], producer: FakeProducer
+    partition: Partition, decision: Decision[Record], producer: FakeProducer, audit_topic: str = ""
 ) -> list[tuple[str, CommandResult]]:
     """Write the decision as the partition worker does; returns the answers to publish."""
     return await transaction.write(
@@ -206,6 +207,7 @@ async def commit(
         dlq_topic="t.dlq.command-processor",
         contexts=partition.contexts,
         state=partition.state,
+        audit_topic=audit_topic,
     )
 
 
@@ -505,6 +507,30 @@ async def test_one_transaction_holds_events_snapshots_dead_letters_and_the_offse
     retry = partition.when(envelope(DATASETS, register, "c1", reply_to="replies:api-3"))
     assert retry.answers == [("replies:api-3", accepted)]
     assert events(retry) == []
+
+
+async def test_the_outcomes_of_queued_commands_are_audited_in_their_transaction_direct_ones_are_not() -> None:
+    ID, MISSING = uuid4(), uuid4()
+    partition = Partition()
+    queued = partition.records(
+        envelope(DATASETS, ds.RegisterDataset(ID, "Weather"), "q1", tenant="acme"),
+        envelope(DATASETS, ds.ArchiveDataset(MISSING), "q2", tenant="acme"),
+    )
+    direct = partition.records(envelope(DATASETS, ds.DescribeDataset(ID, name="W"), "d1", tenant="acme"))
+    direct[0] = replace(direct[0], topic=DIRECT)  # as a command handed to its owner comes
+    decision = decide_batch([*queued, *direct], partition.state, partition.contexts, CODEC)
+    producer = FakeProducer()
+
+    await commit(partition, decision, producer, audit_topic="t.audit")
+
+    [(sent, _, _)] = producer.transactions
+    records = [orjson.loads(s.value or b"") for s in sent if s.topic == "t.audit"]
+    assert [(r["command_id"], r["outcome"], r["status"], r["tenant"], r["actor"]) for r in records] == [
+        ("q2", "rejected", 404, "acme", "alice"),
+        ("q1", "accepted", 200, "acme", "alice"),
+    ]
+    assert records[0]["reason"].startswith("not_found: ")
+    assert {s.key for s in sent if s.topic == "t.audit"} == {b"acme"}
 
 
 async def test_after_its_first_commit_a_writer_sends_snapshots_beside_events_at_the_offsets_it_expects() -> (

@@ -23,7 +23,7 @@ from starlette.types import Message, Receive, Scope, Send
 from api import temporal
 from api.deps import CommandMeta
 from api.dispatch import dispatch
-from api.errors import STATUS_OF_CODE, RequestProblem
+from api.errors import RequestProblem
 from api.limits import BodyLimit
 from api.reads import history
 from commands.batch import decide_batch, outcome_reserve
@@ -35,6 +35,7 @@ from commands.incidents import commands as inc
 from commands.sizes import KAFKA_DEFAULT_MAX_MESSAGE_BYTES, record_size
 from commands.snapshots import LoadedAggregate, dump
 from commands.transaction import dead_letter
+from shared_kernel.audit import STATUS_OF_CODE
 from shared_kernel.envelope import CommandEnvelope, CommandResult
 from shared_kernel.settings import Settings
 from shared_kernel.topics import contract_topics
