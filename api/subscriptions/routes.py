@@ -101,6 +101,9 @@ class SubscriptionStream(EventSourceResponse):
 
     def __init__(self, feed: LiveFeed, sub: Subscriber) -> None:
         self.feed, self.sub = feed, sub
+        # the position as of the subscription, taken before anything reaches the mailbox:
+        # taken when the response starts, it could already be past events that wait there
+        self.first = _first(sub)
         self.expiry: asyncio.TimerHandle | None = None
         self.shutdown = anyio.Event()
         settings = feed.settings
@@ -129,7 +132,7 @@ class SubscriptionStream(EventSourceResponse):
 
     async def _frames(self, settings: Settings) -> Any:
         sub = self.sub
-        first = _first(sub)
+        first = self.first
         yield first.sse
         sub.acknowledge(first)
         while True:
@@ -240,6 +243,7 @@ async def events_socket(
             last_event_id=None,
         )
         sub = feed.subscribe(spec)
+        first = _first(sub)  # as of the subscription (see SubscriptionStream)
         expiry = ends_with_credential(websocket, sub)
     except RequestProblem as problem:
         await _deny(websocket, JSONResponse(_body(problem), status_code=problem.status), problem.detail)
@@ -251,7 +255,7 @@ async def events_socket(
         await websocket.accept()
         receiver = asyncio.create_task(_until_disconnect(websocket, sub))
         try:
-            await _pump(websocket, sub)
+            await _pump(websocket, sub, first)
         finally:
             receiver.cancel()
     finally:
@@ -260,7 +264,7 @@ async def events_socket(
         feed.unsubscribe(sub)
 
 
-async def _pump(websocket: WebSocket, sub: Subscriber) -> None:
+async def _pump(websocket: WebSocket, sub: Subscriber, first: Message) -> None:
     settings = sub.feed.settings
 
     async def emit(messages: list[Message]) -> None:
@@ -269,7 +273,6 @@ async def _pump(websocket: WebSocket, sub: Subscriber) -> None:
                 await websocket.send({"type": "websocket.send", "text": m.text})
 
     try:
-        first = _first(sub)
         await emit([first])
         sub.acknowledge(first)
         while True:

@@ -381,8 +381,14 @@ async def test_an_api_key_works_rotates_and_stops_working_once_revoked(side: Wri
         assert (await second_api.get("/api/v1/incidents", headers=with_key)).status_code == 200
         # the key's role holds: an operator key cannot administer keys
         assert (await first_api.get("/api/v1/admin/api-keys", headers=with_key)).status_code == 403
-        listed = (await admin.get("/api/v1/admin/api-keys")).json()["items"]
-        (mine,) = [k for k in listed if k["id"] == key_id]
+        started = time.monotonic()
+        while True:  # its last use is written in the background, at most once a minute
+            listed = (await admin.get("/api/v1/admin/api-keys")).json()["items"]
+            (mine,) = [k for k in listed if k["id"] == key_id]
+            if mine["last_used_at"] is not None or time.monotonic() - started > DEADLINE_S:
+                break
+            await asyncio.sleep(0.1)
+        assert mine["last_used_at"] is not None
         assert mine["state"] == "active"
         assert "key" not in mine
         assert "hash" not in mine
