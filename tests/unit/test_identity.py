@@ -3,6 +3,7 @@ the rate limits' classes and the API keys' format."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from pathlib import Path
@@ -207,3 +208,26 @@ async def test_an_https_issuer_is_found_by_oidc_discovery_and_its_jwks_fetched(
         assert fetched == ["/realm/.well-known/openid-configuration", "/keys"]
     finally:
         await runner.cleanup()
+
+
+async def test_es256_is_accepted_from_a_jwks_of_p256_keys(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
+    jwk.update({"kid": "ec-1", "alg": "ES256", "use": "sig"})
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    settings = Settings(environment="test", auth_jwks_file=str(tmp_path / "jwks.json"))
+    now = int(time.time())
+    claims = {"iss": LOCAL_ISSUER, "aud": "kafka-cqrs", "sub": "dave", "exp": now + 60, "tenant": "acme"}
+    token = jwt.encode(claims, key, algorithm="ES256", headers={"kid": "ec-1"})
+    principal = await TokenVerifier(settings).verify(token)
+    assert (principal.subject, principal.roles) == ("dave", ())  # no roles: allowed nothing
+    assert not principal.permissions
+    # the same key named as RS256 in a token: the algorithm is not its key's
+    _, body, signature = token.split(".")
+    header = base64.urlsafe_b64encode(b'{"alg":"RS256","kid":"ec-1","typ":"JWT"}').rstrip(b"=").decode()
+    forged = f"{header}.{body}.{signature}"
+    with pytest.raises(Unauthenticated, match="not its key's"):
+        await TokenVerifier(settings).verify(forged)
