@@ -175,6 +175,19 @@ async def comment(client: httpx.AsyncClient, incident_id: str, body: str) -> dic
     return dict(r.json())
 
 
+def _differences(got: dict[str, list[int]], wanted: dict[str, list[int]], *context: object) -> str:
+    """Which versions of which aggregate a stream missed or repeated (for the failure)."""
+    lines = []
+    for aggregate in sorted(set(got) | set(wanted)):
+        have, want = got.get(aggregate, []), wanted.get(aggregate, [])
+        missing = sorted(set(want) - set(have))
+        repeated = sorted({v for v in have if have.count(v) > 1})
+        extra = sorted(set(have) - set(want))
+        if missing or repeated or extra or have != want:
+            lines.append(f"{aggregate}: missing {missing}, repeated {repeated}, extra {extra}, got {have}")
+    return "; ".join(lines) + f" (context: {context})"
+
+
 def new_ids(n: int) -> list[str]:
     return [str(uuid.uuid4()) for _ in range(n)]
 
@@ -353,8 +366,9 @@ async def test_clients_that_resume_while_commands_flow_miss_nothing_and_see_noth
         ]
     )
     assert all(v[-rounds:] == list(range(2, rounds + 2)) for v in expected.values())
-    assert by_aggregate(everything) == expected
-    assert by_aggregate(resumed) == expected  # no gap, no duplicate, across every reconnection
+    assert by_aggregate(everything) == expected, _differences(by_aggregate(everything), expected, start)
+    # no gap, no duplicate, across every reconnection
+    assert by_aggregate(resumed) == expected, _differences(by_aggregate(resumed), expected, start, hops)
     ids_seen = [f.data["metadata"]["event_id"] for f in resumed]
     assert sorted(ids_seen) == sorted(str(e["meta"].event_id) for e in log)
     assert hops >= 4
