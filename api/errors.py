@@ -24,7 +24,6 @@ from shared_kernel.settings import get_settings
 log = logging.getLogger(__name__)
 
 
-
 class RequestProblem(Exception):
     """An error answer with a status, a stable code and a message."""
 

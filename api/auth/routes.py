@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import asyncpg
 import orjson
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
@@ -15,6 +16,7 @@ from redis.exceptions import RedisError
 from api.auth import permissions as p
 from api.auth.access import PrincipalDep, requires
 from api.auth.edge import Identity
+from api.auth.keys import ApiKeys
 from api.auth.permissions import ROLES
 from api.bodies import ERROR_RESPONSES, RequestBody
 from api.errors import ReadModelsUnavailable, RequestProblem
@@ -42,20 +44,20 @@ class RotateKeyRequest(RequestBody):
     )
 
 
-def _identity(request: Request) -> Identity:
+def _keys(request: Request) -> tuple[ApiKeys, asyncpg.Pool]:
+    """The API keys and the pool they are stored in (503 until PostgreSQL is reached)."""
     identity: Identity = request.app.state.identity
     if identity.pool is None:
         raise ReadModelsUnavailable("the key store is not reachable yet")
-    return identity
+    return identity.keys, identity.pool
 
 
 @router.post(KEYS, status_code=201, operation_id="issueApiKey", dependencies=[requires(p.ADMIN_KEYS)])
 async def issue_key(body: IssueKeyRequest, request: Request, principal: PrincipalDep) -> JSONResponse:
     """Issue a key of the caller's tenant. `key` is in this answer only: it is stored hashed."""
-    identity = _identity(request)
-    assert identity.pool is not None
-    record, key = await identity.keys.issue(
-        identity.pool,
+    keys, pool = _keys(request)
+    record, key = await keys.issue(
+        pool,
         tenant=principal.tenant,
         role=body.role,
         name=body.name,
@@ -69,16 +71,14 @@ async def issue_key(body: IssueKeyRequest, request: Request, principal: Principa
 @router.get(KEYS, operation_id="listApiKeys", dependencies=[requires(p.ADMIN_KEYS)])
 async def list_keys(request: Request, principal: PrincipalDep) -> dict[str, Any]:
     """The tenant's keys (active, expired, revoked), without their secrets."""
-    identity = _identity(request)
-    assert identity.pool is not None
-    return {"items": await identity.keys.list(identity.pool, principal.tenant)}
+    keys, pool = _keys(request)
+    return {"items": await keys.list(pool, principal.tenant)}
 
 
 @router.get(f"{KEYS}/{{key_id}}", operation_id="getApiKey", dependencies=[requires(p.ADMIN_KEYS)])
 async def get_key(key_id: KeyId, request: Request, principal: PrincipalDep) -> dict[str, Any]:
-    identity = _identity(request)
-    assert identity.pool is not None
-    found = await identity.keys.get(identity.pool, principal.tenant, key_id)
+    keys, pool = _keys(request)
+    found = await keys.get(pool, principal.tenant, key_id)
     if found is None:
         raise RequestProblem(404, "not_found", f"no API key {key_id}")
     return found
@@ -94,11 +94,8 @@ async def rotate_key(
     key_id: KeyId, body: RotateKeyRequest, request: Request, principal: PrincipalDep
 ) -> JSONResponse:
     """A new key with the same name and role; the old one works `overlap_s` more."""
-    identity = _identity(request)
-    assert identity.pool is not None
-    rotated = await identity.keys.rotate(
-        identity.pool, principal.tenant, key_id, body.overlap_s, principal.subject
-    )
+    keys, pool = _keys(request)
+    rotated = await keys.rotate(pool, principal.tenant, key_id, body.overlap_s, principal.subject)
     if rotated is None:
         raise RequestProblem(404, "not_found", f"no active API key {key_id}")
     new, key, old = rotated
@@ -108,9 +105,8 @@ async def rotate_key(
 @router.delete(f"{KEYS}/{{key_id}}", operation_id="revokeApiKey", dependencies=[requires(p.ADMIN_KEYS)])
 async def revoke_key(key_id: KeyId, request: Request, principal: PrincipalDep) -> dict[str, Any]:
     """Revoke a key: refused at once by this process, within `APP_AUTH_KEY_CACHE_S` by every other."""
-    identity = _identity(request)
-    assert identity.pool is not None
-    found = await identity.keys.revoke(identity.pool, principal.tenant, key_id)
+    keys, pool = _keys(request)
+    found = await keys.revoke(pool, principal.tenant, key_id)
     if found is None:
         raise RequestProblem(404, "not_found", f"no API key {key_id}")
     return found

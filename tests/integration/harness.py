@@ -23,6 +23,7 @@ from projections.registry import PROJECTIONS
 from shared_kernel import kafka
 from shared_kernel.avro import AvroCodec
 from shared_kernel.envelope import EventMetadata
+from shared_kernel.position import PositionToken
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics
 from tests.auth import api_client
@@ -212,6 +213,16 @@ class WriteSide:
         side.start_projectors(*PROJECTIONS)
         await side.wait_until_projected()
         return side
+
+
+def covers(token: str, position: str) -> bool:
+    """Whether `token` is at or past every offset `position` names."""
+    mine = PositionToken.decode(token).offsets
+    return all(
+        mine.get(topic, {}).get(p, 0) >= o
+        for topic, ps in PositionToken.decode(position).offsets.items()
+        for p, o in ps.items()
+    )
 
 
 async def wait_until_up(proc: Proc, path: str = "/health", seconds: float = 60) -> None:

@@ -12,7 +12,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,7 +32,7 @@ from shared_kernel.credentials import key_dir
 from shared_kernel.position import PositionToken
 from shared_kernel.settings import Settings
 from tests.auth import TENANT, api_client, bearer
-from tests.integration.harness import Proc, WriteSide, free_port, read_records
+from tests.integration.harness import Proc, WriteSide, covers, free_port, read_records
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -230,7 +230,6 @@ async def _sse_until_covered(
     client: httpx.AsyncClient, path: str, params: dict[str, str], position: str
 ) -> list[dict[str, Any]]:
     """The events a stream delivers until a heartbeat says it has read past `position`."""
-    wanted = PositionToken.decode(position).offsets
     events: list[dict[str, Any]] = []
     async with asyncio.timeout(DEADLINE_S), client.stream("GET", path, params=params) as r:
         assert r.status_code == 200, (await r.aread()).decode()
@@ -244,15 +243,10 @@ async def _sse_until_covered(
                 body = orjson.loads(data)
                 if kind == "message":
                     events.append(body)
-                elif kind == "heartbeat" and _covers(body["id"], wanted):
+                elif kind == "heartbeat" and covers(body["id"], position):
                     return events
                 kind, data = "message", ""
     raise AssertionError("unreachable")
-
-
-def _covers(token: str, wanted: Mapping[str, Mapping[int, int]]) -> bool:
-    mine = PositionToken.decode(token).offsets
-    return all(mine.get(t, {}).get(p, 0) >= o for t, ps in wanted.items() for p, o in ps.items())
 
 
 async def test_tenants_see_nothing_of_each_other_on_any_read_path(side: WriteSide) -> None:
@@ -314,12 +308,11 @@ async def test_tenants_see_nothing_of_each_other_on_any_read_path(side: WriteSid
         )
         assert one == []
         url = side.api_url.replace("http", "ws", 1) + "/ws/v1/events?from=beginning"
-        wanted = PositionToken.decode(everything).offsets
         async with connect(url, additional_headers=bearer("viewer", OTHER)) as conn:
             async with asyncio.timeout(DEADLINE_S):
                 while True:
                     m = orjson.loads(await conn.recv())
-                    if m["type"] == "heartbeat" and _covers(m["id"], wanted):
+                    if m["type"] == "heartbeat" and covers(m["id"], everything):
                         break
                     assert m["type"] != "event" or m["metadata"]["tenant"] == OTHER, m
 

@@ -24,7 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from shared_kernel.position import PositionToken
 from shared_kernel.settings import Settings
 from tests.auth import api_client, bearer
-from tests.integration.harness import WriteSide, free_port, read_events
+from tests.integration.harness import WriteSide, covers, free_port, read_events
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -202,16 +202,6 @@ def by_aggregate(frames: list[Frame]) -> dict[str, list[int]]:
 def has_versions(wanted: dict[str, int]) -> Callable[[list[Frame]], bool]:
     """Done once every aggregate named has reached its version."""
     return lambda got: all(any(f.aggregate == a and f.version >= v for f in got) for a, v in wanted.items())
-
-
-def covers(token: str, position: str) -> bool:
-    """Whether `token` is at or past every offset `position` names."""
-    mine = PositionToken.decode(token).offsets
-    return all(
-        mine.get(topic, {}).get(p, 0) >= o
-        for topic, ps in PositionToken.decode(position).offsets.items()
-        for p, o in ps.items()
-    )
 
 
 # ---- tests --------------------------------------------------------------------------------
