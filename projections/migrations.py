@@ -17,6 +17,7 @@ import asyncpg
 
 from projections import versions
 from projections.db import schema_name
+from projections.projection import Projection
 from projections.registry import PROJECTIONS
 from shared_kernel.settings import Settings
 
@@ -82,9 +83,10 @@ async def _create_storage(conn: asyncpg.Connection, settings: Settings) -> list[
             if await conn.fetchval("SELECT to_regclass($1)", f'"{schema}".{live.physical}') is None:
                 await live.create_storage(conn, settings)
                 done.append(live.physical)
-            if await _add_tenant(conn, schema, live.physical):
-                await live.make_live(conn, settings)  # the view shows the new column
-                done.append(f"{live.physical}.tenant")
+            added = await _add_columns(conn, settings, schema, live)
+            if added:
+                await live.make_live(conn, settings)  # the view shows the new columns
+                done += [f"{live.physical}.{c}" for c in added]
             elif await conn.fetchval("SELECT to_regclass($1)", f'"{schema}".{live.table}') is None:
                 await live.make_live(conn, settings)
                 done.append(live.table)
@@ -93,18 +95,45 @@ async def _create_storage(conn: asyncpg.Connection, settings: Settings) -> list[
     return done
 
 
-async def _add_tenant(conn: asyncpg.Connection, schema: str, table: str) -> bool:
-    """A live table made before tenancy gets its `tenant` column, empty: its rows belong to
-    no tenant, so no caller sees them until a rebuild fills the column from the events'
-    headers (`cqrs projections rebuild NAME`)."""
-    has = await conn.fetchval(
-        "SELECT count(*) FROM information_schema.columns "
-        "WHERE table_schema = $1 AND table_name = $2 AND column_name = 'tenant'",
-        schema,
-        table,
+class _Probed(Exception):
+    """Rolls the probe's savepoint back."""
+
+
+async def _add_columns(
+    conn: asyncpg.Connection, settings: Settings, schema: str, live: Projection
+) -> list[str]:
+    """Columns the projection's code defines that its live table, made by older code,
+    lacks are added (empty, or at their default), and the reader's view made again.
+    Their values are not derived for the rows there: a rebuild does that (`cqrs
+    projections rebuild NAME`). Until then a row made before tenancy (no `tenant`)
+    belongs to no tenant, and no caller sees it."""
+    query = (
+        "SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type, "
+        "pg_get_expr(d.adbin, d.adrelid) AS default FROM pg_attribute a "
+        "LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum "
+        "WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"
     )
-    if has:
-        return False
-    await conn.execute(f"ALTER TABLE {table} ADD COLUMN tenant text NOT NULL DEFAULT ''")
-    log.warning("read model made before tenancy: rebuild it to see its rows", extra={"table": table})
-    return True
+    have = {r["name"] for r in await conn.fetch(query, f'"{schema}".{live.physical}')}
+    probe = live.at(0)
+    wanted: list[asyncpg.Record] = []
+    try:
+        async with conn.transaction():  # a savepoint: the probe's table is never kept
+            await probe.create_storage(conn, settings)
+            wanted = await conn.fetch(query, f'"{schema}".{probe.physical}')
+            raise _Probed
+    except _Probed:
+        pass
+    added = []
+    for column in wanted:
+        if column["name"] in have:
+            continue
+        default = f" NOT NULL DEFAULT {column['default']}" if column["default"] is not None else ""
+        name, kind = column["name"], column["type"]
+        await conn.execute(f'ALTER TABLE {live.physical} ADD COLUMN "{name}" {kind}{default}')
+        added.append(column["name"])
+    if added:
+        log.warning(
+            "read model made by older code: columns added; rebuild it to fill them",
+            extra={"table": live.physical, "columns": added},
+        )
+    return added

@@ -102,6 +102,46 @@ class Settings(BaseSettings):
     rebuild_handover_s: float = Field(
         default=30, gt=0, description="how long a rebuild waits for a supervised worker of the new version"
     )
+    # Stream-processing jobs (streams.jobs): windowed quality, the incident process manager, deadlines.
+    quality_window_tumbling_s: int = Field(default=3600, ge=1, description="tumbling windows' size")
+    quality_window_hopping_s: int = Field(default=86_400, ge=1, description="hopping windows' size")
+    quality_window_hop_s: int = Field(
+        default=3600, ge=1, description="hopping windows' step (a divisor of their size)"
+    )
+    quality_window_lateness_s: int = Field(
+        default=3600,
+        ge=0,
+        description="allowed lateness: a window takes a check until the dataset's stream time (its latest "
+        "check's time) is this far past the window's end; later checks are counted as dropped",
+    )
+    quality_degraded_rate: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="failure rate in the current hopping window that degrades a metric",
+    )
+    quality_restored_rate: float = Field(
+        default=0.2, ge=0, le=1, description="failure rate at or under which a degraded metric is restored"
+    )
+    quality_min_checks: int = Field(
+        default=5, ge=1, description="checks the window needs before its rate decides anything"
+    )
+    incident_sla_assign_s: dict[str, float] = Field(
+        default_factory=lambda: {"critical": 900.0, "high": 3600.0, "medium": 14_400.0, "low": 86_400.0},
+        description="per priority, seconds from opening by which an incident must be assigned (JSON)",
+    )
+    incident_sla_resolve_s: dict[str, float] = Field(
+        default_factory=lambda: {
+            "critical": 14_400.0,
+            "high": 28_800.0,
+            "medium": 86_400.0,
+            "low": 259_200.0,
+        },  # noqa: E501
+        description="per priority, seconds from opening by which an incident must be resolved (JSON)",
+    )
+    deadline_scan_s: float = Field(
+        default=1.0, gt=0, le=60, description="how often due deadlines are looked for"
+    )
     query_consistency_timeout_s: float = Field(
         default=5.0, gt=0, description="how long a query waits for the position it was given (then 504)"
     )
@@ -267,6 +307,20 @@ class Settings(BaseSettings):
                 "APP_PROJECTION_CATCH_UP_BEHIND must be 0 or above APP_REBUILD_BULK_UNTIL_BEHIND "
                 f"({self.projection_catch_up_behind} <= {self.rebuild_bulk_until_behind})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _windows_and_service_levels_are_coherent(self) -> Settings:
+        if self.quality_window_hopping_s % self.quality_window_hop_s:
+            raise ValueError("APP_QUALITY_WINDOW_HOP_S must divide APP_QUALITY_WINDOW_HOPPING_S")
+        if self.quality_restored_rate >= self.quality_degraded_rate:
+            raise ValueError("APP_QUALITY_RESTORED_RATE must be below APP_QUALITY_DEGRADED_RATE")
+        priorities = {"low", "medium", "high", "critical"}
+        for name, sla in (("ASSIGN", self.incident_sla_assign_s), ("RESOLVE", self.incident_sla_resolve_s)):
+            if set(sla) != priorities or any(not v > 0 for v in sla.values()):
+                raise ValueError(
+                    f"APP_INCIDENT_SLA_{name}_S gives positive seconds for each of {sorted(priorities)}"
+                )
         return self
 
     @model_validator(mode="after")

@@ -3,13 +3,26 @@ input rules of `api.inputs`."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import Field, StringConstraints
+from pydantic import AfterValidator, Field, StringConstraints
+from pydantic_core import PydanticCustomError
 
 from api.bodies import RequestBody as Body
-from api.inputs import Chars, Finite, Json, Label, Metadata, Name, Tag, Text
+from api.inputs import Chars, Finite, Instant, Json, Label, Metadata, Name, Tag, Text
+
+CLOCK_SKEW = timedelta(minutes=5)  # how far ahead of ours a client's clock may be
+
+
+def _not_ahead(value: datetime) -> datetime:
+    if value > datetime.now(UTC) + CLOCK_SKEW:
+        raise PydanticCustomError("future_instant", "A measurement cannot be in the future")
+    return value
+
+
+MeasuredAt = Annotated[Instant, AfterValidator(_not_ahead)]
 
 MAX_TAGS = 50
 SemVer = Annotated[str, StringConstraints(min_length=5, max_length=100), Chars(line=True)]
@@ -45,6 +58,11 @@ class QualityCheckRequest(Body):
     value: Finite
     threshold: Finite
     comparator: Literal[">=", ">", "<=", "<", "=="] = ">="
+    measured_at: MeasuredAt | None = Field(
+        default=None,
+        description="When the check measured (its event time: the quality windows count it there); "
+        "default: when it is recorded. Up to 5 minutes ahead of the server's clock.",
+    )
 
 
 class ArchiveDatasetRequest(Body):

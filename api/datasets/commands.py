@@ -95,7 +95,10 @@ async def record_quality_check(
     dataset_id: UUID, body: s.QualityCheckRequest, meta: CommandMetaDep, bus: BusDep, response: Response
 ) -> CommandAccepted:
     """Record a quality check; whether it passed is computed from value, comparator and threshold."""
-    command = c.RecordQualityCheck(dataset_id, body.metric, body.value, body.threshold, body.comparator)
+    measured_at = body.measured_at.isoformat() if body.measured_at else None
+    command = c.RecordQualityCheck(
+        dataset_id, body.metric, body.value, body.threshold, body.comparator, measured_at
+    )
     return await dispatch(bus, CONTEXT, command, meta, response)
 
 

@@ -100,6 +100,48 @@ async def get_dataset_quality(
 
 
 @router.get(
+    "/{dataset_id}/quality/windows",
+    operation_id="getDatasetQualityWindows",
+    dependencies=[requires(p.DATASETS_READ), Depends(consistent("datasets", "quality_windows"))],
+)
+async def get_dataset_quality_windows(
+    dataset_id: UUID,
+    pool: PoolDep,
+    principal: PrincipalDep,
+    response: Response,
+    kind: Annotated[Literal["tumbling", "hopping"], Query(description="which windows")] = "tumbling",
+    metric: Equals = None,
+    limit: Annotated[int, Query(ge=1, le=1000, description="the latest windows, at most")] = 200,
+) -> dict[str, Any]:
+    """Pass rates of the dataset's quality checks per event-time window (a check counts at
+    the time it measured), oldest first; `late_dropped`: checks that came after their
+    windows had closed (allowed lateness passed)."""
+    await one(pool, principal.tenant, "datasets", dataset_id, "dataset", response)
+    rows = await pool.fetch(
+        "SELECT * FROM (SELECT metric, window_start, window_end, checks, passed, checks - passed AS failed, "
+        "passed::float8 / checks AS pass_rate, first_check_at, last_check_at FROM quality_windows "
+        "WHERE dataset_id = $1 AND tenant = $2 AND kind = $3 AND ($4::text IS NULL OR metric = $4) "
+        "ORDER BY window_start DESC, metric LIMIT $5) w ORDER BY window_start, metric",
+        dataset_id,
+        principal.tenant,
+        kind,
+        metric,
+        limit,
+    )
+    clock = await pool.fetchrow(
+        "SELECT stream_time, dropped FROM quality_windows_clock WHERE dataset_id = $1 AND tenant = $2",
+        dataset_id,
+        principal.tenant,
+    )
+    return {
+        "kind": kind,
+        "stream_time": clock["stream_time"] if clock else None,
+        "late_dropped": clock["dropped"] if clock else 0,
+        "windows": [dict(r) for r in rows],
+    }
+
+
+@router.get(
     "/{dataset_id}/events",
     operation_id="getDatasetHistory",
     dependencies=[requires(p.DATASETS_READ), Depends(consistent("events"))],

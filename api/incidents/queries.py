@@ -39,6 +39,8 @@ async def list_incidents(
     status: Annotated[Literal["open", "in_progress", "resolved", "closed"] | None, Query()] = None,
     priority: Annotated[Literal["low", "medium", "high", "critical"] | None, Query()] = None,
     assignee: Equals = None,
+    source: Equals = None,
+    external_id: Equals = None,
     limit: Limit = 50,
     cursor: Cursor = None,
     order: Order = "asc",
@@ -50,6 +52,10 @@ async def list_incidents(
         filters.append(("priority = ?", priority))
     if assignee:
         filters.append(("assignee = ?", assignee))
+    if source:
+        filters.append(("source = ?", source))
+    if external_id:
+        filters.append(("external_id = ?", external_id))
     return await page(pool, principal.tenant, "incidents", "opened_at", filters, limit, cursor, order)
 
 

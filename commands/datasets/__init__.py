@@ -18,5 +18,7 @@ CONTEXT = BoundedContext(
         "VersionPublished",
         "QualityCheckRecorded",
         "DatasetArchived",
+        "DatasetQualityDegraded",
+        "DatasetQualityRestored",
     ),
 )

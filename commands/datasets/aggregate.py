@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -57,6 +58,19 @@ def _normalise_tags(tags: list[str]) -> list[str]:
     return list(seen)
 
 
+def event_time(value: str | None, field: str = "measured_at") -> str | None:
+    """An instant as ISO-8601 text in UTC (an event's own time), or None when not given."""
+    if value is None:
+        return None
+    try:
+        at = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise InvalidCommand(f"{field} is not an ISO-8601 instant", field=field) from None
+    if at.tzinfo is None:
+        raise InvalidCommand(f"{field} must name its time zone (e.g. Z or +00:00)", field=field)
+    return at.astimezone(UTC).isoformat()
+
+
 def _json_text(value: Any, field: str) -> str:
     try:
         return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
@@ -64,8 +78,39 @@ def _json_text(value: Any, field: str) -> str:
         raise InvalidCommand(f"{field} is not JSON: {exc}", field=field) from exc
 
 
+FIGURES = ("window_start", "window_end", "checks", "failed", "failure_rate", "threshold")
+
+
+def _figures(figures: dict[str, Any]) -> dict[str, Any]:
+    """A window's figures as an event carries them, checked."""
+    missing = [k for k in FIGURES if k not in figures]
+    if missing:
+        raise InvalidCommand(f"figures lack {', '.join(missing)}", field=f"figures.{missing[0]}")
+    out: dict[str, Any] = {}
+    for name in ("window_start", "window_end"):
+        out[name] = event_time(figures[name], f"figures.{name}")
+    for name in ("checks", "failed"):
+        n = figures[name]
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 2**31:
+            raise InvalidCommand(f"figures.{name} must be a count", field=f"figures.{name}")
+        out[name] = n
+    for name in ("failure_rate", "threshold"):
+        x = figures[name]
+        if isinstance(x, bool) or not isinstance(x, int | float) or not 0 <= x <= 1:
+            raise InvalidCommand(f"figures.{name} must be a rate from 0 to 1", field=f"figures.{name}")
+        out[name] = float(x)
+    return out
+
+
 class Dataset(AggregateRoot):
-    """A registered dataset: descriptive data, metadata entries, versions, quality checks."""
+    """A registered dataset: descriptive data, metadata entries, versions, quality checks,
+    and per metric whether its quality is degraded (decided by the quality monitor job)."""
+
+    class_version = 2  # v2: `quality_alerts`
+
+    @staticmethod
+    def upcast_v1_v2(state: dict[str, Any]) -> None:
+        state["quality_alerts"] = {}
 
     # ---- decide -------------------------------------------------------------
 
@@ -118,7 +163,9 @@ class Dataset(AggregateRoot):
             )
         self._version_published(version=version.strip(), notes=notes)
 
-    def record_quality_check(self, metric: str, value: float, threshold: float, comparator: str) -> None:
+    def record_quality_check(
+        self, metric: str, value: float, threshold: float, comparator: str, measured_at: str | None = None
+    ) -> None:
         self._check_active()
         if comparator not in COMPARATORS:
             raise InvalidCommand(f"comparator must be one of {', '.join(COMPARATORS)}", field="comparator")
@@ -131,7 +178,48 @@ class Dataset(AggregateRoot):
             threshold=float(threshold),
             comparator=comparator,
             passed=COMPARATORS[comparator](value, threshold),
+            measured_at=event_time(measured_at),
         )
+
+    def mark_quality_degraded(self, metric: str, figures: dict[str, Any], check_version: int) -> None:
+        """The metric's failure rate reached the degradation threshold, as of the check at
+        `check_version`. A repeat (the same or an earlier check) is refused, so a job that
+        decides again over the same events changes nothing."""
+        self._check_active()
+        alert = self.quality_alerts.get(metric)
+        if alert is not None and alert["degraded"]:
+            raise InvariantViolation(
+                f"quality of {metric!r} is already degraded (since check {alert['since_check']})",
+                metric=metric,
+                since_check=alert["since_check"],
+            )
+        self._check_later(metric, alert, check_version)
+        self._quality_degraded(metric=metric, check_version=check_version, **_figures(figures))
+
+    def mark_quality_restored(self, metric: str, figures: dict[str, Any], check_version: int) -> None:
+        """The metric's failure rate fell back below the recovery threshold."""
+        self._check_active()
+        alert = self.quality_alerts.get(metric)
+        if alert is None or not alert["degraded"]:
+            raise InvariantViolation(f"quality of {metric!r} is not degraded", metric=metric)
+        self._check_later(metric, alert, check_version)
+        self._quality_restored(
+            metric=metric,
+            check_version=check_version,
+            degraded_check_version=alert["since_check"],
+            **_figures(figures),
+        )
+
+    @staticmethod
+    def _check_later(metric: str, alert: dict[str, Any] | None, check_version: int) -> None:
+        if isinstance(check_version, bool) or not isinstance(check_version, int) or check_version < 1:
+            raise InvalidCommand("check_version must be a positive integer", field="check_version")
+        if alert is not None and check_version <= alert["last_check"]:
+            raise InvariantViolation(
+                f"quality of {metric!r} was already decided as of check {alert['last_check']}",
+                metric=metric,
+                last_check=alert["last_check"],
+            )
 
     def archive(self, reason: str) -> None:
         self._check_active()
@@ -166,6 +254,7 @@ class Dataset(AggregateRoot):
         self.status = "active"
         self.latest_version: str | None = None
         self.quality: dict[str, dict[str, Any]] = {}
+        self.quality_alerts: dict[str, dict[str, Any]] = {}
         self.archived_reason = ""
 
     @event("DatasetDescribed")
@@ -187,13 +276,60 @@ class Dataset(AggregateRoot):
 
     @event("QualityCheckRecorded")
     def _quality_check_recorded(
-        self, metric: str, value: float, threshold: float, comparator: str, passed: bool
+        self,
+        metric: str,
+        value: float,
+        threshold: float,
+        comparator: str,
+        passed: bool,
+        measured_at: str | None = None,
     ) -> None:
         self.quality[metric] = {
             "value": value,
             "threshold": threshold,
             "comparator": comparator,
             "passed": passed,
+        }
+
+    @event("DatasetQualityDegraded")
+    def _quality_degraded(
+        self,
+        metric: str,
+        window_start: str,
+        window_end: str,
+        checks: int,
+        failed: int,
+        failure_rate: float,
+        threshold: float,
+        check_version: int,
+    ) -> None:
+        self.quality_alerts[metric] = {
+            "degraded": True,
+            "since_check": check_version,
+            "last_check": check_version,
+            "window_start": window_start,
+            "failure_rate": failure_rate,
+        }
+
+    @event("DatasetQualityRestored")
+    def _quality_restored(
+        self,
+        metric: str,
+        window_start: str,
+        window_end: str,
+        checks: int,
+        failed: int,
+        failure_rate: float,
+        threshold: float,
+        check_version: int,
+        degraded_check_version: int,
+    ) -> None:
+        self.quality_alerts[metric] = {
+            "degraded": False,
+            "since_check": check_version,
+            "last_check": check_version,
+            "window_start": window_start,
+            "failure_rate": failure_rate,
         }
 
     @event("DatasetArchived")

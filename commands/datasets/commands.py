@@ -53,6 +53,29 @@ class RecordQualityCheck:
     value: float
     threshold: float
     comparator: str = ">="
+    measured_at: str | None = None  # the check's own time (ISO-8601); the record's time when absent
+
+
+@dataclass(frozen=True)
+class MarkQualityDegraded:
+    """Sent by the quality monitor job: a metric's failure rate reached its threshold in a
+    window (`figures`: window_start, window_end, checks, failed, failure_rate, threshold),
+    as of the quality check at `check_version` of the dataset."""
+
+    dataset_id: UUID
+    metric: str
+    figures: dict[str, Any]
+    check_version: int
+
+
+@dataclass(frozen=True)
+class MarkQualityRestored:
+    """Sent by the quality monitor job: the failure rate fell back below recovery."""
+
+    dataset_id: UUID
+    metric: str
+    figures: dict[str, Any]
+    check_version: int
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,17 @@ HANDLERS = (
     acts_on(c.PublishVersion, lambda ds, cmd: ds.publish_version(cmd.version, cmd.notes)),
     acts_on(
         c.RecordQualityCheck,
-        lambda ds, cmd: ds.record_quality_check(cmd.metric, cmd.value, cmd.threshold, cmd.comparator),
+        lambda ds, cmd: ds.record_quality_check(
+            cmd.metric, cmd.value, cmd.threshold, cmd.comparator, cmd.measured_at
+        ),
+    ),
+    acts_on(
+        c.MarkQualityDegraded,
+        lambda ds, cmd: ds.mark_quality_degraded(cmd.metric, cmd.figures, cmd.check_version),
+    ),
+    acts_on(
+        c.MarkQualityRestored,
+        lambda ds, cmd: ds.mark_quality_restored(cmd.metric, cmd.figures, cmd.check_version),
     ),
     acts_on(c.ArchiveDataset, lambda ds, cmd: ds.archive(cmd.reason)),
 )

@@ -15,5 +15,6 @@ CONTEXT = BoundedContext(
         "IncidentAssigned",
         "IncidentStatusChanged",
         "IncidentCommented",
+        "IncidentEscalated",
     ),
 )

@@ -9,6 +9,8 @@ A closed incident accepts nothing but a reopen.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
 from eventsourcing.domain import event
@@ -24,10 +26,18 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     "closed": (),
 }
 MAX_COMMENT = 10_000
+DEADLINES = ("assignment", "resolution")  # of a service level: assigned by, resolved by
 
 
 class Incident(AggregateRoot):
-    """An incident: opened, assigned, moved through its statuses, commented on."""
+    """An incident: opened, assigned, moved through its statuses, commented on, escalated
+    when a deadline of its service level passes unmet."""
+
+    class_version = 2  # v2: `escalations`
+
+    @staticmethod
+    def upcast_v1_v2(state: dict[str, Any]) -> None:
+        state["escalations"] = {}
 
     # ---- decide -------------------------------------------------------------
 
@@ -79,6 +89,28 @@ class Incident(AggregateRoot):
             raise InvalidCommand(f"a comment has at most {MAX_COMMENT} characters", field="body")
         self._commented(author=required_text(author, "author"), body=text)
 
+    def escalate(self, deadline: str, due_at: str) -> None:
+        """A deadline passed: escalate once per deadline, and only while it is unmet (an
+        incident assigned by then is not escalated for assignment, nor a resolved one)."""
+        if deadline not in DEADLINES:
+            raise InvalidCommand(f"deadline must be one of {', '.join(DEADLINES)}", field="deadline")
+        try:
+            due = datetime.fromisoformat(due_at)
+        except (TypeError, ValueError):
+            raise InvalidCommand("due_at is not an ISO-8601 instant", field="due_at") from None
+        if due.tzinfo is None:
+            raise InvalidCommand("due_at must name its time zone", field="due_at")
+        if deadline in self.escalations:
+            raise InvariantViolation(
+                f"the {deadline} deadline was already escalated", deadline=deadline, status=self.status
+            )
+        met = self.assignee is not None if deadline == "assignment" else self.status in ("resolved", "closed")
+        if met:
+            raise InvariantViolation(f"the {deadline} deadline is met", deadline=deadline, status=self.status)
+        self._escalated(
+            level=len(self.escalations) + 1, deadline=deadline, due_at=due.astimezone(UTC).isoformat()
+        )
+
     def _check_not_closed(self) -> None:
         if self.status == "closed":
             raise InvariantViolation(
@@ -105,6 +137,7 @@ class Incident(AggregateRoot):
         self.status = "open"
         self.assignee: str | None = None
         self.comments = 0
+        self.escalations: dict[str, int] = {}  # deadline -> level
 
     @event("IncidentAssigned")
     def _assigned(self, assignee: str) -> None:
@@ -117,3 +150,7 @@ class Incident(AggregateRoot):
     @event("IncidentCommented")
     def _commented(self, author: str, body: str) -> None:
         self.comments += 1
+
+    @event("IncidentEscalated")
+    def _escalated(self, level: int, deadline: str, due_at: str) -> None:
+        self.escalations[deadline] = level

@@ -42,3 +42,12 @@ class CommentOnIncident:
     incident_id: UUID
     author: str
     body: str
+
+
+@dataclass(frozen=True)
+class EscalateIncident:
+    """Sent by the deadlines job when a deadline of the incident's service level passed."""
+
+    incident_id: UUID
+    deadline: str  # assignment | resolution
+    due_at: str  # ISO-8601

@@ -17,4 +17,5 @@ HANDLERS = (
     acts_on(c.ChangeIncidentStatus, lambda inc, cmd: inc.change_status(cmd.status, cmd.reason)),
     acts_on(c.ReopenIncident, lambda inc, cmd: inc.reopen(cmd.reason)),
     acts_on(c.CommentOnIncident, lambda inc, cmd: inc.comment(cmd.author, cmd.body)),
+    acts_on(c.EscalateIncident, lambda inc, cmd: inc.escalate(cmd.deadline, cmd.due_at)),
 )

@@ -67,6 +67,26 @@ def _quality_recorded(row: Row, p: dict[str, Any], e: StoredEvent) -> None:
     row["quality"] = q
 
 
+def _quality_degraded(row: Row, p: dict[str, Any], e: StoredEvent) -> None:
+    q = dict(row["quality"])
+    q["degraded"] = {
+        **q.get("degraded", {}),
+        p["metric"]: {
+            "since": e.meta.occurred_at.isoformat(),
+            "failure_rate": p["failure_rate"],
+            "window_start": p["window_start"],
+            "window_end": p["window_end"],
+        },
+    }
+    row["quality"] = q
+
+
+def _quality_restored(row: Row, p: dict[str, Any], e: StoredEvent) -> None:
+    q = dict(row["quality"])
+    q["degraded"] = {k: v for k, v in q.get("degraded", {}).items() if k != p["metric"]}
+    row["quality"] = q
+
+
 def _archived(row: Row, p: dict[str, Any], e: StoredEvent) -> None:
     row["status"], row["archived_reason"] = "archived", p["reason"]
 
@@ -123,4 +143,6 @@ class DatasetsProjection(FoldedRows):
         "VersionPublished": on_row(_version_published),
         "QualityCheckRecorded": on_row(_quality_recorded),
         "DatasetArchived": on_row(_archived),
+        "DatasetQualityDegraded": on_row(_quality_degraded),
+        "DatasetQualityRestored": on_row(_quality_restored),
     }

@@ -58,6 +58,7 @@ from commands.incidents import commands as inc
 from commands.snapshots import dump, load
 from commands.state_store import PartitionState
 from projections.append_only import AppendOnly
+from projections.datasets.windows import QualityWindowsProjection, count
 from projections.events import Record, StoredEvent, decode
 from projections.folded import FoldedRows, fold
 from projections.projection import Projection
@@ -400,6 +401,11 @@ def check_projections(context: str, events: list[StoredEvent]) -> None:
         elif isinstance(projection, AppendOnly):
             check_rows(
                 projection, [dict(zip(projection.columns, r, strict=True)) for r in projection.rows(events)]
+            )
+        elif isinstance(projection, QualityWindowsProjection):
+            added = count(events, {}, projection.windows, projection.lateness_ms)
+            check_rows(
+                projection, [dict(zip(projection.columns, r, strict=True)) for r in projection.rows(added)]
             )
         else:
             raise AssertionError(f"{projection.name}: a kind of projection this test does not know")

@@ -50,8 +50,30 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "threshold": 0.95,
         "comparator": ">=",
         "passed": True,
+        "measured_at": "2026-12-01T10:00:00+00:00",
     },
     "datasets.DatasetArchived": {"reason": "superseded"},
+    "datasets.DatasetQualityDegraded": {
+        "metric": "completeness",
+        "window_start": "2026-12-01T00:00:00+00:00",
+        "window_end": "2026-12-02T00:00:00+00:00",
+        "checks": 20,
+        "failed": 12,
+        "failure_rate": 0.6,
+        "threshold": 0.5,
+        "check_version": 31,
+    },
+    "datasets.DatasetQualityRestored": {
+        "metric": "completeness",
+        "window_start": "2026-12-01T01:00:00+00:00",
+        "window_end": "2026-12-02T01:00:00+00:00",
+        "checks": 20,
+        "failed": 2,
+        "failure_rate": 0.1,
+        "threshold": 0.2,
+        "check_version": 52,
+        "degraded_check_version": 31,
+    },
     "incidents.IncidentOpened": {
         "title": "DB down",
         "description": "d",
@@ -62,6 +84,11 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "incidents.IncidentAssigned": {"assignee": "alice"},
     "incidents.IncidentStatusChanged": {"from_status": "open", "to_status": "in_progress", "reason": ""},
     "incidents.IncidentCommented": {"author": "bob", "body": "on it"},
+    "incidents.IncidentEscalated": {
+        "level": 1,
+        "deadline": "assignment",
+        "due_at": "2026-12-01T10:15:00+00:00",
+    },
 }
 
 
@@ -134,6 +161,7 @@ def test_a_v1_quality_check_reads_as_a_greater_or_equal_comparison() -> None:
         "threshold": 5.0,
         "comparator": ">=",
         "passed": True,
+        "measured_at": None,
     }
 
 

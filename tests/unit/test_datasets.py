@@ -141,6 +141,7 @@ def test_a_quality_check_computes_whether_it_passed(
                 "threshold": threshold,
                 "comparator": comparator,
                 "passed": passed,
+                "measured_at": None,
             },
         )
     ]
@@ -174,3 +175,60 @@ def test_an_expected_version_other_than_the_current_one_conflicts() -> None:
     with pytest.raises(VersionConflict) as err:
         s.when(c.DescribeDataset(ID, name="y"), expected_version=1)
     assert err.value.details["current_version"] == 2
+
+
+def test_a_quality_check_keeps_its_own_time_in_utc_and_refuses_one_without_a_zone() -> None:
+    events = registered().when(
+        c.RecordQualityCheck(ID, "rows", 1.0, 1.0, ">=", measured_at="2026-12-01T12:00:00+02:00")
+    )
+    assert events[0][1]["measured_at"] == "2026-12-01T10:00:00+00:00"
+    with pytest.raises(InvalidCommand) as err:
+        registered().when(c.RecordQualityCheck(ID, "rows", 1.0, 1.0, ">=", measured_at="2026-12-01T12:00:00"))
+    assert err.value.details["field"] == "measured_at"
+
+
+FIGURES = {
+    "window_start": "2026-12-01T00:00:00+00:00",
+    "window_end": "2026-12-02T00:00:00+00:00",
+    "checks": 10,
+    "failed": 6,
+    "failure_rate": 0.6,
+    "threshold": 0.5,
+}
+
+
+def test_quality_degrades_once_and_is_restored_once_per_metric() -> None:
+    s = registered()
+    events = s.when(c.MarkQualityDegraded(ID, "rows", FIGURES, check_version=5))
+    assert events == [("DatasetQualityDegraded", {"metric": "rows", "check_version": 5, **FIGURES})]
+    # the same decision again (a job replaying its input), or an older one: refused
+    for version in (5, 4, 7):
+        with pytest.raises(InvariantViolation):
+            s.when(c.MarkQualityDegraded(ID, "rows", FIGURES, check_version=version))
+    # another metric is its own
+    assert s.when(c.MarkQualityDegraded(ID, "nulls", FIGURES, check_version=6))
+    restored = {**FIGURES, "failed": 1, "failure_rate": 0.1, "threshold": 0.2}
+    with pytest.raises(InvariantViolation):  # not after the degradation's own check
+        s.when(c.MarkQualityRestored(ID, "rows", restored, check_version=5))
+    events = s.when(c.MarkQualityRestored(ID, "rows", restored, check_version=9))
+    assert events[0][1]["degraded_check_version"] == 5
+    with pytest.raises(InvariantViolation):
+        s.when(c.MarkQualityRestored(ID, "rows", restored, check_version=10))
+    with pytest.raises(InvariantViolation):  # a replayed degradation from before the restoration
+        s.when(c.MarkQualityDegraded(ID, "rows", FIGURES, check_version=5))
+    assert s.when(c.MarkQualityDegraded(ID, "rows", FIGURES, check_version=12))
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"failure_rate": 1.5}, "figures.failure_rate"),
+        ({"checks": -1}, "figures.checks"),
+        ({"window_start": "yesterday"}, "figures.window_start"),
+        ({"failed": None}, "figures.failed"),
+    ],
+)
+def test_degradation_figures_are_checked(change: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidCommand) as err:
+        registered().when(c.MarkQualityDegraded(ID, "rows", {**FIGURES, **change}, check_version=3))
+    assert err.value.details["field"] == field

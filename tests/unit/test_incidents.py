@@ -121,3 +121,34 @@ def test_comments_need_an_author_and_a_body() -> None:
     with pytest.raises(InvalidCommand):
         s.when(c.CommentOnIncident(ID, "bob", "   "))
     assert s.state.comments == 1
+
+
+DUE = "2026-12-01T10:15:00+00:00"
+
+
+def test_an_unmet_deadline_escalates_once_with_a_growing_level() -> None:
+    s = opened()
+    assert s.when(c.EscalateIncident(ID, "assignment", DUE)) == [
+        ("IncidentEscalated", {"level": 1, "deadline": "assignment", "due_at": DUE})
+    ]
+    with pytest.raises(InvariantViolation):
+        s.when(c.EscalateIncident(ID, "assignment", DUE))
+    assert s.when(c.EscalateIncident(ID, "resolution", DUE))[0][1]["level"] == 2
+
+
+def test_a_met_deadline_does_not_escalate() -> None:
+    s = opened().given(c.AssignIncident(ID, "alice"))
+    with pytest.raises(InvariantViolation):
+        s.when(c.EscalateIncident(ID, "assignment", DUE))
+    s.given(c.ChangeIncidentStatus(ID, "in_progress"), c.ChangeIncidentStatus(ID, "resolved"))
+    with pytest.raises(InvariantViolation):
+        s.when(c.EscalateIncident(ID, "resolution", DUE))
+
+
+def test_an_escalation_names_a_known_deadline_and_an_instant() -> None:
+    with pytest.raises(InvalidCommand) as err:
+        opened().when(c.EscalateIncident(ID, "response", DUE))
+    assert err.value.details["field"] == "deadline"
+    with pytest.raises(InvalidCommand) as err:
+        opened().when(c.EscalateIncident(ID, "assignment", "2026-12-01T10:15:00"))
+    assert err.value.details["field"] == "due_at"

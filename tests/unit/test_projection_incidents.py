@@ -4,6 +4,7 @@ cycle and the search document with the comments' text. No services."""
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from uuid import UUID
 
 from commands.incidents import CONTEXT
@@ -48,8 +49,23 @@ def test_an_opened_incident_is_an_open_row_with_nobody_assigned() -> None:
         "updated_at": history.time(0),
         "resolved_at": None,
         "closed_at": None,
+        "assigned_at": None,
+        "assign_due_at": history.time(0) + timedelta(hours=1),  # the default service level of "high"
+        "resolve_due_at": history.time(0) + timedelta(hours=8),
+        "assign_breached": False,
+        "resolve_breached": False,
+        "escalation_level": 0,
     }
     assert set(ROWS.columns) == set(row_after(history))
+
+
+def test_a_deadline_met_late_or_escalated_shows_as_breached() -> None:
+    ident, history = an_incident()
+    history.then(c.EscalateIncident(ident, "assignment", "2026-01-01T00:00:00+00:00"))
+    row = row_after(history)
+    assert (row["assign_breached"], row["resolve_breached"], row["escalation_level"]) == (True, False, 1)
+    history.then(c.AssignIncident(ident, "bob"))
+    assert row_after(history)["assigned_at"] == history.time(2)
 
 
 def test_the_life_cycle_keeps_when_it_was_resolved_and_closed() -> None:
