@@ -136,7 +136,7 @@ class Settings(BaseSettings):
             "high": 28_800.0,
             "medium": 86_400.0,
             "low": 259_200.0,
-        },  # noqa: E501
+        },
         description="per priority, seconds from opening by which an incident must be resolved (JSON)",
     )
     deadline_scan_s: float = Field(

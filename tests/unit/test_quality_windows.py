@@ -94,5 +94,6 @@ def test_an_instant_is_in_as_many_hopping_windows_as_steps_fit_in_one() -> None:
     day = WindowKind("hopping", 24 * HOUR, HOUR)
     windows = day.containing(10 * HOUR + 5)
     assert len(windows) == 24
-    assert windows[0] == (-13 * HOUR, 11 * HOUR) and windows[-1] == (10 * HOUR, 34 * HOUR)
+    assert windows[0] == (-13 * HOUR, 11 * HOUR)
+    assert windows[-1] == (10 * HOUR, 34 * HOUR)
     assert day.current(10 * HOUR + 5) == (-13 * HOUR, 11 * HOUR)
