@@ -157,6 +157,36 @@ def run_projectors(
     _run_fast(_until_signalled(main))
 
 
+@run.command("jobs")
+def run_jobs(
+    names: Annotated[list[str] | None, typer.Argument(help="the jobs (default: all)")] = None,
+) -> None:
+    """Run the stream-processing jobs (quality monitor, quality incidents, incident
+    deadlines) in this process, each its own Faust app and consumer group (Ctrl-C to stop)."""
+    from streams.jobs import run_jobs as run
+    from streams.registry import JOBS
+
+    unknown = [n for n in names or [] if n not in JOBS]
+    if unknown:
+        raise typer.BadParameter(f"unknown job(s) {unknown}; known: {sorted(JOBS)}")
+    chosen = [JOBS[n] for n in dict.fromkeys(names or JOBS)]
+    _logging()
+    settings = get_settings()
+    _run_fast(_until_signalled(lambda stop: run(settings, chosen, stop)))
+
+
+@run.command("job")
+def run_job(name: Annotated[str, typer.Argument(help="the job")]) -> None:
+    """Run one stream-processing job alone in this process (a Faust worker)."""
+    from streams.jobs import JobApp
+    from streams.registry import JOBS
+
+    if name not in JOBS:
+        raise typer.BadParameter(f"unknown job {name!r}; known: {sorted(JOBS)}")
+    settings = get_settings()
+    JobApp(settings, JOBS[name](settings)).run()
+
+
 @run.command("audit-sink")
 def run_audit_sink() -> None:
     """Write the audit topic into PostgreSQL, where `GET /api/v1/admin/audit` reads it

@@ -127,8 +127,8 @@ def command_operations() -> list[Operation]:
         if not path.startswith("/api/v1/") or path.startswith("/api/v1/admin"):
             continue
         for method, op in methods.items():
-            if method not in COMMAND_METHODS or "identity" in op.get("tags", ()):
-                continue  # (identity routes issue credentials, not commands)
+            if method not in COMMAND_METHODS or {"identity", "integrations"} & set(op.get("tags", ())):
+                continue  # (identity routes issue credentials; integrations send several commands each)
             content = op.get("requestBody", {}).get("content", {})
             body = content.get("application/json", {}).get("schema")
             params = tuple(p for p in op.get("parameters", ()) if p["in"] == "path")

@@ -26,7 +26,7 @@ T0 = datetime(2026, 12, 1, tzinfo=UTC)
 def check(dataset: str, version: int, minutes: int, passed: bool, metric: str = "rows") -> StoredEvent:
     measured = T0 + timedelta(minutes=minutes)
     meta = EventMetadata(
-        event_id=str(uuid.uuid4()),
+        event_id=uuid.uuid4(),
         event_type="datasets.QualityCheckRecorded",
         aggregate_type="datasets.Dataset",
         aggregate_id=dataset,

@@ -1,0 +1,1 @@
+"""Stream-processing jobs of the datasets context."""

@@ -1,0 +1,1 @@
+"""Stream-processing jobs of the incidents context."""
