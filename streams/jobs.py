@@ -37,6 +37,7 @@ from uuid import UUID, uuid5
 
 import faust
 import mode
+import orjson
 from redis.asyncio import Redis
 
 from commands.bus import BusUnavailable, CommandBus, ResultTimeout
@@ -65,6 +66,28 @@ class Poison(ValueError):
 def derived_id(*parts: object) -> str:
     """A command id that is a function of what it answers (the same on every replay)."""
     return str(uuid5(JOB_COMMANDS, "/".join(str(p) for p in parts)))
+
+
+class JsonTable:
+    """A Faust table of JSON values under text keys (stored as bytes: the apps' serializer
+    is raw). A write goes to the changelog partition of the event being handled."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def get(self, key: str) -> Any:
+        raw = self.table.get(key.encode())
+        return None if raw is None else orjson.loads(raw)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.table[key.encode()] = orjson.dumps(value)
+
+    def __delitem__(self, key: str) -> None:
+        with contextlib.suppress(KeyError):
+            del self.table[key.encode()]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k.decode(), orjson.loads(v)) for k, v in list(self.table.items()) if v is not None]
 
 
 class Job:
@@ -105,7 +128,7 @@ class JobApp:
         job.runner = self
         self.topics = Topics(settings.topic_prefix)
         self.group_id = f"{settings.topic_prefix}.job.{job.name}"
-        self.dlq = dlq_topic(settings, f"job-{job.name}")
+        self.dlq = self.topics.dlq(f"job-{job.name}")
         self.codec = AvroCodec.from_directory()
         self.handled = 0
         self.dead = 0
@@ -153,7 +176,7 @@ class JobApp:
     async def _open(self) -> CommandBus:
         if self.bus is not None:
             return self.bus
-        await ensure_topics(self.settings, [self.dlq])
+        await ensure_topics(self.settings, [dlq_topic(self.settings, f"job-{self.job.name}")])
         stack = contextlib.AsyncExitStack()
         producer = kafka.producer(self.settings)
         await producer.start()

@@ -157,11 +157,11 @@ async def alertmanager(
                     action = "ignored"
         else:
             note = c.CommentOnIncident(incident, principal.subject, f"Alert resolved at {when}: {title}")
-            result = await _send(bus, principal, note, f"alertmanager:resolved:{incident}:{digest}")
+            result = await _send(bus, principal, note, f"alertmanager:resolved-note:{incident}:{digest}")
             action = "ignored" if not result.accepted and result.code == "not_found" else "resolved"
             if action == "resolved":
                 for status in ("in_progress", "resolved"):
                     move = c.ChangeIncidentStatus(incident, status, "the alert resolved")
-                    await _send(bus, principal, move, f"alertmanager:{status}:{incident}:{digest}")
+                    await _send(bus, principal, move, f"alertmanager:status-{status}:{incident}:{digest}")
         outcomes.append(AlertOutcome(fingerprint=alert.fingerprint, incident_id=incident, action=action))
     return AlertsHandled(alerts=outcomes)

@@ -26,7 +26,7 @@ from commands.datasets import commands as c
 from projections.datasets.windows import check_time
 from projections.events import StoredEvent
 from shared_kernel.windows import from_ms, kinds, takes, to_ms
-from streams.jobs import Job, Poison, derived_id
+from streams.jobs import Job, JsonTable, Poison, derived_id
 
 
 class QualityMonitor(Job):
@@ -40,12 +40,14 @@ class QualityMonitor(Job):
         self.table: Any = None
 
     def tables(self, app: faust.App) -> None:
-        self.table = app.Table(
-            "quality",
-            default=None,
-            partitions=self.settings.partitions,
-            key_serializer="json",
-            value_serializer="json",
+        self.table = JsonTable(
+            app.Table(
+                "quality",
+                default=None,
+                partitions=self.settings.partitions,
+                key_type=bytes,
+                value_type=bytes,
+            )
         )
 
     async def handle(self, event: StoredEvent) -> None:

@@ -22,7 +22,7 @@ import faust
 from commands.incidents import CONTEXT as INCIDENTS
 from commands.incidents import commands as c
 from projections.events import StoredEvent
-from streams.jobs import Job, derived_id
+from streams.jobs import Job, JsonTable, derived_id
 
 
 class Deadlines(Job):
@@ -36,12 +36,14 @@ class Deadlines(Job):
         self.fired = 0
 
     def tables(self, app: faust.App) -> None:
-        self.table = app.Table(
-            "deadlines",
-            default=None,
-            partitions=self.settings.partitions,
-            key_serializer="json",
-            value_serializer="json",
+        self.table = JsonTable(
+            app.Table(
+                "deadlines",
+                default=None,
+                partitions=self.settings.partitions,
+                key_type=bytes,
+                value_type=bytes,
+            )
         )
 
     def timers(self, app: faust.App) -> None:

@@ -73,6 +73,7 @@ class WriteSide:
     processors: list[Proc] = field(default_factory=list)
     apis: list[Proc] = field(default_factory=list)
     projectors: list[Proc] = field(default_factory=list)
+    jobs: list[Proc] = field(default_factory=list)
     projections: set[str] = field(default_factory=set)  # those the projectors keep
     api: Proc | None = None
     api_url: str = ""
@@ -104,7 +105,7 @@ class WriteSide:
         """The same process again (same port, so the same group member id), after it ended."""
         proc.stop()
         again = self._spawn(proc.name, *proc.args, env=proc.env, url=proc.url)
-        for group in (self.processors, self.apis):
+        for group in (self.processors, self.apis, self.jobs):
             if proc in group:
                 group[group.index(proc)] = again
         if self.api is proc:
@@ -172,6 +173,20 @@ class WriteSide:
         self.projections.update(names)
         return proc
 
+    def start_job(self, name: str, env: dict[str, str] | None = None) -> Proc:
+        """`cqrs run job NAME`: one stream-processing job in a process of its own."""
+        proc = self._spawn(f"job-{name}-{len(self.jobs)}", "run", "job", name, env=env)
+        self.jobs.append(proc)
+        return proc
+
+    async def wait_until_job_runs(self, proc: Proc, seconds: float = 120) -> None:
+        """Until the job's worker has its partitions and its tables restored."""
+        deadline = time.monotonic() + seconds
+        while b"Worker ready" not in proc.log.read_bytes():
+            assert proc.popen.poll() is None, proc.log.read_text()[-3000:]
+            assert time.monotonic() < deadline, proc.log.read_text()[-3000:]
+            await asyncio.sleep(0.2)
+
     async def wait_until_projected(self) -> None:
         """Probe commands until every projection started has applied them (Faust workers
         take a while to join their groups on a cold broker)."""
@@ -201,7 +216,7 @@ class WriteSide:
                         raise AssertionError(f"projections do not catch up; logs:\n{logs}")
 
     def stop(self) -> None:
-        for p in [*self.processors, *self.projectors, *self.apis]:
+        for p in [*self.jobs, *self.processors, *self.projectors, *self.apis]:
             p.stop()
 
     @classmethod
