@@ -51,6 +51,8 @@ class QualityMonitor(Job):
         )
 
     async def handle(self, event: StoredEvent) -> None:
+        if event.name not in ("QualityCheckRecorded", "DatasetQualityDegraded", "DatasetQualityRestored"):
+            return  # nothing of its windows (and no write to the table's changelog)
         key = event.meta.aggregate_id
         state: dict[str, Any] = self.table.get(key) or {"v": 0, "t": 0, "m": {}}
         if event.version <= state["v"]:
@@ -65,8 +67,6 @@ class QualityMonitor(Job):
         elif event.name in ("DatasetQualityDegraded", "DatasetQualityRestored"):
             metric = state["m"].setdefault(event.payload["metric"], {"w": {}, "d": False})
             metric["d"] = event.name == "DatasetQualityDegraded"
-            self.table[key] = state
-        else:
             self.table[key] = state
 
     def _count(self, state: dict[str, Any], event: StoredEvent) -> tuple[str, dict[str, Any]] | None:
