@@ -153,6 +153,10 @@ class JobApp:
             topic_replication_factor=settings.replication_factor,
             consumer_auto_offset_reset="earliest",
             broker_commit_interval=0.5,
+            # a worker killed outright holds its partitions until the broker gives up on it
+            # (Faust's default is 60 s): 10 s, beating every 2 s
+            broker_session_timeout=10.0,
+            broker_heartbeat_interval=2.0,
             table_standby_replicas=0,
             store="memory://",
             datadir=str(datadir),

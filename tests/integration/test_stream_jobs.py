@@ -175,7 +175,7 @@ async def test_failing_checks_open_one_incident_and_passing_ones_resolve_it_thro
             second = side.start_job("quality-monitor")  # joins mid-load: a rebalance
             manager.kill9()
             manager = side.restart(manager)
-    opened = await until(lambda: quality_incidents(client, dataset), 90, "the incident opened")
+    opened = await until(lambda: quality_incidents(client, dataset), 120, "the incident opened")
     assert len(opened) == 1
     assert opened[0]["status"] == "open"
     assert opened[0]["priority"] == "critical"  # every check failed: as far past the threshold as can be
@@ -188,7 +188,7 @@ async def test_failing_checks_open_one_incident_and_passing_ones_resolve_it_thro
         items = await quality_incidents(client, dataset)
         return items if items and items[0]["status"] == "resolved" else None
 
-    done = await until(resolved, 90, "the incident resolved")
+    done = await until(resolved, 120, "the incident resolved")
     assert len(done) == 1
     assert done[0]["comments"] == 1  # the figures of the restoration
     r = await client.get(f"/api/v1/datasets/{dataset}/events")
