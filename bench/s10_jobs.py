@@ -108,7 +108,9 @@ async def _run_job(side: WriteSide, name: str, total: int) -> dict[str, Any]:
         await asyncio.sleep(0.05)
     started = time.monotonic()
     group = f"{side.settings.topic_prefix}.job.{name}"
-    while await _committed(side.settings, group) < total:
+    # Faust may commit a partition's last processed offset rather than the next one: done
+    # within one record per partition of the end (at most 6 of the thousands measured)
+    while await _committed(side.settings, group) < total - PARTITIONS:
         assert proc.popen.poll() is None, proc.tail()
         await asyncio.sleep(0.1)
     seconds = time.monotonic() - started
@@ -158,7 +160,7 @@ async def _limit(settings: Settings, total: int) -> dict[str, Any]:
 
 async def run(base: Settings) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-s10-"))
-    side = WriteSide.create(base, workdir, "S10", PARTITIONS)
+    side = WriteSide.create(base, workdir, "S10", PARTITIONS, log_level="info")  # readiness is logged
     settings = side.settings
     try:
         await ensure_topics(settings, contract_topics(settings, ["datasets", "incidents"]))
