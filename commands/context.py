@@ -17,6 +17,7 @@ from typing import Any
 from uuid import UUID
 
 from shared_kernel.domain import AggregateRoot, InvalidCommand
+from shared_kernel.envelope import CommandEnvelope
 
 Command = Any
 
@@ -67,6 +68,17 @@ class BoundedContext:
 
     def event_type(self, event: Any) -> str:
         return f"{self.name}.{type(event).__name__}"
+
+    def envelope(self, command: Command, command_id: str, **fields: Any) -> CommandEnvelope:
+        """`command` as the command path carries it, addressed to its aggregate."""
+        command_type = self.command_type(command)
+        return CommandEnvelope(
+            command_id=command_id,
+            command_type=command_type,
+            aggregate_id=str(self.handler(command_type).aggregate_id(command)),
+            payload=command_payload(command),
+            **fields,
+        )
 
     def handler(self, command_type: str) -> Handler:
         try:

@@ -282,10 +282,15 @@ class ProjectionApp:
 
     def run(self) -> None:
         """Run the Faust worker until it is signalled to stop."""
-        worker = faust.Worker(
-            self.app,
-            loglevel=self.settings.log_level.upper(),
-            logging_config=logging_config(self.settings.log_level, self.settings.log_json),
-            quiet=True,
-        )
-        worker.execute_from_commandline()
+        run_worker(self.app, self.settings)
+
+
+def run_worker(app: faust.App, settings: Settings) -> None:
+    """A Faust app alone in this process, as a worker, until it is signalled to stop."""
+    worker = faust.Worker(
+        app,
+        loglevel=settings.log_level.upper(),
+        logging_config=logging_config(settings.log_level, settings.log_json),
+        quiet=True,
+    )
+    worker.execute_from_commandline()

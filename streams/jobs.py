@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -41,16 +42,15 @@ import orjson
 from redis.asyncio import Redis
 
 from commands.bus import BusUnavailable, CommandBus, ResultTimeout
-from commands.context import BoundedContext, command_payload
+from commands.context import BoundedContext
 from commands.transaction import dead_letter
 from projections.events import StoredEvent, decode
 from shared_kernel import kafka
 from shared_kernel.avro import AvroCodec
-from shared_kernel.envelope import CommandEnvelope, CommandResult
+from shared_kernel.envelope import CommandResult
 from shared_kernel.settings import Settings
-from shared_kernel.telemetry import logging_config
 from shared_kernel.topics import Topics, dlq_topic, ensure_topics
-from streams.app import _read_committed_consumer_thread, _record
+from streams.app import _read_committed_consumer_thread, _record, run_worker
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,9 @@ class JsonTable:
     """A Faust table of JSON values under text keys (stored as bytes: the apps' serializer
     is raw). A write goes to the changelog partition of the event being handled."""
 
-    def __init__(self, table: Any) -> None:
-        self.table = table
+    def __init__(self, app: faust.App, name: str, partitions: int) -> None:
+        """The table `name` of `app`, co-partitioned with the events topics."""
+        self.table = app.Table(name, default=None, partitions=partitions, key_type=bytes, value_type=bytes)
 
     def get(self, key: str) -> Any:
         raw = self.table.get(key.encode())
@@ -245,18 +246,16 @@ class JobApp:
         (already decided, already there) is an outcome too. While the command path is
         away, the same command is sent again (same id) with a growing pause."""
         bus = await self._open()
-        command_type = context.command_type(command)
-        envelope = CommandEnvelope(
-            command_id=command_id,
-            command_type=command_type,
-            aggregate_id=str(context.handler(command_type).aggregate_id(command)),
-            payload=command_payload(command),
+        envelope = context.envelope(
+            command,
+            command_id,
             actor=f"job:{self.job.name}",
             tenant=tenant,
             correlation_id=cause.meta.correlation_id if cause else command_id,
             traceparent=cause.meta.traceparent if cause else "",
         )
-        for attempt in range(10**9):
+        command_type = envelope.command_type
+        for attempt in itertools.count():
             try:
                 result = await bus.send(envelope)
             except (BusUnavailable, ResultTimeout) as exc:
@@ -287,7 +286,7 @@ class JobApp:
                 },
             )
             return result
-        raise AssertionError("unreachable")
+        raise AssertionError("itertools.count() ends")
 
     async def start(self) -> None:
         await self.app.start()
@@ -296,13 +295,7 @@ class JobApp:
         await self.app.stop()
 
     def run(self) -> None:
-        worker = faust.Worker(
-            self.app,
-            loglevel=self.settings.log_level.upper(),
-            logging_config=logging_config(self.settings.log_level, self.settings.log_json),
-            quiet=True,
-        )
-        worker.execute_from_commandline()
+        run_worker(self.app, self.settings)
 
 
 async def run_jobs(settings: Settings, jobs: Sequence[type[Job]], stop: asyncio.Event) -> None:

@@ -29,10 +29,9 @@ from api.deps import BusDep
 from api.inputs import Chars, Instant, Label, Text
 from api.readmodels import PoolDep
 from commands.bus import CommandBus
-from commands.context import command_payload
 from commands.incidents import CONTEXT
 from commands.incidents import commands as c
-from shared_kernel.envelope import CommandEnvelope, CommandResult
+from shared_kernel.envelope import CommandResult
 
 router = APIRouter(prefix="/api/v1/integrations", tags=["integrations"], responses=ERROR_RESPONSES)
 
@@ -94,18 +93,10 @@ def _text(alert: Alert) -> tuple[str, str]:
 
 
 async def _send(bus: CommandBus, principal: Any, command: Any, command_id: str) -> CommandResult:
-    command_type = CONTEXT.command_type(command)
-    return await bus.send(
-        CommandEnvelope(
-            command_id=command_id,
-            command_type=command_type,
-            aggregate_id=str(CONTEXT.handler(command_type).aggregate_id(command)),
-            payload=command_payload(command),
-            actor=principal.subject,
-            tenant=principal.tenant,
-            correlation_id=command_id,
-        )
+    envelope = CONTEXT.envelope(
+        command, command_id, actor=principal.subject, tenant=principal.tenant, correlation_id=command_id
     )
+    return await bus.send(envelope)
 
 
 @router.post(

@@ -303,13 +303,7 @@ class Dataset(AggregateRoot):
         threshold: float,
         check_version: int,
     ) -> None:
-        self.quality_alerts[metric] = {
-            "degraded": True,
-            "since_check": check_version,
-            "last_check": check_version,
-            "window_start": window_start,
-            "failure_rate": failure_rate,
-        }
+        self._alert(metric, True, check_version, window_start, failure_rate)
 
     @event("DatasetQualityRestored")
     def _quality_restored(
@@ -324,12 +318,15 @@ class Dataset(AggregateRoot):
         check_version: int,
         degraded_check_version: int,
     ) -> None:
+        self._alert(metric, False, check_version, window_start, failure_rate)
+
+    def _alert(self, metric: str, degraded: bool, check_version: int, window_start: str, rate: float) -> None:
         self.quality_alerts[metric] = {
-            "degraded": False,
+            "degraded": degraded,
             "since_check": check_version,
             "last_check": check_version,
             "window_start": window_start,
-            "failure_rate": failure_rate,
+            "failure_rate": rate,
         }
 
     @event("DatasetArchived")

@@ -192,9 +192,6 @@ class QualityWindowsProjection(Projection):
             for (d, m, kind, start), c in added.items()
         ]
 
-    async def create_storage(self, conn: asyncpg.Connection, settings: Settings) -> None:
-        await conn.execute(self.ddl.format(table=self.physical))
-
     async def drop_storage(self, conn: asyncpg.Connection, settings: Settings) -> None:
         await conn.execute(f"DROP TABLE IF EXISTS {self.physical}, {self.physical}_clock")
 

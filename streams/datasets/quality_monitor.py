@@ -40,15 +40,7 @@ class QualityMonitor(Job):
         self.table: Any = None
 
     def tables(self, app: faust.App) -> None:
-        self.table = JsonTable(
-            app.Table(
-                "quality",
-                default=None,
-                partitions=self.settings.partitions,
-                key_type=bytes,
-                value_type=bytes,
-            )
-        )
+        self.table = JsonTable(app, "quality", self.settings.partitions)
 
     async def handle(self, event: StoredEvent) -> None:
         if event.name not in ("QualityCheckRecorded", "DatasetQualityDegraded", "DatasetQualityRestored"):
@@ -60,9 +52,10 @@ class QualityMonitor(Job):
         state = {"v": event.version, "t": state["t"], "m": dict(state["m"])}
         if event.name == "QualityCheckRecorded":
             decision = self._count(state, event)
-            self.table[key] = state
-            if decision is not None:
-                await self._decide(state, event, *decision)
+            try:
+                if decision is not None:
+                    await self._decide(state, event, *decision)
+            finally:  # the check is counted even when its decision is dead-lettered
                 self.table[key] = state
         elif event.name in ("DatasetQualityDegraded", "DatasetQualityRestored"):
             metric = state["m"].setdefault(event.payload["metric"], {"w": {}, "d": False})

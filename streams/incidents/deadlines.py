@@ -36,15 +36,7 @@ class Deadlines(Job):
         self.fired = 0
 
     def tables(self, app: faust.App) -> None:
-        self.table = JsonTable(
-            app.Table(
-                "deadlines",
-                default=None,
-                partitions=self.settings.partitions,
-                key_type=bytes,
-                value_type=bytes,
-            )
-        )
+        self.table = JsonTable(app, "deadlines", self.settings.partitions)
 
     def timers(self, app: faust.App) -> None:
         app.timer(self.settings.deadline_scan_s)(self.scan)
