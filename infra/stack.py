@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Local stack without Docker: Kafka (KRaft), OpenSearch, PostgreSQL and Redis on 127.0.0.1.
+"""Local stack without Docker: Kafka (KRaft), OpenSearch, PostgreSQL, Redis and Kafka Connect
+with Debezium on 127.0.0.1.
 
 Standard library only, so it runs before the project's virtualenv exists.
 
@@ -11,7 +12,7 @@ Standard library only, so it runs before the project's virtualenv exists.
     python3 infra/stack.py up-apps | down-apps the application processes of infra/apps.toml
     python3 infra/stack.py urls                where everything listens
 
-Downloads are cached (Kafka jars and the OpenSearch zip in the local Maven repository,
+Downloads are cached (Kafka, Connect and Debezium jars and the OpenSearch zip in the local Maven repository,
 unpacked runtimes under STACK_CACHE), so a second `up` on the same machine takes seconds.
 Data and logs live under STACK_DIR (default: `.stack/` in the repository, git-ignored).
 Every port, version and heap size can be overridden by the environment variable
@@ -82,6 +83,14 @@ class Config:
     postgres_password: str = field(default_factory=lambda: _env("POSTGRES_PASSWORD", "app"))
     postgres_db: str = field(default_factory=lambda: _env("POSTGRES_DB", "app"))
     redis_port: int = field(default_factory=lambda: int(_env("REDIS_PORT", "6379")))
+    connect_version: str = field(default_factory=lambda: _env("CONNECT_VERSION", "4.3.0"))
+    debezium_version: str = field(default_factory=lambda: _env("DEBEZIUM_VERSION", "3.6.1.Final"))
+    connect_port: int = field(default_factory=lambda: int(_env("CONNECT_PORT", "8083")))
+    connect_heap: str = field(default_factory=lambda: _env("CONNECT_HEAP", "512m"))
+    connect_group: str = field(default_factory=lambda: _env("CONNECT_GROUP", "cqrs-connect"))
+    legacy_db: str = field(default_factory=lambda: _env("LEGACY_DB", "legacy"))
+    legacy_user: str = field(default_factory=lambda: _env("LEGACY_USER", "legacy"))
+    legacy_password: str = field(default_factory=lambda: _env("LEGACY_PASSWORD", "legacy"))
     start_timeout: float = field(default_factory=lambda: float(_env("STACK_START_TIMEOUT", "180")))
 
 
@@ -467,6 +476,46 @@ class Postgres(Service):
         if self.running_pid() is None:
             self._start_pg()
 
+    def up(self) -> None:
+        super().up()
+        self._ensure_legacy()
+
+    def _psql(self, *args: str, db: str = "postgres") -> subprocess.CompletedProcess[str]:
+        return self._as_postgres(
+            str(self.bindir / "psql"),
+            "-h",
+            str(self.home),
+            "-p",
+            str(self.port),
+            "-U",
+            "postgres",
+            "-d",
+            db,
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-tAq",
+            *args,
+        )
+
+    def _ensure_legacy(self) -> None:
+        """The source database of the CDC job: `legacy`, owned by a role of its own (that
+        may replicate: Debezium reads its changes as it), with `catalog.datasets`."""
+        c = self.cfg
+        if self._psql("-c", f"SELECT 1 FROM pg_database WHERE datname = '{c.legacy_db}'").stdout.strip():
+            return
+        log(f"creating the legacy catalogue (database {c.legacy_db}, role {c.legacy_user})")
+        pw = c.legacy_password.replace("'", "''")
+        exists = self._psql("-c", f"SELECT 1 FROM pg_roles WHERE rolname = '{c.legacy_user}'").stdout.strip()
+        verb = "ALTER" if exists else "CREATE"
+        self._psql("-c", f'{verb} ROLE "{c.legacy_user}" LOGIN REPLICATION PASSWORD \'{pw}\'')
+        self._psql("-c", f'CREATE DATABASE "{c.legacy_db}" OWNER "{c.legacy_user}"')
+        sql = (INFRA / "legacy" / "catalog.sql").read_text()
+        self._psql("-c", f'SET ROLE "{c.legacy_user}";\n{sql}', db=c.legacy_db)
+
+    def legacy_url(self) -> str:
+        c = self.cfg
+        return f"postgresql://{c.legacy_user}:{c.legacy_password}@{c.host}:{self.port}/{c.legacy_db}"
+
     def running_pid(self) -> int | None:
         pid = read_pid(self.data / "postmaster.pid")
         return pid if pid is not None and pid_alive(pid, str(self.data)) else None
@@ -681,6 +730,114 @@ class OpenSearch(Service):
         return self.home / "logs" / "opensearch.log"
 
 
+class Connect(Service):
+    """A Kafka Connect worker in distributed mode with Debezium's PostgreSQL connector."""
+
+    name = "connect"
+
+    @property
+    def port(self) -> int:
+        return self.cfg.connect_port
+
+    @property
+    def dist(self) -> Path:
+        return self.cfg.cache_dir / f"connect-{self.cfg.connect_version}"
+
+    @property
+    def plugin(self) -> Path:
+        return self.dist / "plugins" / f"debezium-postgres-{self.cfg.debezium_version}"
+
+    def url(self) -> str:
+        return f"http://{self.cfg.host}:{self.port}"
+
+    def _resolve(self, pom: str, dest: Path, *props: str) -> None:
+        if (dest / ".complete").exists():
+            return
+        if shutil.which("mvn") is None:
+            apt_install("maven")
+        log(f"resolving {dest.name} from Maven Central")
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        run(
+            [
+                "mvn",
+                "-q",
+                "-B",
+                "-f",
+                str(INFRA / "connect" / pom),
+                "dependency:copy-dependencies",
+                "-DincludeScope=runtime",
+                f"-DoutputDirectory={tmp}",
+                *props,
+            ]
+        )
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+        (dest / ".complete").touch()
+
+    def install(self) -> None:
+        c = self.cfg
+        self.dist.mkdir(parents=True, exist_ok=True)
+        self._resolve("pom.xml", self.dist / "libs", f"-Dconnect.version={c.connect_version}")
+        self.plugin.parent.mkdir(parents=True, exist_ok=True)
+        # the worker provides Kafka's own jars, slf4j and Jackson: a plugin copy of them would be
+        # other classes of the same names (Debezium's converters reflect on the worker's)
+        self._resolve(
+            "debezium.xml",
+            self.plugin,
+            f"-Ddebezium.version={c.debezium_version}",
+            "-DexcludeGroupIds=org.apache.kafka,org.slf4j,com.fasterxml.jackson.core",
+        )
+        for other in self.plugin.parent.iterdir():
+            if other != self.plugin:  # one Debezium version on the plugin path
+                shutil.rmtree(other, ignore_errors=True)
+        (self.home / "worker.properties").write_text(
+            (INFRA / "connect" / "worker.properties")
+            .read_text()
+            .format(
+                bootstrap=f"{c.host}:{c.kafka_port}",
+                group=c.connect_group,
+                host=c.host,
+                port=self.port,
+                plugins=self.plugin.parent,
+            )
+        )
+        (self.home / "log4j2.properties").write_text(
+            (INFRA / "connect" / "log4j2.properties").read_text().format(logdir=self.home)
+        )
+
+    def start(self) -> None:
+        spawn(
+            [
+                "java",
+                f"-Xms{min(256, _mb(self.cfg.connect_heap))}m",
+                f"-Xmx{self.cfg.connect_heap}",
+                "-XX:+UseG1GC",
+                "-XX:MaxGCPauseMillis=20",
+                "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
+                "-cp",
+                f"{self.dist / 'libs'}/*",
+                "org.apache.kafka.connect.cli.ConnectDistributed",
+                str(self.home / "worker.properties"),
+            ],
+            self.home / "connect.out",
+            self.pidfile,
+        )
+
+    def healthy(self) -> bool:
+        """The REST API serves its resources (before that Jetty answers 404) and the worker
+        has joined its group: the connector plugins it lists include Debezium's."""
+        try:
+            with urllib.request.urlopen(f"{self.url()}/connector-plugins", timeout=2) as resp:
+                plugins = json.load(resp)
+            with urllib.request.urlopen(f"{self.url()}/connectors", timeout=2) as resp:
+                json.load(resp)
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+        return any(p.get("class", "").endswith("PostgresConnector") for p in plugins)
+
+
 def _mb(size: str) -> int:
     s = size.lower()
     n = int(s.rstrip("mg"))
@@ -798,6 +955,7 @@ SERVICES: dict[str, type[Service]] = {
     "postgres": Postgres,
     "kafka": Kafka,
     "opensearch": OpenSearch,
+    "connect": Connect,
 }
 
 
@@ -816,6 +974,8 @@ def connection_env(cfg: Config) -> dict[str, str]:
         "APP_POSTGRES_DSN": Postgres(c).url(),
         "APP_OPENSEARCH_URL": f"http://{c.host}:{c.opensearch_port}",
         "APP_REDIS_URL": f"redis://{c.host}:{c.redis_port}/0",
+        "APP_CDC_CONNECT_URL": Connect(c).url(),
+        "APP_CDC_SOURCE_DSN": Postgres(c).legacy_url(),
     }
 
 
