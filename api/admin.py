@@ -1,5 +1,5 @@
 """Admin routes: the state of every projection (versions, lag, dead letters), rebuilds
-and rollbacks.
+and rollbacks; the change data capture's state.
 
 A rebuild started here runs in this API process (it starts the new version's worker
 as a child process) and is visible from any API instance: its progress is stored with
@@ -24,12 +24,14 @@ from api.reads import READ_RESPONSES
 from projections import versions
 from projections.registry import PROJECTIONS
 from projections.status import describe, overview
+from streams import cdc
 from streams.rebuild import Rebuild
 
 router = APIRouter(prefix="/api/v1/admin", tags=["admin"])
 log = logging.getLogger(__name__)
 
 LAG_TIMEOUT_S = 5
+CDC_TIMEOUT_S = 10
 
 
 def _known(name: str) -> None:
@@ -53,6 +55,25 @@ async def list_projections(request: Request, pool: PoolDep) -> dict[str, Any]:
     except (KafkaError, TimeoutError) as exc:
         raise ReadModelsUnavailable(f"Kafka does not answer, so lag is unknown: {exc!r}") from exc
     return {"projections": found}
+
+
+@router.get(
+    "/cdc",
+    operation_id="getCdc",
+    dependencies=[requires(p.ADMIN_CDC)],
+    responses={503: {"description": "The status could not be read in time."}},
+)
+async def get_cdc(request: Request) -> dict[str, Any]:
+    """The change data capture: the Debezium connector's and its task's state (with a failed
+    task's error), its lag behind the source (the source's LSN, the one the replication slot
+    confirmed, the offset Connect committed), the CDC job's lag and whether it halted, and
+    every error found. A part that cannot be read says why in `errors`."""
+    try:
+        return await asyncio.wait_for(
+            cdc.status(request.app.state.settings, request.app.state.bus.redis), CDC_TIMEOUT_S
+        )
+    except TimeoutError as exc:
+        raise ReadModelsUnavailable(f"the capture's state was not read in {CDC_TIMEOUT_S} s") from exc
 
 
 @router.get("/read-cache", operation_id="getReadCache", dependencies=[requires(p.ADMIN_PROJECTIONS)])

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from api.auth.access import public
+from streams.cdc import connect_of
 
 router = APIRouter(tags=["health"])
 
@@ -28,7 +29,9 @@ async def health() -> dict[str, str]:
 async def ready(request: Request) -> JSONResponse:
     """Kafka, Redis, PostgreSQL and OpenSearch are reachable, and the live feed of the
     subscriptions follows the event log (503 with Retry-After when not: a stream opened
-    before that would be refused)."""
+    before that would be refused). `cdc` reports the change data capture's connector
+    (RUNNING, PAUSED, FAILED, MISSING or UNREACHABLE): the API serves without it, so it
+    does not make the API unready."""
     checks: dict[str, Any] = {}
     bus = request.app.state.bus
     checks["kafka"] = bus.producer_ready.is_set() and await _kafka_answers(request)
@@ -51,10 +54,21 @@ async def ready(request: Request) -> JSONResponse:
         checks["opensearch"] = False
     ok = all(checks.values())
     return JSONResponse(
-        {"status": "ready" if ok else "unavailable", "checks": checks},
+        {"status": "ready" if ok else "unavailable", "checks": checks, "cdc": await _cdc_state(request)},
         status_code=200 if ok else 503,
         headers={} if ok else {"Retry-After": "1"},
     )
+
+
+async def _cdc_state(request: Request) -> str:
+    try:
+        found = await asyncio.wait_for(connect_of(request.app.state.settings).status(), 2)
+    except Exception:  # any failure: it cannot be told
+        return "UNREACHABLE"
+    if found is None:
+        return "MISSING"
+    states = [found["connector"]["state"], *(t["state"] for t in found.get("tasks", []))]
+    return "FAILED" if "FAILED" in states else str(found["connector"]["state"])
 
 
 async def _kafka_answers(request: Request) -> bool:

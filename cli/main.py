@@ -6,6 +6,7 @@ cqrs run projector NAME        keep a read model up to date (follows rebuilds)
 cqrs run projectors [NAME...]  every read model (and the audit sink) in one process
 cqrs auth token --sub --role --tenant   a token of the local issuer (the local API accepts it)
 cqrs projections list|status|rebuild|rollback   the read models and their versions
+cqrs cdc status|apply|pause|resume|restart|remove   the change data capture's connector
 cqrs demo                      demo datasets and incidents, through the API
 cqrs topics create             create the contract topics (idempotent)
 cqrs schemas check             every event has a schema; every schema reads its history
@@ -38,12 +39,14 @@ topics = typer.Typer(no_args_is_help=True, help="Kafka topics of the contract.")
 schemas = typer.Typer(no_args_is_help=True, help="Avro schemas.")
 projections = typer.Typer(no_args_is_help=True, help="Read models: list, status, rebuild, rollback.")
 auth = typer.Typer(no_args_is_help=True, help="The local stack's credentials: tokens the local API accepts.")
+cdc = typer.Typer(no_args_is_help=True, help="Change data capture: the Debezium connector of the CDC job.")
 app.add_typer(serve, name="serve")
 app.add_typer(run, name="run")
 app.add_typer(topics, name="topics")
 app.add_typer(schemas, name="schemas")
 app.add_typer(projections, name="projections")
 app.add_typer(auth, name="auth")
+app.add_typer(cdc, name="cdc")
 console = Console(stderr=True)
 
 
@@ -289,6 +292,103 @@ def projections_list() -> None:
             str(p["dead_lettered"]),
         )
     Console().print(table)
+
+
+@cdc.command("status")
+def cdc_status(
+    as_json: Annotated[bool, typer.Option("--json", help="the whole status as JSON")] = False,
+) -> None:
+    """The connector's and its task's state, its lag behind the source, the CDC job's lag,
+    and the errors (exit status 1 when there is any)."""
+    import orjson
+    from redis.asyncio import Redis
+
+    from streams import cdc as capture
+
+    settings = get_settings()
+
+    async def read() -> dict[str, Any]:
+        redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+        try:
+            return await capture.status(settings, redis)
+        finally:
+            await redis.aclose()
+
+    found = asyncio.run(read())
+    if as_json:
+        typer.echo(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode())
+    else:
+        c, lag, job = found["connector"], found["lag"], found["job"]
+        table = Table("", "")
+        table.add_row(
+            "source",
+            f"{found['source']['database']} {found['source']['table']} -> {found['source']['topic']}",
+        )
+        table.add_row("tenant", found["source"]["tenant"])
+        table.add_row("connector", f"{c['name']} {c['state']}")
+        for t in c.get("tasks", []):
+            table.add_row(f"task {t['id']}", f"{t['state']} on {t.get('worker_id', '-')}")
+        table.add_row("source LSN", str(lag["source_lsn"]))
+        table.add_row("confirmed LSN", f"{lag['confirmed_lsn']} ({lag['bytes_behind']} bytes behind)")
+        table.add_row("job", f"{job['group']}: {job['events_behind']} change events behind")
+        for error in found["errors"]:
+            table.add_row("[red]error[/]", error)
+        Console().print(table)
+    if found["errors"]:
+        raise typer.Exit(1)
+
+
+def _connector(action: str) -> None:
+    from streams import cdc as capture
+
+    settings = get_settings()
+    connect = capture.connect_of(settings)
+    try:
+        if action == "apply":
+            changed = asyncio.run(capture.ensure(settings))
+            typer.echo(f"{connect.connector}: {'configured' if changed else 'already as configured'}")
+            return
+        if action == "remove":
+            asyncio.run(capture.remove(settings))
+        else:
+            asyncio.run(getattr(connect, action)())
+    except (capture.ConnectUnavailable, capture.ConnectRefused) as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+    typer.echo(f"{connect.connector}: {action} done")
+
+
+@cdc.command("apply")
+def cdc_apply() -> None:
+    """Create or update the change topic, the publication and the connector from the settings
+    (the CDC job does this when it starts)."""
+    _connector("apply")
+
+
+@cdc.command("pause")
+def cdc_pause() -> None:
+    """Pause the connector: changes wait in the source's WAL (the slot keeps them)."""
+    _connector("pause")
+
+
+@cdc.command("resume")
+def cdc_resume() -> None:
+    """Resume a paused connector where it stopped."""
+    _connector("resume")
+
+
+@cdc.command("restart")
+def cdc_restart() -> None:
+    """Restart the connector and its task (after a failure is mended); it resumes from its
+    committed offset."""
+    _connector("restart")
+
+
+@cdc.command("remove")
+def cdc_remove() -> None:
+    """Delete the connector, drop its replication slot and publication (the change topic
+    and the datasets stay; a later `apply` snapshots the table again)."""
+    _connector("remove")
 
 
 def _percent(v: dict[str, Any]) -> str:

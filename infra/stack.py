@@ -507,7 +507,7 @@ class Postgres(Service):
         pw = c.legacy_password.replace("'", "''")
         exists = self._psql("-c", f"SELECT 1 FROM pg_roles WHERE rolname = '{c.legacy_user}'").stdout.strip()
         verb = "ALTER" if exists else "CREATE"
-        self._psql("-c", f'{verb} ROLE "{c.legacy_user}" LOGIN REPLICATION PASSWORD \'{pw}\'')
+        self._psql("-c", f"{verb} ROLE \"{c.legacy_user}\" LOGIN REPLICATION PASSWORD '{pw}'")
         self._psql("-c", f'CREATE DATABASE "{c.legacy_db}" OWNER "{c.legacy_user}"')
         sql = (INFRA / "legacy" / "catalog.sql").read_text()
         self._psql("-c", f'SET ROLE "{c.legacy_user}";\n{sql}', db=c.legacy_db)

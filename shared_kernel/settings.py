@@ -142,6 +142,35 @@ class Settings(BaseSettings):
     deadline_scan_s: float = Field(
         default=1.0, gt=0, le=60, description="how often due deadlines are looked for"
     )
+    # Change data capture (streams.cdc): Debezium on Kafka Connect reads a database we do
+    # not own; the CDC job turns its change events into commands.
+    cdc_connect_url: str = Field(
+        default="http://127.0.0.1:8083", description="the Kafka Connect worker's REST API"
+    )
+    cdc_source_dsn: str = Field(
+        default="postgresql://legacy:legacy@127.0.0.1:5432/legacy",
+        description="the source database, as a role that may replicate and owns the table",
+    )
+    cdc_source_table: str = Field(
+        default="catalog.datasets",
+        pattern=r"^[a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*$",
+        description="schema.table",
+    )
+    cdc_source_columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="the source's column of each mapped field where it differs (JSON, e.g. "
+        '{"description": "summary"} after a rename); fields: id, name, description, status, owner_id, '
+        "metadata",
+    )
+    cdc_tenant: str = Field(
+        default="acme", min_length=1, description="the tenant the source's rows belong to"
+    )
+    cdc_concurrency: int = Field(
+        default=64, ge=1, le=1024, description="rows the CDC job has in flight at once (in order per row)"
+    )
+    cdc_heartbeat_ms: int = Field(
+        default=5000, ge=100, description="how often Debezium confirms its position while the source is quiet"
+    )
     query_consistency_timeout_s: float = Field(
         default=5.0, gt=0, description="how long a query waits for the position it was given (then 504)"
     )

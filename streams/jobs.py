@@ -18,6 +18,15 @@ below it, so applying twice changes nothing. While the command path is away
 growing pause. An event that cannot be decoded or that the handler refuses goes to
 `<prefix>.dlq.job-<name>` with the error and the rest keeps flowing.
 
+A job may read other topics than events (`source_topics`, `decode`: the CDC job reads
+Debezium's change events), and may handle records of different keys at once
+(`concurrency` above 1): it then takes what arrived in a batch, handles each key's
+records in order and up to `concurrency` keys at a time, and acks the batch when all
+of it is handled. A handler that finds it cannot go on without a person (`Halt`: a
+source table lost a column it maps, say) stops the job where it is: the record and
+those after it are not acked, the error is logged and kept in Redis for the admin
+routes, and the job waits to be restarted once the cause is mended.
+
 `cqrs run jobs` runs every job in one process (each its own Faust app and group,
 restarted with a growing pause when it crashes); `cqrs run job NAME` one.
 """
@@ -31,6 +40,8 @@ import logging
 import os
 import socket
 import tempfile
+import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,7 +50,9 @@ from uuid import UUID, uuid5
 import faust
 import mode
 import orjson
+from faust.streams import _current_event
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from commands.bus import BusUnavailable, CommandBus, ResultTimeout
 from commands.context import BoundedContext
@@ -51,6 +64,7 @@ from shared_kernel.envelope import CommandResult
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics, dlq_topic, ensure_topics
 from streams.app import _read_committed_consumer_thread, _record, run_worker
+from streams.batches import ack, take_batches
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +75,21 @@ HANDLED_REFUSALS = frozenset({"invariant_violation", "already_exists", "not_foun
 
 class Poison(ValueError):
     """The handler cannot act on this event (it is malformed for it): dead-letter it."""
+
+
+class Halt(RuntimeError):
+    """The job cannot go on without a person (its input changed shape): stop it here."""
+
+
+def halt_key(prefix: str, job: str) -> str:
+    """Where a halted job keeps its error (Redis), for the admin routes."""
+    return f"{prefix}:job:{job}:halted"
+
+
+async def halted(redis: Redis, prefix: str, job: str) -> dict[str, Any] | None:
+    """The error a job halted on, if it is halted."""
+    raw = await redis.get(halt_key(prefix, job))
+    return None if raw is None else dict(orjson.loads(raw))
 
 
 def derived_id(*parts: object) -> str:
@@ -95,11 +124,25 @@ class Job:
     """What a job is: the contexts it reads, its tables, and what it does per event."""
 
     name: ClassVar[str]
-    contexts: ClassVar[tuple[str, ...]]
+    contexts: ClassVar[tuple[str, ...]] = ()
+    concurrency: int = 1  # keys handled at once (each key's records in order)
+    batch_max: int = 1000  # records taken in one batch when concurrency > 1
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.runner: JobApp | None = None
+
+    def source_topics(self, topics: Topics) -> list[str]:
+        """The topics the job reads: by default the events topics of its contexts."""
+        return [topics.events(c) for c in self.contexts]
+
+    def decode(self, codec: AvroCodec, record: Any) -> Any:
+        """What `handle` is given for a record (None: nothing to handle); an exception
+        dead-letters the record."""
+        return decode(codec, record)
+
+    async def prepare(self) -> None:
+        """Before the job's Faust app starts (whatever it needs outside, its input topics)."""
 
     def tables(self, app: faust.App) -> None:
         """Declare the job's Faust tables on `app`."""
@@ -107,15 +150,21 @@ class Job:
     def timers(self, app: faust.App) -> None:
         """Declare the job's timers on `app`."""
 
-    async def handle(self, event: StoredEvent) -> None:
+    async def handle(self, event: Any) -> None:
         raise NotImplementedError
 
     async def send(
-        self, context: BoundedContext, command: Any, command_id: str, tenant: str, cause: StoredEvent | None
+        self,
+        context: BoundedContext,
+        command: Any,
+        command_id: str,
+        tenant: str,
+        cause: StoredEvent | None,
+        correlation_id: str = "",
     ) -> CommandResult:
         """A command through the command path, as the job's actor (see `JobApp.send`)."""
         assert self.runner is not None
-        return await self.runner.send(context, command, command_id, tenant, cause)
+        return await self.runner.send(context, command, command_id, tenant, cause, correlation_id)
 
 
 class JobApp:
@@ -135,6 +184,9 @@ class JobApp:
         self.dead = 0
         self.commands = 0
         self.bus: CommandBus | None = None
+        self.redis: Redis | None = None
+        self.halted: str | None = None
+        self._halt_cleared = False
         self._resources: contextlib.AsyncExitStack | None = None
         self.producer: Any = None
         datadir = (
@@ -164,7 +216,7 @@ class JobApp:
         )
         self.app.conf.cqrs_fetch_max_wait_ms = settings.kafka_fetch_max_wait_ms
         source = self.app.topic(
-            *[self.topics.events(c) for c in job.contexts],
+            *job.source_topics(self.topics),
             key_type=bytes,
             value_type=bytes,
             value_serializer="raw",
@@ -191,7 +243,7 @@ class JobApp:
         bus = CommandBus(self.settings, producer, redis)
         await bus.start()
         stack.push_async_callback(bus.stop)
-        self._resources, self.bus, self.producer = stack, bus, producer
+        self._resources, self.bus, self.producer, self.redis = stack, bus, producer, redis
         return bus
 
     async def close(self) -> None:
@@ -203,21 +255,76 @@ class JobApp:
         await self._open()
         log.info("job started", extra={"job": self.job.name, "group": self.group_id})
         try:
-            async for message in stream.events():
-                record = _record(message.message)
-                try:
-                    event = decode(self.codec, record)
-                except Exception as exc:  # anything undecodable is poison
-                    await self._dead_letter(record, f"cannot decode: {type(exc).__name__}: {exc}")
-                    continue
-                try:
-                    await self.job.handle(event)
-                except (Poison, KeyError, TypeError, ValueError) as exc:
-                    await self._dead_letter(record, f"{type(exc).__name__}: {exc}")
-                    continue
-                self.handled += 1
+            if self.job.concurrency > 1:
+                async for batch in take_batches(stream, self.job.batch_max, 0.05):
+                    await self._handle_batch(batch)
+                    await ack(stream, batch)
+                    await self._resumed()
+            else:
+                async for message in stream.events():
+                    await self._handle(message.message)
+                    await self._resumed()
+        except Halt as exc:
+            await self._halt(exc)
         finally:
             await self.close()
+
+    async def _handle(self, message: Any) -> None:
+        """One record: decoded and handled, or dead-lettered with the reason."""
+        record = _record(message)
+        try:
+            item = self.job.decode(self.codec, record)
+        except Exception as exc:  # anything undecodable is poison
+            await self._dead_letter(record, f"cannot decode: {type(exc).__name__}: {exc}")
+            return
+        if item is None:
+            return
+        try:
+            await self.job.handle(item)
+        except (Poison, KeyError, TypeError, ValueError) as exc:
+            await self._dead_letter(record, f"{type(exc).__name__}: {exc}")
+            return
+        self.handled += 1
+
+    async def _handle_batch(self, events: list[Any]) -> None:
+        """Each key's records in order, up to `concurrency` keys at once. A table write
+        goes to the changelog partition of the record being handled (each key's task
+        has its own current event)."""
+        by_key: dict[tuple[int, bytes | None], list[Any]] = {}
+        for event in events:
+            by_key.setdefault((event.message.partition, event.message.key), []).append(event)
+        room = asyncio.Semaphore(self.job.concurrency)
+
+        async def in_order(its: list[Any]) -> None:
+            async with room:
+                for event in its:
+                    _current_event.set(weakref.ref(event))
+                    await self._handle(event.message)
+
+        outcomes = await asyncio.gather(*(in_order(its) for its in by_key.values()), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome  # the batch is not acked: it comes again after a restart
+
+    async def _halt(self, exc: Halt) -> None:
+        """Stop here: nothing more is handled or acked until the job is restarted."""
+        self.halted = str(exc)
+        log.error("job halted: it needs a person", extra={"job": self.job.name, "error": str(exc)})
+        if self.redis is not None:
+            record = {"error": str(exc), "since": time.time(), "group": self.group_id}
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.set(
+                    halt_key(self.settings.topic_prefix, self.job.name), orjson.dumps(record)
+                )
+        await asyncio.Event().wait()  # until the app stops (it cancels the agent)
+
+    async def _resumed(self) -> None:
+        """A record went through: a halt recorded before a restart is over."""
+        if self._halt_cleared or not (self.handled or self.dead) or self.redis is None:
+            return
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.delete(halt_key(self.settings.topic_prefix, self.job.name))
+            self._halt_cleared = True
 
     async def _dead_letter(self, record: Any, error: str) -> None:
         value, headers = dead_letter(record, error, self.settings.kafka_max_message_bytes)
@@ -241,6 +348,7 @@ class JobApp:
         command_id: str,
         tenant: str,
         cause: StoredEvent | None = None,
+        correlation_id: str = "",
     ) -> CommandResult:
         """Send a command and return its outcome; a refusal the domain makes of a repeat
         (already decided, already there) is an outcome too. While the command path is
@@ -251,7 +359,7 @@ class JobApp:
             command_id,
             actor=f"job:{self.job.name}",
             tenant=tenant,
-            correlation_id=cause.meta.correlation_id if cause else command_id,
+            correlation_id=correlation_id or (cause.meta.correlation_id if cause else command_id),
             traceparent=cause.meta.traceparent if cause else "",
         )
         command_type = envelope.command_type
@@ -289,12 +397,16 @@ class JobApp:
         raise AssertionError("itertools.count() ends")
 
     async def start(self) -> None:
+        await self.job.prepare()
         await self.app.start()
 
     async def stop(self) -> None:
         await self.app.stop()
 
     def run(self) -> None:
+        """Alone in this process: prepared on the loop the worker then runs on (the
+        topics it reads must exist before Faust checks its tables against them)."""
+        self.app.loop.run_until_complete(self.job.prepare())
         run_worker(self.app, self.settings)
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from streams.datasets.legacy_catalog import LegacyCatalog
 from streams.datasets.quality_monitor import QualityMonitor
 from streams.incidents.deadlines import Deadlines
 from streams.incidents.quality_incidents import QualityIncidents
 from streams.jobs import Job
 
-JOBS: dict[str, type[Job]] = {job.name: job for job in (QualityMonitor, QualityIncidents, Deadlines)}
+JOBS: dict[str, type[Job]] = {
+    job.name: job for job in (QualityMonitor, QualityIncidents, Deadlines, LegacyCatalog)
+}

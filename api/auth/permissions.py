@@ -24,13 +24,14 @@ SEARCH_READ: Final = "search:read"
 EVENTS_SUBSCRIBE: Final = "events:subscribe"
 COMMANDS_READ: Final = "commands:read"  # the status of one's own tenant's commands
 ADMIN_PROJECTIONS: Final = "admin:projections"
+ADMIN_CDC: Final = "admin:cdc"  # the change data capture's connector and job (the platform's)
 ADMIN_KEYS: Final = "admin:keys"
 ADMIN_AUDIT: Final = "admin:audit"
 
 VIEWER: Final = frozenset({DATASETS_READ, INCIDENTS_VIEW, SEARCH_READ, EVENTS_SUBSCRIBE, COMMANDS_READ})
 OPERATOR: Final = VIEWER | {DATASETS_WRITE, INCIDENTS_CREATE, INCIDENTS_UPDATE, INCIDENTS_ASSIGN}
 ADMIN: Final = OPERATOR | {ADMIN_KEYS, ADMIN_AUDIT}
-PLATFORM: Final = frozenset({ADMIN_PROJECTIONS})  # across tenants: the shared read models
+PLATFORM: Final = frozenset({ADMIN_PROJECTIONS, ADMIN_CDC})  # across tenants: shared read models, CDC
 
 # role -> its permissions: the one table
 ROLES: Final[dict[str, frozenset[str]]] = {

@@ -31,7 +31,8 @@ def test_the_roles_table_a_viewer_reads_an_operator_changes_an_admin_administers
     assert p.ROLES["operator"] == p.ROLES["viewer"] | WRITES
     # a tenant's admin administers its tenant; the shared projections are the platform's
     assert p.ROLES["admin"] == p.ROLES["operator"] | {p.ADMIN_KEYS, p.ADMIN_AUDIT}
-    assert p.ROLES["platform"] == {p.ADMIN_PROJECTIONS}
+    # the capture of another system's database serves every tenant too: the platform's
+    assert p.ROLES["platform"] == {p.ADMIN_PROJECTIONS, p.ADMIN_CDC}
     assert p.permissions_of(["viewer", "made-up"]) == p.ROLES["viewer"]
     assert p.permissions_of(["made-up"]) == frozenset()
     assert p.main_role(["viewer", "admin"]) == "admin"
