@@ -203,7 +203,12 @@ class Connect:
         try:
             async with (
                 aiohttp.ClientSession(timeout=timeout) as session,
-                session.request(method, f"{self.url}{path}", json=body) as resp,
+                session.request(
+                    method,
+                    f"{self.url}{path}",
+                    data=b"" if body is None else orjson.dumps(body),
+                    headers={"Content-Type": "application/json", "Accept": "application/json"},
+                ) as resp,
             ):
                 text = await resp.text()
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -211,6 +211,9 @@ class JobApp:
             broker_session_timeout=10.0,
             broker_heartbeat_interval=2.0,
             table_standby_replicas=0,
+            # a stopping worker does not wait for events in flight (a halted job's never
+            # end): what was not acked comes again to the next owner
+            stream_wait_empty=False,
             store="memory://",
             datadir=str(datadir),
         )

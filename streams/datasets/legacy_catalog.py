@@ -126,13 +126,17 @@ class LegacyCatalog(Job):
         state: dict[str, Any] = self.table.get(change.key) or {"lsn": 0, "row": None, "archived": False}
         if change.lsn <= state["lsn"]:
             return  # applied already (a redelivery)
-        dataset = dataset_of(self.source, change.key)
-        steps = Steps(self, change, dataset, state)
+        steps = Steps(self, change, dataset_of(self.source, change.key), state)
+        try:  # a halt leaves the state as it was: the change comes again after the restart
+            row = None if change.op == "d" else self._row(change, state)
+        except Poison:
+            self.table[change.key] = {**state, "lsn": change.lsn}  # dead-lettered once
+            raise
         try:
-            if change.op == "d":
+            if row is None:
                 await steps.deleted()
             else:
-                await steps.changed(self._row(change, state))
+                await steps.changed(row)
         finally:  # what was applied is kept, also when a later step is refused
             self.table[change.key] = {**steps.state, "lsn": change.lsn}
 

@@ -12,9 +12,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from aiokafka import ConsumerRecord, TopicPartition
@@ -29,6 +30,7 @@ from shared_kernel.topics import Topics
 from tests.auth import api_client
 
 CQRS = str(Path(sys.executable).parent / "cqrs")
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -45,6 +47,11 @@ class Proc:
     args: tuple[str, ...] = ()
     env: dict[str, str] | None = None
     url: str = ""  # its HTTP base URL, if it serves one
+    log_from: int = 0  # where its own lines start in the log (a restart appends to it)
+
+    def output(self) -> bytes:
+        """What this process (not an earlier one of the same name) logged so far."""
+        return self.log.read_bytes()[self.log_from :]
 
     @property
     def pid(self) -> int:
@@ -97,9 +104,10 @@ class WriteSide:
 
     def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None, url: str = "") -> Proc:
         log = self.workdir / f"{name}.log"
+        start = log.stat().st_size if log.exists() else 0
         out = log.open("ab")
         popen = subprocess.Popen([CQRS, *args], stdout=out, stderr=subprocess.STDOUT, env=env or self.env)
-        return Proc(name, popen, log, args, env, url)
+        return Proc(name, popen, log, args, env, url, start)
 
     def restart(self, proc: Proc) -> Proc:
         """The same process again (same port, so the same group member id), after it ended."""
@@ -182,7 +190,7 @@ class WriteSide:
     async def wait_until_job_runs(self, proc: Proc, seconds: float = 120) -> None:
         """Until the job's worker has its partitions and its tables restored."""
         deadline = time.monotonic() + seconds
-        while b"Worker ready" not in proc.log.read_bytes():
+        while b"Worker ready" not in proc.output():
             assert proc.popen.poll() is None, proc.log.read_text()[-3000:]
             assert time.monotonic() < deadline, proc.log.read_text()[-3000:]
             await asyncio.sleep(0.2)
@@ -228,6 +236,17 @@ class WriteSide:
         side.start_projectors(*PROJECTIONS)
         await side.wait_until_projected()
         return side
+
+
+async def until(probe: Callable[[], Awaitable[T | None]], seconds: float = 60, what: str = "") -> T:
+    """Poll `probe` until it gives something (not a sleep: the first answer ends it)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        got = await probe()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"not within {seconds}s: {what}"
+        await asyncio.sleep(0.2)
 
 
 def covers(token: str, position: str) -> bool:

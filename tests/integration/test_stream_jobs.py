@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,7 +21,7 @@ from shared_kernel import kafka
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics
 from tests.auth import api_client
-from tests.integration.harness import CQRS, WriteSide, read_records
+from tests.integration.harness import CQRS, WriteSide, read_records, until
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -53,17 +52,6 @@ async def side(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
 async def client(side: WriteSide) -> AsyncIterator[httpx.AsyncClient]:
     async with api_client(base_url=side.api_url, timeout=30) as c:
         yield c
-
-
-async def until(probe: Callable[[], Awaitable[T | None]], seconds: float = 60, what: str = "") -> T:
-    """Poll `probe` until it gives something (not a sleep: the first answer ends it)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        got = await probe()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"not within {seconds}s: {what}"
-        await asyncio.sleep(0.2)
 
 
 async def new_dataset(client: httpx.AsyncClient, name: str) -> str:
