@@ -383,18 +383,23 @@ async def test_the_admin_route_and_the_cli_show_the_connector_and_pause_and_resu
     assert await cqrs_cdc(side, "pause")
 
     async def state_is(wanted: str) -> bool:
-        return bool((await client.get("/api/v1/admin/cdc")).json()["connector"]["state"] == wanted)
+        """The connector and its task (the one that polls the source) are in `wanted`."""
+        connector = (await client.get("/api/v1/admin/cdc")).json()["connector"]
+        return {connector["state"], *(t["state"] for t in connector["tasks"])} == {wanted}
 
-    await until(lambda: state_is("PAUSED"), 30, "paused")
-    conn = await legacy(side.settings)
     try:
-        await insert(conn, side, "while-paused", "Waited in the WAL")
-    finally:
-        await conn.close()
-    await asyncio.sleep(3)  # a paused connector delivers nothing: the row must not arrive in this time
-    assert await dataset(client, side, "while-paused") is None
-    assert orjson.loads(await cqrs_cdc(side, "status", "--json"))["connector"]["state"] == "PAUSED"
-    assert await cqrs_cdc(side, "resume")
+        await until(lambda: state_is("PAUSED"), 30, "paused")
+        conn = await legacy(side.settings)
+        try:
+            await insert(conn, side, "while-paused", "Waited in the WAL")
+        finally:
+            await conn.close()
+        await asyncio.sleep(3)  # a paused connector delivers nothing: the row must not arrive in this time
+        assert await dataset(client, side, "while-paused") is None
+        assert orjson.loads(await cqrs_cdc(side, "status", "--json"))["connector"]["state"] == "PAUSED"
+    finally:  # the later tests need it running
+        assert await cqrs_cdc(side, "resume")
+    await until(lambda: state_is("RUNNING"), 30, "resumed")
     await until(lambda: dataset(client, side, "while-paused"), 60, "the row after resume")
 
 
