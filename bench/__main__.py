@@ -18,6 +18,7 @@ from bench import (
     s5_subscriptions,
     s6_rebuild,
     s7_footprint,
+    s8_cdc,
     s10_jobs,
 )
 from shared_kernel.settings import Settings
@@ -31,6 +32,7 @@ SCENARIOS: dict[str, Callable[[Settings], Coroutine[Any, Any, dict[str, Any]]]] 
     "S5": s5_subscriptions.run,
     "S6": s6_rebuild.run,
     "S7": s7_footprint.run,
+    "S8": s8_cdc.run,
     "S10": s10_jobs.run,
 }
 
