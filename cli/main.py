@@ -165,7 +165,8 @@ def run_jobs(
     names: Annotated[list[str] | None, typer.Argument(help="the jobs (default: all)")] = None,
 ) -> None:
     """Run the stream-processing jobs (quality monitor, quality incidents, incident
-    deadlines) in this process, each its own Faust app and consumer group (Ctrl-C to stop)."""
+    deadlines, the legacy catalogue's CDC) in this process, each its own Faust app and
+    consumer group (Ctrl-C to stop)."""
     from streams.jobs import run_jobs as run
     from streams.registry import JOBS
 
