@@ -14,7 +14,6 @@ from streams.cdc import UNAVAILABLE, Change, Source, lsn_int
 from streams.datasets.legacy_catalog import LegacyCatalog, dataset_of
 from streams.jobs import Halt, Poison
 
-
 ROW = {
     "id": "r1",
     "name": "Orders",
