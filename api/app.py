@@ -19,6 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis
 
 from api import admin, commands, errors, health, inputs, internal, limits, subscriptions
+from api import metrics as api_metrics
 from api.auth import access
 from api.auth import routes as auth_routes
 from api.auth.edge import Authenticate, Identity
@@ -165,6 +166,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         background.append(asyncio.create_task(_connect_producer(bus)))
         try:
             async with contextlib.AsyncExitStack() as owning:
+                await owning.enter_async_context(
+                    api_metrics.lag_refresher(app, settings.metrics_lag_interval_s)
+                )
                 if owner is not None:  # stops first: its transactions in flight end and are answered
                     await owning.enter_async_context(internal.run_owner(app, owner))
                 yield
@@ -216,8 +220,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ],
             max_age=600,
         )
-    app.add_middleware(limits.BodyLimit, max_bytes=settings.max_body_bytes)  # outermost: before any route
+    app.add_middleware(limits.BodyLimit, max_bytes=settings.max_body_bytes)  # before any route
+    app.add_middleware(api_metrics.HttpMetrics)  # outermost: every request timed, refusals too
     app.include_router(health.router)
+    app.include_router(api_metrics.router)
     for context in CONTEXTS:
         for router in context.routers:
             app.include_router(router)

@@ -101,4 +101,8 @@ def create_owner_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok"}
 
     app.include_router(router)
+    from api import metrics as api_metrics  # the API's routes import this module
+
+    app.add_middleware(api_metrics.HttpMetrics)
+    app.include_router(api_metrics.router)
     return app

@@ -35,6 +35,7 @@ from api.auth.principal import Principal
 from api.consistency import CommittedPositions
 from api.deps import etag_named
 from api.rendered import Key, Lease, RenderedReads
+from shared_kernel import metrics
 from shared_kernel.position import InvalidToken, PositionToken
 
 HIT = [(b"x-read-cache", b"hit")]
@@ -94,6 +95,7 @@ class CachedReads:
     def __init__(self, app: ASGIApp, routes: Mapping[str, tuple[str, str]]) -> None:
         self.app = app
         self.routes = dict(routes)
+        self.templates = {projection: f"{prefix}{{id}}" for prefix, (projection, _) in self.routes.items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = _request(scope, self.routes)
@@ -116,6 +118,8 @@ class CachedReads:
         tenant = scope["state"]["principal"].tenant  # `_request` found one
         entry = reads.get(key)
         if entry is not None and entry.tenant == tenant:
+            metrics.READ_CACHE.labels("hit").inc()
+            scope["cqrs.route"] = self.templates.get(key[0], "cached")  # no route ran: the metrics template
             if (
                 if_none_match is not None
                 and entry.etag
@@ -128,6 +132,7 @@ class CachedReads:
             await send({"type": "http.response.start", "status": 200, "headers": entry.headers + HIT})
             await send({"type": "http.response.body", "body": entry.body})
             return
+        metrics.READ_CACHE.labels("miss").inc()
         lease = reads.lease(key)
         try:
             await self.app(scope, receive, _capture(send, reads, key, lease, tenant))

@@ -55,6 +55,19 @@ def _logging() -> None:
     configure_logging(s.log_level, s.log_json)
 
 
+def _observed() -> None:
+    """Logging, and /metrics on `APP_METRICS_PORT` when it is set (a process the API does
+    not serve: projectors, jobs, the audit sink)."""
+    from shared_kernel import metrics
+
+    _logging()
+    port = get_settings().metrics_port
+    try:
+        metrics.serve(port)
+    except OSError as exc:  # a worker this process started shares its environment
+        console.print(f"[yellow]metrics not served on port {port}: {exc}[/]")
+
+
 async def _until_signalled(main: object) -> None:
     """Run `main(stop)` until SIGINT/SIGTERM sets `stop`."""
     stop = asyncio.Event()
@@ -121,8 +134,8 @@ def run_projector(
     """Keep a projection up to date from the events topics: a supervisor that runs a Faust
     worker for the live version and follows swaps (Ctrl-C to stop)."""
     projection = _projection(name)
-    _logging()
     if version is None:
+        _observed()
         from streams.supervisor import supervise
 
         settings = get_settings()
@@ -130,6 +143,7 @@ def run_projector(
         return
     from streams.app import ProjectionApp
 
+    _logging()
     ProjectionApp(get_settings(), projection.at(version)).run()
 
 
@@ -148,7 +162,7 @@ def run_projectors(
     chosen = list(dict.fromkeys(names or PROJECTIONS))
     for name in chosen:
         _projection(name)
-    _logging()
+    _observed()
 
     settings = get_settings()
 
@@ -174,7 +188,7 @@ def run_jobs(
     if unknown:
         raise typer.BadParameter(f"unknown job(s) {unknown}; known: {sorted(JOBS)}")
     chosen = [JOBS[n] for n in dict.fromkeys(names or JOBS)]
-    _logging()
+    _observed()
     settings = get_settings()
     _run_fast(_until_signalled(lambda stop: run(settings, chosen, stop)))
 
@@ -188,6 +202,9 @@ def run_job(name: Annotated[str, typer.Argument(help="the job")]) -> None:
     if name not in JOBS:
         raise typer.BadParameter(f"unknown job {name!r}; known: {sorted(JOBS)}")
     settings = get_settings()
+    from shared_kernel import metrics
+
+    metrics.serve(settings.metrics_port)  # Faust's worker sets up logging itself
     JobApp(settings, JOBS[name](settings)).run()
 
 
@@ -197,7 +214,7 @@ def run_audit_sink() -> None:
     (`cqrs run projectors` runs it too)."""
     from streams.audit import AuditSink
 
-    _logging()
+    _observed()
     settings = get_settings()
     _run_fast(_until_signalled(AuditSink(settings).run))
 

@@ -18,17 +18,17 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from commands import transaction
-from commands.batch import DIRECT, Answer, decide_batch
+from commands.batch import DIRECT, Answer, Decision, decide_batch
 from commands.context import BoundedContext
 from commands.state_store import PartitionState, restore
 from commands.transaction import OffsetsMoved
-from shared_kernel import kafka
+from shared_kernel import kafka, metrics
 from shared_kernel.avro import AvroCodec
 from shared_kernel.envelope import CommandEnvelope, CommandResult
 from shared_kernel.settings import Settings
@@ -107,6 +107,7 @@ class PartitionWorker:
         self.reply = reply  # publishes committed answers; must not raise
         self.resume = resume  # un-pauses the partition's fetching once the backlog is small
         self.counters = counters
+        metrics.known_consumers(["command-processor"])
         self.tp = TopicPartition(topics.commands, partition)
         self.transactional_id = f"{group_id}.{partition}"
         # The decision keeps every record within the topics' limit (commands.batch); the
@@ -267,6 +268,7 @@ class PartitionWorker:
             return
         self.counters.dead_lettered += len(decision.dead_letters)
         self.counters.processed += len(decision.accepted) + len(decision.answers)
+        _measure(decision, waiting, answers, len(records), time.perf_counter() - t0)
         if consumed:
             self.next_offset = consumed[-1].offset + 1
         t2 = time.perf_counter()
@@ -307,3 +309,20 @@ class PartitionWorker:
             log.exception("recovery failed; the partition is paused until the next rebalance")
             self.fenced = True
             self._refuse_waiting(NotOwner(f"partition {self.partition} is not served here"))
+
+
+def _measure(
+    decision: Decision[Any], waiting: list[Submitted], answers: list[Answer], n: int, seconds: float
+) -> None:
+    """The batch's transaction, its size, and each command's outcome, in the metrics."""
+    metrics.TRANSACTION_DURATION.observe(seconds)
+    metrics.COMMANDS_PER_TRANSACTION.observe(n)
+    if decision.dead_letters:
+        metrics.DEAD_LETTERS.labels("command-processor").inc(len(decision.dead_letters))
+    types = {s.command.command_id: s.command.command_type for s in waiting}
+    types.update({cid: env.command_type for cid, env in decision.queued.items()})
+    types.update({a.command.command_id: a.command.command_type for a in decision.accepted})
+    for _, result in answers:
+        context, _, command = types.get(result.command_id, "unknown.unknown").partition(".")
+        outcome = "accepted" if result.accepted else result.code or "rejected"
+        metrics.COMMANDS.labels(context, command, outcome).inc()

@@ -21,6 +21,7 @@ from projections.db import schema_of
 from projections.events import Record, StoredEvent, decode
 from projections.projection import Projection
 from projections.search import BulkItemFailed
+from shared_kernel import metrics
 from shared_kernel.avro import AvroCodec
 from shared_kernel.topics import Topics
 
@@ -54,6 +55,7 @@ class Projector:
         self.producer = producer
         self.codec = codec
         self.dlq_topic = topics.dlq(projection.name)
+        metrics.known_consumers([projection.name])
         self.channel = channel(schema_of(topics.prefix))
         # A version being rebuilt replays events the live one has handled: it has no
         # side effects (no dead letters are produced again; they are still counted).
@@ -118,6 +120,7 @@ class Projector:
                     "ms": round((time.perf_counter() - t0) * 1000, 2),
                 },
             )
+        metrics.PROJECTION_APPLIED.labels(self.projection.name).inc(outcome.applied)
         return outcome
 
     async def _apply(
@@ -151,6 +154,7 @@ class Projector:
                         ("dlq-projection-version", str(self.projection.version).encode()),
                     ],
                 )
+                metrics.DEAD_LETTERS.labels(self.projection.name).inc()
                 log.error(
                     "event dead-lettered",
                     extra={

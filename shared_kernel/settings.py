@@ -142,6 +142,16 @@ class Settings(BaseSettings):
     deadline_scan_s: float = Field(
         default=1.0, gt=0, le=60, description="how often due deadlines are looked for"
     )
+    # Observability (shared_kernel.metrics): Prometheus metrics of every process.
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="where a process other than the API serves /metrics (the API serves it on its own port)",
+    )
+    metrics_lag_interval_s: float = Field(
+        default=5.0, gt=0, description="how often the API refreshes the projections' lag gauges"
+    )
     # Change data capture (streams.cdc): Debezium on Kafka Connect reads a database we do
     # not own; the CDC job turns its change events into commands.
     cdc_connect_url: str = Field(

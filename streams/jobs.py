@@ -58,7 +58,7 @@ from commands.bus import BusUnavailable, CommandBus, ResultTimeout
 from commands.context import BoundedContext
 from commands.transaction import dead_letter
 from projections.events import StoredEvent, decode
-from shared_kernel import kafka
+from shared_kernel import kafka, metrics
 from shared_kernel.avro import AvroCodec
 from shared_kernel.envelope import CommandResult
 from shared_kernel.settings import Settings
@@ -179,6 +179,7 @@ class JobApp:
         self.topics = Topics(settings.topic_prefix)
         self.group_id = f"{settings.topic_prefix}.job.{job.name}"
         self.dlq = self.topics.dlq(f"job-{job.name}")
+        metrics.known_consumers([f"job-{job.name}"])
         self.codec = AvroCodec.from_directory()
         self.handled = 0
         self.dead = 0
@@ -288,6 +289,7 @@ class JobApp:
             await self._dead_letter(record, f"{type(exc).__name__}: {exc}")
             return
         self.handled += 1
+        metrics.JOB_EVENTS.labels(self.job.name, "handled").inc()
 
     async def _handle_batch(self, events: list[Any]) -> None:
         """Each key's records in order, up to `concurrency` keys at once. A table write
@@ -334,6 +336,8 @@ class JobApp:
         assert self.producer is not None
         await self.producer.send_and_wait(self.dlq, value, key=record.key, headers=headers)
         self.dead += 1
+        metrics.DEAD_LETTERS.labels(f"job-{self.job.name}").inc()
+        metrics.JOB_EVENTS.labels(self.job.name, "dead_lettered").inc()
         log.warning(
             "event dead-lettered",
             extra={

@@ -31,6 +31,7 @@ from api.subscriptions.feed import FeedUnavailable, LiveFeed
 from api.subscriptions.messages import Message
 from api.subscriptions.spec import BEGINNING, MAX_VALUES, NOW, StreamSpec, parse_spec
 from api.subscriptions.subscriber import Ended, Failure, Subscriber
+from shared_kernel import metrics
 from shared_kernel.settings import Settings
 
 router = APIRouter(tags=["subscriptions"])
@@ -118,9 +119,13 @@ class SubscriptionStream(EventSourceResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watcher = asyncio.create_task(self._close_on_shutdown())
+        metrics.SUBSCRIPTION_CLIENTS.labels("sse").inc()
         try:
             await super().__call__(scope, receive, send)
         finally:
+            metrics.SUBSCRIPTION_CLIENTS.labels("sse").dec()
+            if self.sub.failure is not None and self.sub.failure.code == "slow_consumer":
+                metrics.SUBSCRIPTION_DROPS.labels("sse").inc()
             watcher.cancel()
             if self.expiry is not None:
                 self.expiry.cancel()
@@ -251,6 +256,7 @@ async def events_socket(
     except FeedUnavailable as exc:
         await _deny(websocket, unavailable(feed.settings, exc), str(exc))
         return
+    metrics.SUBSCRIPTION_CLIENTS.labels("websocket").inc()
     try:
         await websocket.accept()
         receiver = asyncio.create_task(_until_disconnect(websocket, sub))
@@ -259,6 +265,9 @@ async def events_socket(
         finally:
             receiver.cancel()
     finally:
+        metrics.SUBSCRIPTION_CLIENTS.labels("websocket").dec()
+        if sub.failure is not None and sub.failure.code == "slow_consumer":
+            metrics.SUBSCRIPTION_DROPS.labels("websocket").inc()
         if expiry is not None:
             expiry.cancel()
         feed.unsubscribe(sub)

@@ -1,0 +1,93 @@
+"""The API's Prometheus metrics: every request timed by its route template, and
+`/metrics` (public, like `/health`: Prometheus scrapes it without a credential; it
+carries no tenant's data, only counts under bounded labels).
+
+A background task keeps the projections' and consumer groups' lag gauges fresh
+(`APP_METRICS_LAG_INTERVAL_S`), from the same figures `GET /api/v1/admin/projections`
+shows, so any API instance can be scraped for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, FastAPI, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.auth.access import public
+from projections.status import overview
+from shared_kernel import metrics
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["health"])
+
+
+@router.get("/metrics", operation_id="metrics", dependencies=[public()], include_in_schema=True)
+async def prometheus_metrics() -> Response:
+    """This process's metrics in Prometheus's text format."""
+    body, content_type = metrics.exposition()
+    return Response(body, media_type=content_type)
+
+
+class HttpMetrics:
+    """Times every HTTP request (to its last byte) under its route template, method and
+    status; a request no route took is `unmatched`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or scope.get("cqrs.route") or "unmatched"
+            metrics.HTTP_DURATION.labels(route, scope["method"], str(status)).observe(
+                time.perf_counter() - started
+            )
+
+
+async def refresh_lag(app: FastAPI, interval_s: float) -> None:
+    """Until cancelled: the lag gauges from the projections' overview, every interval."""
+    while True:
+        await asyncio.sleep(interval_s)
+        state = app.state
+        if state.pool is None:
+            continue
+        try:
+            found = await asyncio.wait_for(overview(state.settings, state.pool, state.lag), interval_s * 2)
+        except Exception as exc:  # Kafka or PostgreSQL away: the gauges keep their last values
+            log.debug("lag not refreshed", extra={"error": repr(exc)})
+            continue
+        for name, p in found.items():
+            version = str(p.get("live_version"))
+            metrics.PROJECTION_LAG_EVENTS.labels(name, version).set(p["events_behind"])
+            metrics.PROJECTION_LAG_SECONDS.labels(name, version).set(p["seconds_behind"])
+            group = f"{state.settings.topic_prefix}.projection.{name}.v{version}"
+            metrics.CONSUMER_GROUP_LAG.labels(group).set(p["events_behind"])
+
+
+@contextlib.asynccontextmanager
+async def lag_refresher(app: FastAPI, interval_s: float) -> AsyncIterator[None]:
+    task = asyncio.create_task(refresh_lag(app, interval_s), name="metrics-lag")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,0 +1,156 @@
+"""Observability on the real stack: every process's /metrics parses as Prometheus text and
+carries the product's metrics; counters move by what happened."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from shared_kernel.settings import Settings
+from tests.auth import api_client
+from tests.integration.harness import WriteSide, free_port, until
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+PROJECTORS_METRICS = free_port()  # where this module's projectors serve /metrics
+
+
+@pytest.fixture(scope="module")
+async def side(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WriteSide]:
+    ws = WriteSide.create(settings, tmp_path_factory.mktemp("observability"))
+    await ws.start_serving()
+    ws.start_projectors("datasets", "events", env={**ws.env, "APP_METRICS_PORT": str(PROJECTORS_METRICS)})
+    await ws.wait_until_projected()
+    yield ws
+    ws.stop()
+
+
+@pytest.fixture(scope="module")
+async def client(side: WriteSide) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_client(base_url=side.api_url, timeout=30) as c:
+        yield c
+
+
+async def scrape(url: str) -> Samples:
+    """Every sample of a /metrics page, by name and labels (the text must parse)."""
+    async with httpx.AsyncClient(timeout=10) as c:
+        r = await c.get(url)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/plain")
+    out: Samples = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels`."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+
+
+async def test_the_api_metrics_count_a_burst_of_commands_and_requests_by_route_template(
+    side: WriteSide, client: httpx.AsyncClient
+) -> None:
+    before = await scrape(f"{side.api_url}/metrics")
+    n = 12
+    ids = []
+    for i in range(n):
+        r = await client.post("/api/v1/datasets", json={"name": f"metered {i}"})
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["id"])
+    conflict = await client.patch(
+        f"/api/v1/datasets/{ids[0]}", json={"description": "x"}, headers={"If-Match": '"7"'}
+    )
+    assert conflict.status_code == 409
+    missing = await client.get(f"/api/v1/datasets/{uuid.uuid4()}")
+    assert missing.status_code == 404
+    after = await scrape(f"{side.api_url}/metrics")
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    accepted = {"context": "datasets", "command": "RegisterDataset", "outcome": "accepted"}
+    assert moved("cqrs_commands_total", **accepted) == n
+    rejected = {"context": "datasets", "command": "DescribeDataset", "outcome": "version_conflict"}
+    assert moved("cqrs_commands_total", **rejected) == 1
+    route = "/api/v1/datasets"
+    assert moved("cqrs_http_request_duration_seconds_count", route=route, method="POST", status="201") == n
+    one = "/api/v1/datasets/{dataset_id}"
+    assert moved("cqrs_http_request_duration_seconds_count", route=one, method="PATCH", status="409") == 1
+    assert moved("cqrs_http_request_duration_seconds_count", route=one, method="GET", status="404") == 1
+    assert moved("cqrs_processor_transaction_duration_seconds_count") >= 1
+    assert moved("cqrs_processor_commands_per_transaction_sum") == n + 1
+    # no id is a label: every route label is a template
+    routes = {dict(ls).get("route", "") for (name, ls) in after if name.startswith("cqrs_http_request")}
+    assert not any(i in r for r in routes for i in ids)
+    assert value(after, "cqrs_dead_letters_total", consumer="command-processor") == 0
+
+
+async def test_reads_served_from_the_cache_are_counted_under_their_route_template(
+    side: WriteSide, client: httpx.AsyncClient
+) -> None:
+    r = await client.post("/api/v1/datasets", json={"name": "cached"})
+    dataset, token = r.json()["id"], r.json()["position"]
+    assert (
+        await client.get(f"/api/v1/datasets/{dataset}", params={"consistent_with": token})
+    ).status_code == 200
+    assert (await client.get(f"/api/v1/datasets/{dataset}")).status_code == 200  # a miss keeps the answer
+    before = await scrape(f"{side.api_url}/metrics")
+    for _ in range(5):
+        assert (await client.get(f"/api/v1/datasets/{dataset}")).status_code == 200
+    after = await scrape(f"{side.api_url}/metrics")
+    hits = value(after, "cqrs_read_cache_requests_total", result="hit") - value(
+        before, "cqrs_read_cache_requests_total", result="hit"
+    )
+    assert hits == 5
+    timed = value(after, "cqrs_http_request_duration_seconds_count", method="GET", status="200") - value(
+        before, "cqrs_http_request_duration_seconds_count", method="GET", status="200"
+    )
+    assert timed >= 5
+    assert not any(dataset in dict(ls).get("route", "") for (_, ls) in after)
+
+
+async def test_the_projectors_metrics_and_the_lag_gauges_follow_what_was_applied(
+    side: WriteSide, client: httpx.AsyncClient
+) -> None:
+    url = f"http://127.0.0.1:{PROJECTORS_METRICS}/metrics"
+    before = await scrape(url)
+    r = await client.post("/api/v1/datasets", json={"name": "projected"})
+    token = r.json()["position"]
+    got = await client.get(f"/api/v1/datasets/{r.json()['id']}", params={"consistent_with": token})
+    assert got.status_code == 200
+
+    async def applied() -> Samples | None:
+        now = await scrape(url)
+        moved = value(now, "cqrs_projection_applied_events_total", projection="datasets") - value(
+            before, "cqrs_projection_applied_events_total", projection="datasets"
+        )
+        return now if moved >= 1 else None
+
+    now = await until(applied, 30, "the datasets projection's applied counter")
+    assert ("cqrs_dead_letters_total", frozenset({("consumer", "datasets")})) in now
+
+    async def lag_known() -> Samples | None:
+        api = await scrape(f"{side.api_url}/metrics")
+        present = any(n == "cqrs_projection_lag_events" for n, _ in api)
+        return api if present else None
+
+    api = await until(lag_known, 30, "the lag gauges")
+    assert value(api, "cqrs_projection_lag_seconds", projection="datasets") >= 0
+    groups: Any = {dict(ls).get("group") for (n, ls) in api if n == "cqrs_consumer_group_lag_records"}
+    assert f"{side.settings.topic_prefix}.projection.datasets.v1" in groups
+
+
+async def test_metrics_are_public_and_carry_no_tenant_data(side: WriteSide) -> None:
+    async with httpx.AsyncClient(base_url=side.api_url) as anonymous:
+        r = await anonymous.get("/metrics")
+    assert r.status_code == 200
+    assert "acme" not in r.text
