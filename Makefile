@@ -8,7 +8,7 @@ STACK := $(PYTHON) infra/stack.py
 .PHONY: help venv up down status logs test test-unit test-integration test-stack lint bench clean
 
 help:
-	@echo "make up      start Kafka, OpenSearch, PostgreSQL, Redis and the service (background)"
+	@echo "make up      start Kafka, OpenSearch, PostgreSQL, Redis, Connect, Prometheus, Alertmanager and the service"
 	@echo "make down    stop everything make up started"
 	@echo "make status  health of every process"
 	@echo "make test    install, start the stack, run the whole suite"
@@ -25,6 +25,9 @@ $(BIN)/.installed: pyproject.toml
 up: venv
 	$(STACK) up
 	$(BIN)/cqrs auth init
+	@# Alertmanager calls the API's alert webhook as an operator of the demo tenant
+	$(BIN)/cqrs auth token --sub alertmanager --role operator --tenant acme --ttl 31536000 \
+		> $${STACK_DIR:-.stack}/alertmanager/token
 	$(STACK) up-apps
 	$(BIN)/cqrs demo
 	@$(STACK) urls

@@ -88,6 +88,9 @@ class Config:
     connect_port: int = field(default_factory=lambda: int(_env("CONNECT_PORT", "8083")))
     connect_heap: str = field(default_factory=lambda: _env("CONNECT_HEAP", "512m"))
     connect_group: str = field(default_factory=lambda: _env("CONNECT_GROUP", "cqrs-connect"))
+    prometheus_port: int = field(default_factory=lambda: int(_env("PROMETHEUS_PORT", "9090")))
+    alertmanager_port: int = field(default_factory=lambda: int(_env("ALERTMANAGER_PORT", "9094")))
+    scrape_interval: str = field(default_factory=lambda: _env("PROMETHEUS_SCRAPE_INTERVAL", "5s"))
     legacy_db: str = field(default_factory=lambda: _env("LEGACY_DB", "legacy"))
     legacy_user: str = field(default_factory=lambda: _env("LEGACY_USER", "legacy"))
     legacy_password: str = field(default_factory=lambda: _env("LEGACY_PASSWORD", "legacy"))
@@ -838,6 +841,128 @@ class Connect(Service):
         return any(p.get("class", "").endswith("PostgresConnector") for p in plugins)
 
 
+def _debian_monitoring() -> None:
+    """Prometheus, promtool and Alertmanager from Debian's packages, when missing."""
+    missing = [pkg for pkg in ("prometheus", "prometheus-alertmanager") if shutil.which(pkg) is None]
+    if missing:
+        apt_install(*missing)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return bool(resp.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+class Prometheus(Service):
+    """Debian's Prometheus, scraping every process of infra/apps.toml, with the project's rules."""
+
+    name = "prometheus"
+
+    @property
+    def port(self) -> int:
+        return self.cfg.prometheus_port
+
+    def url(self) -> str:
+        return f"http://{self.cfg.host}:{self.port}"
+
+    def install(self) -> None:
+        _debian_monitoring()
+        c = self.cfg
+        targets = []
+        for app in apps(c):
+            port = app.spec.get("metrics")
+            if port:
+                targets.append(
+                    f"  - job_name: {app.name}\n    static_configs:\n"
+                    f'      - targets: ["{c.host}:{port}"]\n'
+                )
+        (self.home / "prometheus.yml").write_text(
+            (INFRA / "prometheus" / "prometheus.yml")
+            .read_text()
+            .format(
+                scrape_interval=c.scrape_interval,
+                evaluation_interval=c.scrape_interval,
+                rules=INFRA / "prometheus" / "rules.yml",
+                alertmanager=f"{c.host}:{c.alertmanager_port}",
+                self=f"{c.host}:{self.port}",
+                targets="".join(targets),
+            )
+        )
+        (self.home / "data").mkdir(exist_ok=True)
+
+    def start(self) -> None:
+        spawn(
+            [
+                "prometheus",
+                f"--config.file={self.home / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.home / 'data'}",
+                "--storage.tsdb.retention.time=7d",
+                f"--web.listen-address={self.cfg.host}:{self.port}",
+                "--web.enable-lifecycle",
+            ],
+            self.logfile,
+            self.pidfile,
+        )
+
+    def healthy(self) -> bool:
+        return _http_ok(f"{self.url()}/-/ready")
+
+
+class Alertmanager(Service):
+    """Debian's Alertmanager, routing the service's own alerts to its incidents context."""
+
+    name = "alertmanager"
+
+    @property
+    def port(self) -> int:
+        return self.cfg.alertmanager_port
+
+    def url(self) -> str:
+        return f"http://{self.cfg.host}:{self.port}"
+
+    @property
+    def token_file(self) -> Path:
+        """Where `make up` writes the token Alertmanager calls the API with."""
+        return self.home / "token"
+
+    def install(self) -> None:
+        _debian_monitoring()
+        api = next((a for a in apps(self.cfg) if a.name == "api"), None)
+        api_port = api.port if api is not None else 8000
+        if not self.token_file.exists():
+            self.token_file.write_text("")
+        (self.home / "alertmanager.yml").write_text(
+            (INFRA / "alertmanager" / "alertmanager.yml")
+            .read_text()
+            .format(
+                group_wait="10s",
+                group_interval="1m",
+                webhook=f"http://{self.cfg.host}:{api_port}/api/v1/integrations/alertmanager",
+                token_file=self.token_file,
+            )
+        )
+        (self.home / "data").mkdir(exist_ok=True)
+
+    def start(self) -> None:
+        spawn(
+            [
+                "prometheus-alertmanager",
+                f"--config.file={self.home / 'alertmanager.yml'}",
+                f"--storage.path={self.home / 'data'}",
+                f"--web.listen-address={self.cfg.host}:{self.port}",
+                "--cluster.listen-address=",  # one instance: no gossip port
+            ],
+            self.logfile,
+            self.pidfile,
+        )
+
+    def healthy(self) -> bool:
+        return _http_ok(f"{self.url()}/-/ready")
+
+
 def _mb(size: str) -> int:
     s = size.lower()
     n = int(s.rstrip("mg"))
@@ -905,6 +1030,8 @@ class App(Service):
         command = [str(c) for c in self.spec["command"]]  # type: ignore[attr-defined]
         command[0] = str(venv_bin / command[0])
         env = {**os.environ, **connection_env(self.cfg), "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}"}
+        if self.spec.get("metrics") and self.spec.get("metrics") != self.spec.get("port"):
+            env["APP_METRICS_PORT"] = str(self.spec["metrics"])  # the API serves its own
         pid = spawn(command, self.logfile, self.pidfile, env=env)
         # Until the child has exec'd, its command line is still ours: wait for that.
         wait_until(
@@ -956,6 +1083,8 @@ SERVICES: dict[str, type[Service]] = {
     "kafka": Kafka,
     "opensearch": OpenSearch,
     "connect": Connect,
+    "prometheus": Prometheus,
+    "alertmanager": Alertmanager,
 }
 
 

@@ -12,7 +12,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared_kernel.settings import Settings
-from tests.auth import api_client
 from tests.integration.harness import WriteSide, free_port, until
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -29,12 +28,6 @@ async def side(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
     await ws.wait_until_projected()
     yield ws
     ws.stop()
-
-
-@pytest.fixture(scope="module")
-async def client(side: WriteSide) -> AsyncIterator[httpx.AsyncClient]:
-    async with api_client(base_url=side.api_url, timeout=30) as c:
-        yield c
 
 
 async def scrape(url: str) -> Samples:
