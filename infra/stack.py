@@ -876,8 +876,7 @@ class Prometheus(Service):
             port = app.spec.get("metrics")
             if port:
                 targets.append(
-                    f"  - job_name: {app.name}\n    static_configs:\n"
-                    f'      - targets: ["{c.host}:{port}"]\n'
+                    f'  - job_name: {app.name}\n    static_configs:\n      - targets: ["{c.host}:{port}"]\n'
                 )
         (self.home / "prometheus.yml").write_text(
             (INFRA / "prometheus" / "prometheus.yml")
