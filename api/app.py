@@ -36,7 +36,7 @@ from projections.lag import LagProbe
 from projections.migrations import migrate
 from projections.registry import PROJECTIONS
 from projections.search import SearchProjection, alias_name, ensure_index, index_name, search_client
-from shared_kernel import kafka
+from shared_kernel import kafka, tracing
 from shared_kernel.settings import LOCAL_ISSUER, Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dependencies=[Depends(inputs.check_path_params)],  # every route's path parameters
     )
     errors.install(app)
+    tracing.configure(settings.service_name)
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+    FastAPIInstrumentor.instrument_app(app, excluded_urls="/metrics,/health,/ready")
     if settings.environment != "production" and settings.auth_issuer == LOCAL_ISSUER:
         ensure_keys(settings)  # the local issuer's key: `cqrs auth token` signs with it
     identity = Identity(settings)

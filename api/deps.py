@@ -15,6 +15,7 @@ from api.auth.access import PrincipalDep
 from api.errors import RequestProblem
 from api.inputs import ETags, HeaderText, TraceParent
 from commands.bus import CommandBus
+from shared_kernel import tracing
 
 _ETAG = re.compile(r'^(?:W/)?"?(\d{1,18})"?$')
 
@@ -87,7 +88,7 @@ async def command_meta(
         actor=principal.subject,
         tenant=principal.tenant,
         correlation_id=x_correlation_id or command_id,
-        traceparent=traceparent or "",
+        traceparent=tracing.current_traceparent(traceparent or ""),  # this request's span
         keyed=idempotency_key is not None,
         request=request,
         respond_async=prefer is not None

@@ -50,17 +50,20 @@ app.add_typer(cdc, name="cdc")
 console = Console(stderr=True)
 
 
-def _logging() -> None:
+def _logging(process: str = "") -> None:
+    from shared_kernel import tracing
+
     s = get_settings()
     configure_logging(s.log_level, s.log_json)
+    tracing.configure(f"{s.service_name}-{process}" if process else s.service_name)
 
 
-def _observed() -> None:
-    """Logging, and /metrics on `APP_METRICS_PORT` when it is set (a process the API does
-    not serve: projectors, jobs, the audit sink)."""
+def _observed(process: str) -> None:
+    """Logging, tracing, and /metrics on `APP_METRICS_PORT` when it is set (a process the
+    API does not serve: projectors, jobs, the audit sink)."""
     from shared_kernel import metrics
 
-    _logging()
+    _logging(process)
     port = get_settings().metrics_port
     try:
         metrics.serve(port)
@@ -77,7 +80,7 @@ async def _until_signalled(main: object) -> None:
     await main(stop)  # type: ignore[operator]
 
 
-def _serve(factory: str, host: str, port: int, workers: int = 1) -> None:
+def _serve(factory: str, host: str, port: int, workers: int = 1, process: str = "api") -> None:
     """uvicorn on `factory`, having set where this process takes forwarded commands and
     its static member id (unless the environment says otherwise)."""
     import uvicorn
@@ -85,7 +88,7 @@ def _serve(factory: str, host: str, port: int, workers: int = 1) -> None:
     reachable = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
     os.environ.setdefault("APP_ADVERTISED_URL", f"http://{reachable}:{port}")
     os.environ.setdefault("APP_INSTANCE_ID", f"{reachable}:{port}")
-    _logging()
+    _logging(process)
     uvicorn.run(
         factory,
         factory=True,
@@ -121,7 +124,7 @@ def run_command_processor(
 ) -> None:
     """Own a share of the command partitions: decide commands forwarded by API instances
     (and those of the commands topic) and append their events, exactly once."""
-    _serve("api.internal:create_owner_app", host, port)
+    _serve("api.internal:create_owner_app", host, port, process="command-processor")
 
 
 @run.command("projector")
@@ -135,7 +138,7 @@ def run_projector(
     worker for the live version and follows swaps (Ctrl-C to stop)."""
     projection = _projection(name)
     if version is None:
-        _observed()
+        _observed(f"projector-{name}")
         from streams.supervisor import supervise
 
         settings = get_settings()
@@ -143,7 +146,7 @@ def run_projector(
         return
     from streams.app import ProjectionApp
 
-    _logging()
+    _logging(f"projector-{name}")
     ProjectionApp(get_settings(), projection.at(version)).run()
 
 
@@ -162,7 +165,7 @@ def run_projectors(
     chosen = list(dict.fromkeys(names or PROJECTIONS))
     for name in chosen:
         _projection(name)
-    _observed()
+    _observed("projectors")
 
     settings = get_settings()
 
@@ -188,7 +191,7 @@ def run_jobs(
     if unknown:
         raise typer.BadParameter(f"unknown job(s) {unknown}; known: {sorted(JOBS)}")
     chosen = [JOBS[n] for n in dict.fromkeys(names or JOBS)]
-    _observed()
+    _observed("jobs")
     settings = get_settings()
     _run_fast(_until_signalled(lambda stop: run(settings, chosen, stop)))
 
@@ -202,9 +205,10 @@ def run_job(name: Annotated[str, typer.Argument(help="the job")]) -> None:
     if name not in JOBS:
         raise typer.BadParameter(f"unknown job {name!r}; known: {sorted(JOBS)}")
     settings = get_settings()
-    from shared_kernel import metrics
+    from shared_kernel import metrics, tracing
 
     metrics.serve(settings.metrics_port)  # Faust's worker sets up logging itself
+    tracing.configure(f"{settings.service_name}-job-{name}")
     JobApp(settings, JOBS[name](settings)).run()
 
 
@@ -214,7 +218,7 @@ def run_audit_sink() -> None:
     (`cqrs run projectors` runs it too)."""
     from streams.audit import AuditSink
 
-    _observed()
+    _observed("audit-sink")
     settings = get_settings()
     _run_fast(_until_signalled(AuditSink(settings).run))
 

@@ -28,7 +28,7 @@ from commands.batch import DIRECT, Answer, Decision, decide_batch
 from commands.context import BoundedContext
 from commands.state_store import PartitionState, restore
 from commands.transaction import OffsetsMoved
-from shared_kernel import kafka, metrics
+from shared_kernel import kafka, metrics, tracing
 from shared_kernel.avro import AvroCodec
 from shared_kernel.envelope import CommandEnvelope, CommandResult
 from shared_kernel.settings import Settings
@@ -220,7 +220,7 @@ class PartitionWorker:
             return
         if not records:
             return
-        t0 = time.perf_counter()
+        t0, started_ns = time.perf_counter(), time.time_ns()
         decision = decide_batch(
             records, self.state, self.contexts, self.codec, max_record_bytes=self.max_record_bytes
         )
@@ -269,6 +269,7 @@ class PartitionWorker:
         self.counters.dead_lettered += len(decision.dead_letters)
         self.counters.processed += len(decision.accepted) + len(decision.answers)
         _measure(decision, waiting, answers, len(records), time.perf_counter() - t0)
+        _trace(decision, waiting, self.partition, started_ns)
         if consumed:
             self.next_offset = consumed[-1].offset + 1
         t2 = time.perf_counter()
@@ -309,6 +310,21 @@ class PartitionWorker:
             log.exception("recovery failed; the partition is paused until the next rebalance")
             self.fenced = True
             self._refuse_waiting(NotOwner(f"partition {self.partition} is not served here"))
+
+
+def _trace(decision: Decision[Any], waiting: list[Submitted], partition: int, start_ns: int) -> None:
+    """The transaction, in the trace of each command it decided (one span per trace)."""
+    traceparents = [s.command.traceparent for s in waiting]
+    traceparents += [env.traceparent for env in decision.queued.values()]
+    traceparents += [a.command.traceparent for a in decision.accepted]
+    if any(traceparents):
+        tracing.in_each_trace(
+            "commands.transaction",
+            traceparents,
+            start_ns,
+            time.time_ns(),
+            **{"messaging.destination.partition.id": partition, "cqrs.commands": len(traceparents)},
+        )
 
 
 def _measure(

@@ -91,6 +91,12 @@ class Config:
     prometheus_port: int = field(default_factory=lambda: int(_env("PROMETHEUS_PORT", "9090")))
     alertmanager_port: int = field(default_factory=lambda: int(_env("ALERTMANAGER_PORT", "9094")))
     scrape_interval: str = field(default_factory=lambda: _env("PROMETHEUS_SCRAPE_INTERVAL", "5s"))
+    jaeger_version: str = field(default_factory=lambda: _env("JAEGER_VERSION", "v1.75.0"))
+    jaeger_ui_port: int = field(default_factory=lambda: int(_env("JAEGER_UI_PORT", "16686")))
+    otlp_grpc_port: int = field(default_factory=lambda: int(_env("OTLP_GRPC_PORT", "4317")))
+    otlp_http_port: int = field(default_factory=lambda: int(_env("OTLP_HTTP_PORT", "4318")))
+    jaeger_health_port: int = field(default_factory=lambda: int(_env("JAEGER_HEALTH_PORT", "13133")))
+    trace_sample_ratio: str = field(default_factory=lambda: _env("TRACE_SAMPLE_RATIO", "0.1"))
     legacy_db: str = field(default_factory=lambda: _env("LEGACY_DB", "legacy"))
     legacy_user: str = field(default_factory=lambda: _env("LEGACY_USER", "legacy"))
     legacy_password: str = field(default_factory=lambda: _env("LEGACY_PASSWORD", "legacy"))
@@ -962,6 +968,55 @@ class Alertmanager(Service):
         return _http_ok(f"{self.url()}/-/ready")
 
 
+class Jaeger(Service):
+    """Jaeger v2 (all in one, traces in memory), built from the Go module proxy: the OTLP
+    receiver the processes export their traces to, and the query API that reads them."""
+
+    name = "jaeger"
+
+    @property
+    def port(self) -> int:
+        return self.cfg.otlp_http_port
+
+    @property
+    def binary(self) -> Path:
+        return self.cfg.cache_dir / f"jaeger-{self.cfg.jaeger_version}" / "jaeger"
+
+    def url(self) -> str:
+        return f"http://{self.cfg.host}:{self.cfg.jaeger_ui_port}"
+
+    def install(self) -> None:
+        if not self.binary.exists():
+            if shutil.which("go") is None:
+                raise StackError("Go is missing: the trace backend (Jaeger) is built with it (go.dev/dl)")
+            log(f"building Jaeger {self.cfg.jaeger_version} from the Go module proxy (minutes the first time)")
+            self.binary.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.binary.with_name("jaeger.tmp")
+            run(
+                ["go", "build", "-o", str(tmp), "github.com/jaegertracing/jaeger/cmd/jaeger"],
+                cwd=str(INFRA / "jaeger"),
+            )
+            tmp.rename(self.binary)
+        c = self.cfg
+        (self.home / "config.yaml").write_text(
+            (INFRA / "jaeger" / "config.yaml")
+            .read_text()
+            .format(
+                health=f"{c.host}:{c.jaeger_health_port}",
+                ui=f"{c.host}:{c.jaeger_ui_port}",
+                query_grpc=f"{c.host}:{c.jaeger_ui_port - 1}",
+                otlp_grpc=f"{c.host}:{c.otlp_grpc_port}",
+                otlp_http=f"{c.host}:{c.otlp_http_port}",
+            )
+        )
+
+    def start(self) -> None:
+        spawn([str(self.binary), f"--config=file:{self.home / 'config.yaml'}"], self.logfile, self.pidfile)
+
+    def healthy(self) -> bool:
+        return _http_ok(f"http://{self.cfg.host}:{self.cfg.jaeger_health_port}/status")
+
+
 def _mb(size: str) -> int:
     s = size.lower()
     n = int(s.rstrip("mg"))
@@ -1084,6 +1139,7 @@ SERVICES: dict[str, type[Service]] = {
     "connect": Connect,
     "prometheus": Prometheus,
     "alertmanager": Alertmanager,
+    "jaeger": Jaeger,
 }
 
 
@@ -1104,6 +1160,10 @@ def connection_env(cfg: Config) -> dict[str, str]:
         "APP_REDIS_URL": f"redis://{c.host}:{c.redis_port}/0",
         "APP_CDC_CONNECT_URL": Connect(c).url(),
         "APP_CDC_SOURCE_DSN": Postgres(c).legacy_url(),
+        # traces to the stack's Jaeger; a caller's sampled trace is always followed
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{c.host}:{c.otlp_http_port}",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": c.trace_sample_ratio,
     }
 
 

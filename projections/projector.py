@@ -21,7 +21,7 @@ from projections.db import schema_of
 from projections.events import Record, StoredEvent, decode
 from projections.projection import Projection
 from projections.search import BulkItemFailed
-from shared_kernel import metrics
+from shared_kernel import metrics, tracing
 from shared_kernel.avro import AvroCodec
 from shared_kernel.topics import Topics
 
@@ -74,10 +74,29 @@ class Projector:
         return decoded
 
     async def handle(self, records: Sequence[Record], decoded: Decoded | None = None) -> BatchOutcome:
-        """Apply `records` (decoded already when `decoded` is given) in one transaction."""
-        t0 = time.perf_counter()
+        """Apply `records` (decoded already when `decoded` is given) in one transaction:
+        a span linked to the traces of its events, and one in each of them (a replay of a
+        rebuild, silent or in bulk, is not traced)."""
         if decoded is None:
             decoded = self.decode(records)
+        traceparents = [e.meta.traceparent for e in decoded.events if e.meta.traceparent]
+        if self.silent or self.bulk or not traceparents:
+            return await self._handle(records, decoded)
+        name = self.projection.name
+        with tracing.batch(f"projection {name}", traceparents, **{"cqrs.projection": name}):
+            started = time.time_ns()
+            outcome = await self._handle(records, decoded)
+            tracing.in_each_trace(
+                f"projection {name} applied",
+                traceparents,
+                started,
+                time.time_ns(),
+                **{"cqrs.projection": name},
+            )
+        return outcome
+
+    async def _handle(self, records: Sequence[Record], decoded: Decoded) -> BatchOutcome:
+        t0 = time.perf_counter()
         events = decoded.events
         outcome = BatchOutcome(dead=list(decoded.dead))
         try:

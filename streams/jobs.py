@@ -58,7 +58,7 @@ from commands.bus import BusUnavailable, CommandBus, ResultTimeout
 from commands.context import BoundedContext
 from commands.transaction import dead_letter
 from projections.events import StoredEvent, decode
-from shared_kernel import kafka, metrics
+from shared_kernel import kafka, metrics, tracing
 from shared_kernel.avro import AvroCodec
 from shared_kernel.envelope import CommandResult
 from shared_kernel.settings import Settings
@@ -283,8 +283,10 @@ class JobApp:
             return
         if item is None:
             return
+        traceparent = item.meta.traceparent if isinstance(item, StoredEvent) else ""
         try:
-            await self.job.handle(item)
+            with tracing.continued(f"job {self.job.name}", traceparent, **{"cqrs.job": self.job.name}):
+                await self.job.handle(item)
         except (Poison, KeyError, TypeError, ValueError) as exc:
             await self._dead_letter(record, f"{type(exc).__name__}: {exc}")
             return
@@ -367,7 +369,7 @@ class JobApp:
             actor=f"job:{self.job.name}",
             tenant=tenant,
             correlation_id=correlation_id or (cause.meta.correlation_id if cause else command_id),
-            traceparent=cause.meta.traceparent if cause else "",
+            traceparent=tracing.current_traceparent(cause.meta.traceparent if cause else ""),
         )
         command_type = envelope.command_type
         for attempt in itertools.count():

@@ -1,5 +1,6 @@
 """Observability on the real stack: every process's /metrics parses as Prometheus text and
-carries the product's metrics; counters move by what happened."""
+carries the product's metrics; counters move by what happened; one request's trace runs
+through the API, the processor and a projector, read back from the stack's Jaeger."""
 
 from __future__ import annotations
 
@@ -18,11 +19,21 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 PROJECTORS_METRICS = free_port()  # where this module's projectors serve /metrics
+JAEGER_OTLP = "http://127.0.0.1:4318"  # infra/stack.py's Jaeger
+JAEGER_QUERY = "http://127.0.0.1:16686"
 
 
 @pytest.fixture(scope="module")
 async def side(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WriteSide]:
     ws = WriteSide.create(settings, tmp_path_factory.mktemp("observability"))
+    ws.env.update(
+        {  # every trace kept and exported at once, to the stack's Jaeger
+            "OTEL_EXPORTER_OTLP_ENDPOINT": JAEGER_OTLP,
+            "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+            "APP_SERVICE_NAME": f"cqrs-{ws.settings.topic_prefix}",
+        }
+    )
     await ws.start_serving()
     ws.start_projectors("datasets", "events", env={**ws.env, "APP_METRICS_PORT": str(PROJECTORS_METRICS)})
     await ws.wait_until_projected()
@@ -147,3 +158,37 @@ async def test_metrics_are_public_and_carry_no_tenant_data(side: WriteSide) -> N
         r = await anonymous.get("/metrics")
     assert r.status_code == 200
     assert "acme" not in r.text
+
+
+async def test_one_requests_trace_has_spans_of_the_api_the_processor_and_a_projector(
+    side: WriteSide, client: httpx.AsyncClient
+) -> None:
+    trace_id = uuid.uuid4().hex
+    traceparent = f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"
+    r = await client.post("/api/v1/datasets", json={"name": "traced"}, headers={"traceparent": traceparent})
+    assert r.status_code == 201, r.text
+    got = await client.get(
+        f"/api/v1/datasets/{r.json()['id']}", params={"consistent_with": r.json()["position"]}
+    )
+    assert got.status_code == 200
+    prefix = side.settings.topic_prefix
+
+    async def spans() -> list[tuple[str, str]] | None:
+        async with httpx.AsyncClient(timeout=5) as c:
+            found = await c.get(f"{JAEGER_QUERY}/api/traces/{trace_id}")
+        if found.status_code != 200 or not found.json().get("data"):
+            return None
+        [t] = found.json()["data"]
+        named = [(t["processes"][s["processID"]]["serviceName"], s["operationName"]) for s in t["spans"]]
+        services = {service for service, _ in named}
+        wanted = {f"cqrs-{prefix}-api", f"cqrs-{prefix}-projectors"}
+        operations = {op for _, op in named}
+        done = wanted <= services and "projection datasets applied" in operations
+        return named if done else None
+
+    named = await until(spans, 60, "the trace's spans in Jaeger")
+    operations = {op for _, op in named}
+    assert "POST /api/v1/datasets" in operations  # the request (FastAPI's instrumentation)
+    assert "commands.transaction" in operations  # the processor's transaction
+    assert (f"cqrs-{prefix}-api", "commands.transaction") in named
+    assert (f"cqrs-{prefix}-projectors", "projection datasets applied") in named
