@@ -989,7 +989,7 @@ class Jaeger(Service):
         if not self.binary.exists():
             if shutil.which("go") is None:
                 raise StackError("Go is missing: the trace backend (Jaeger) is built with it (go.dev/dl)")
-            log(f"building Jaeger {self.cfg.jaeger_version} from the Go module proxy (minutes the first time)")
+            log(f"building Jaeger {self.cfg.jaeger_version} from the Go module proxy (first time: minutes)")
             self.binary.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.binary.with_name("jaeger.tmp")
             run(
