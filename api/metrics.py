@@ -33,9 +33,14 @@ async def prometheus_metrics() -> Response:
     return Response(body, media_type=content_type)
 
 
+access = logging.getLogger("api.access")
+
+
 class HttpMetrics:
     """Times every HTTP request (to its last byte) under its route template, method and
-    status; a request no route took is `unmatched`."""
+    status (a request no route took is `unmatched`), and logs it on `api.access`: method,
+    path (no query string: it may hold a stream ticket), route, status, duration, client
+    and user agent, never a credential; the log line carries the request's trace id."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -56,10 +61,30 @@ class HttpMetrics:
         try:
             await self.app(scope, receive, sending)
         finally:
+            seconds = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", None) or scope.get("cqrs.route") or "unmatched"
-            metrics.HTTP_DURATION.labels(route, scope["method"], str(status)).observe(
-                time.perf_counter() - started
-            )
+            metrics.HTTP_DURATION.labels(route, scope["method"], str(status)).observe(seconds)
+            if access.isEnabledFor(logging.INFO) and route != "/metrics":
+                _log_access(scope, route, status, seconds)
+
+
+def _log_access(scope: Scope, route: str, status: int, seconds: float) -> None:
+    agent = next((v for k, v in scope.get("headers", ()) if k == b"user-agent"), b"")
+    client = scope.get("client")
+    principal = scope.get("state", {}).get("principal")
+    access.info(
+        "request",
+        extra={
+            "method": scope["method"],
+            "path": scope["path"],
+            "route": route,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 2),
+            "client_ip": client[0] if client else "",
+            "user_agent": agent.decode("latin-1")[:200],
+            "actor": getattr(principal, "subject", ""),
+        },
+    )
 
 
 async def refresh_lag(app: FastAPI, interval_s: float) -> None:

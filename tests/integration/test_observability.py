@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -192,3 +193,10 @@ async def test_one_requests_trace_has_spans_of_the_api_the_processor_and_a_proje
     assert "commands.transaction" in operations  # the processor's transaction
     assert (f"cqrs-{prefix}-api", "commands.transaction") in named
     assert (f"cqrs-{prefix}-projectors", "projection datasets applied") in named
+    # the API's access log line of that request carries its trace id, and no credential
+    assert side.api is not None
+    lines = [orjson.loads(line) for line in side.api.output().splitlines() if b'"api.access"' in line]
+    [posted] = [x for x in lines if x.get("trace_id") == trace_id]
+    assert (posted["method"], posted["route"], posted["status"]) == ("POST", "/api/v1/datasets", 201)
+    assert "authorization" not in str(lines).lower()
+    assert "bearer" not in str(lines).lower()
