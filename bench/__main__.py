@@ -20,6 +20,7 @@ from bench import (
     s7_footprint,
     s8_cdc,
     s10_jobs,
+    s11_telemetry,
 )
 from shared_kernel.settings import Settings
 
@@ -34,6 +35,7 @@ SCENARIOS: dict[str, Callable[[Settings], Coroutine[Any, Any, dict[str, Any]]]] 
     "S7": s7_footprint.run,
     "S8": s8_cdc.run,
     "S10": s10_jobs.run,
+    "S11": s11_telemetry.run,
 }
 
 

@@ -1218,6 +1218,10 @@ def cmd_down_apps(cfg: Config) -> int:
 def cmd_urls(cfg: Config) -> int:
     for svc in [*services(cfg, []), *apps(cfg)]:
         print(f"  {svc.name:<20} {svc.url()}")
+    print(f"  {'trace query API':<20} {Jaeger(cfg).url()}/api/traces/<trace id>")
+    for app in apps(cfg):
+        if app.spec.get("metrics"):
+            print(f"  {app.name + ' metrics':<20} http://{cfg.host}:{app.spec['metrics']}/metrics")
     return 0
 
 

@@ -1,0 +1,141 @@
+"""S11, what observability costs: S1's commands and S4's cached reads at 16 clients with
+telemetry off (`OTEL_SDK_DISABLED=true`), with traces sampled at the stack's default
+ratio (parent-based, 10 %), and with every trace sampled, all exported by OTLP to the
+stack's Jaeger; metrics are on in all three (they cannot be turned off). One run, the
+three variants one after the other, each with its own API process.
+
+`BENCH_S11_SECONDS` per variant and scenario (default 8); `BENCH_S11_CLIENTS` (16).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench import s1_commands, s4_queries
+from bench.common import WriteSide, drop_prefix
+from bench.results import show, write
+from projections.db import schema_name
+from shared_kernel.settings import Settings
+from shared_kernel.topics import contract_topics, ensure_topics
+
+SECONDS = float(os.environ.get("BENCH_S11_SECONDS", "8"))
+CLIENTS = int(os.environ.get("BENCH_S11_CLIENTS", "16"))
+OTLP = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+VARIANTS: dict[str, dict[str, str]] = {
+    "off": {"OTEL_SDK_DISABLED": "true"},
+    "default_ratio": {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": OTLP,
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.1",
+    },
+    "all_sampled": {"OTEL_EXPORTER_OTLP_ENDPOINT": OTLP, "OTEL_TRACES_SAMPLER": "parentbased_always_on"},
+}
+
+
+def _clean(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if not k.startswith("OTEL_")}
+
+
+async def _commands(base: Settings, workdir: Path) -> dict[str, Any]:
+    s1_commands.SECONDS = SECONDS
+    out: dict[str, Any] = {}
+    for name, extra in VARIANTS.items():
+        side = WriteSide.create(base, workdir / f"s1-{name}", "s11", base.partitions)
+        (workdir / f"s1-{name}").mkdir(parents=True, exist_ok=True)
+        side.env = {**_clean(side.env), **extra}
+        try:
+            await side.start_serving()
+            print(f"S11: commands, telemetry {name}, {CLIENTS} clients, {SECONDS:g} s", flush=True)
+            out[name] = (await s1_commands.run_ours(side.api_url, CLIENTS)).figures()
+        finally:
+            side.stop()
+            await drop_prefix(side.settings, schema_name(side.settings))
+    return out
+
+
+async def _reads(base: Settings, workdir: Path) -> dict[str, Any]:
+    prefix = f"bench{uuid.uuid4().hex[:6]}"
+    settings = base.model_copy(update={"topic_prefix": prefix})
+    env = _clean(
+        {
+            **os.environ,
+            "APP_TOPIC_PREFIX": prefix,
+            "APP_LOG_LEVEL": "warning",
+            "APP_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "APP_POSTGRES_DSN": settings.postgres_dsn,
+            "APP_OPENSEARCH_URL": settings.opensearch_url,
+            "APP_REDIS_URL": settings.redis_url,
+            "APP_RATE_LIMITS": "admin=0,operator=1000000000,viewer=1000000000",
+        }
+    )
+    out: dict[str, Any] = {}
+    try:
+        ids = await s4_queries.seed(settings, 500)
+        await ensure_topics(settings, contract_topics(settings, ["datasets", "incidents"]))
+        cqrs = str(Path(sys.executable).parent / "cqrs")
+        for name, extra in VARIANTS.items():
+            server = s4_queries._spawn(
+                f"api-{name}",
+                [cqrs, "serve", "api"],
+                {**env, **extra, "APP_SERVICE_NAME": f"bench-s11-{name}"},
+                workdir,
+            )
+            try:
+                await server.wait_until("/ready")
+                await s4_queries.median_body(server.url, ids)  # warm: every read kept
+                print(f"S11: cached reads, telemetry {name}, {CLIENTS} clients, {SECONDS:g} s", flush=True)
+                level = await s4_queries.load(server, ids, CLIENTS, SECONDS, settings)
+                figures = level.figures()
+                out[name] = {
+                    k: figures[k] for k in ("rps", "p50_ms", "p99_ms", "failures", "server_cpu_s_per_1k")
+                }
+            finally:
+                server.stop()
+    finally:
+        await s4_queries._cleanup(settings)
+    return out
+
+
+async def run(base: Settings) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-s11-"))
+    commands = await _commands(base, workdir)
+    reads = await _reads(base, workdir)
+
+    def ratio(part: dict[str, Any], key: str, variant: str) -> float:
+        return round(part[variant][key] / part["off"][key], 2) if part["off"][key] else 0.0
+
+    commands_vs_off = {v: ratio(commands, "commands_per_s", v) for v in VARIANTS}
+    reads_vs_off = {v: ratio(reads, "rps", v) for v in VARIANTS}
+    result: dict[str, Any] = {
+        "clients": CLIENTS,
+        "seconds": SECONDS,
+        "commands": commands,
+        "reads": reads,
+        "commands_vs_off": commands_vs_off,
+        "reads_vs_off": reads_vs_off,
+    }
+    write("S11", result)
+    rows = []
+    for v in VARIANTS:
+        rows.append(
+            (
+                f"commands, telemetry {v}",
+                f"{commands[v]['commands_per_s']:,.0f}/s, p99 {commands[v]['p99_ms']:.0f} ms",
+                f"{commands_vs_off[v]:.2f} of off",
+            )
+        )
+    for v in VARIANTS:
+        rows.append(
+            (
+                f"cached reads, telemetry {v}",
+                f"{reads[v]['rps']:,.0f}/s, p99 {reads[v]['p99_ms']:.1f} ms",
+                f"{reads_vs_off[v]:.2f} of off",
+            )
+        )
+    show("S11", "what telemetry costs (16 clients)", rows)
+    return result
