@@ -184,9 +184,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     tracing.configure(settings.service_name)
-    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-
-    FastAPIInstrumentor.instrument_app(app, excluded_urls="/metrics,/health,/ready")
     if settings.environment != "production" and settings.auth_issuer == LOCAL_ISSUER:
         ensure_keys(settings)  # the local issuer's key: `cqrs auth token` signs with it
     identity = Identity(settings)
@@ -225,7 +222,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_age=600,
         )
     app.add_middleware(limits.BodyLimit, max_bytes=settings.max_body_bytes)  # before any route
-    app.add_middleware(api_metrics.HttpMetrics)  # outermost: every request timed, refusals too
+    app.add_middleware(api_metrics.HttpMetrics)  # outermost: every request timed and traced
     app.include_router(health.router)
     app.include_router(api_metrics.router)
     for context in CONTEXTS:

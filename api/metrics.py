@@ -14,13 +14,15 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth.access import public
 from projections.status import overview
-from shared_kernel import metrics
+from shared_kernel import kafka, metrics, tracing
+from shared_kernel.topics import Topics
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
@@ -38,7 +40,8 @@ access = logging.getLogger("api.access")
 
 class HttpMetrics:
     """Times every HTTP request (to its last byte) under its route template, method and
-    status (a request no route took is `unmatched`), and logs it on `api.access`: method,
+    status (a request no route took is `unmatched`), handles it in its server span
+    (`shared_kernel.tracing.server_span`), and logs it on `api.access`: method,
     path (no query string: it may hold a stream ticket), route, status, duration, client
     and user agent, never a credential; the log line carries the request's trace id."""
 
@@ -58,14 +61,16 @@ class HttpMetrics:
                 status = message["status"]
             await send(message)
 
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            seconds = time.perf_counter() - started
-            route = getattr(scope.get("route"), "path", None) or scope.get("cqrs.route") or "unmatched"
-            metrics.HTTP_DURATION.labels(route, scope["method"], str(status)).observe(seconds)
-            if access.isEnabledFor(logging.INFO) and route != "/metrics":
-                _log_access(scope, route, status, seconds)
+        with tracing.server_span(scope) as span:
+            try:
+                await self.app(scope, receive, sending)
+            finally:
+                seconds = time.perf_counter() - started
+                route = getattr(scope.get("route"), "path", None) or scope.get("cqrs.route") or "unmatched"
+                metrics.HTTP_DURATION.labels(route, scope["method"], str(status)).observe(seconds)
+                tracing.name_by_route(span, scope["method"], route, status)
+                if access.isEnabledFor(logging.INFO) and route != "/metrics":
+                    _log_access(scope, route, status, seconds)
 
 
 def _log_access(scope: Scope, route: str, status: int, seconds: float) -> None:
@@ -87,18 +92,60 @@ def _log_access(scope: Scope, route: str, status: int, seconds: float) -> None:
     )
 
 
+async def _jobs_lag(app: FastAPI, admin: Any) -> None:
+    """Each stream-processing job's consumer group against its topics' ends."""
+    from aiokafka.structs import TopicPartition
+
+    from streams.registry import JOBS
+
+    settings = app.state.settings
+    topics = Topics(settings.topic_prefix)
+    for job in JOBS.values():
+        group = f"{settings.topic_prefix}.job.{job.name}"
+        committed = await admin.list_consumer_group_offsets(group)
+        if not committed:
+            continue  # the job never ran under this prefix
+        ends = await app.state.lag.ends(job(settings).source_topics(topics))
+        behind = 0
+        for (topic, partition), end in ends.items():
+            meta = committed.get(TopicPartition(topic, partition))
+            behind += max(0, end - (meta.offset if meta is not None and meta.offset >= 0 else 0))
+        metrics.CONSUMER_GROUP_LAG.labels(group).set(behind)
+
+
 async def refresh_lag(app: FastAPI, interval_s: float) -> None:
-    """Until cancelled: the lag gauges from the projections' overview, every interval."""
-    while True:
-        await asyncio.sleep(interval_s)
+    """Until cancelled: the lag gauges from the projections' overview and the jobs'
+    consumer groups, every interval."""
+    admin = kafka.admin(app.state.settings)
+    started = False
+    try:
+        while True:
+            await asyncio.sleep(interval_s)
+            if not started:
+                with contextlib.suppress(Exception):  # Kafka away: tried again next time
+                    await admin.start()
+                    started = True
+            await _refresh(app, interval_s)
+            if started:
+                try:
+                    await asyncio.wait_for(_jobs_lag(app, admin), interval_s * 2)
+                except Exception as exc:  # the gauges keep their last values
+                    log.debug("jobs' lag not refreshed", extra={"error": repr(exc)})
+    finally:
+        if started:
+            await admin.close()
+
+
+async def _refresh(app: FastAPI, interval_s: float) -> None:
+    if True:
         state = app.state
         if state.pool is None:
-            continue
+            return
         try:
             found = await asyncio.wait_for(overview(state.settings, state.pool, state.lag), interval_s * 2)
         except Exception as exc:  # Kafka or PostgreSQL away: the gauges keep their last values
             log.debug("lag not refreshed", extra={"error": repr(exc)})
-            continue
+            return
         for name, p in found.items():
             version = str(p.get("live_version"))
             metrics.PROJECTION_LAG_EVENTS.labels(name, version).set(p["events_behind"])

@@ -9,8 +9,9 @@ envelope and in every event's headers (`shared_kernel.envelope`), and each consu
 delivery) starts its span as a child of it. A batch that holds the events of many traces
 is one span with a link to each, plus one child span in each trace it applied.
 
-PostgreSQL (asyncpg), Redis and the HTTP server (FastAPI) are traced by the
-OpenTelemetry instrumentation packages. Kafka's produce and fetch are not: the aiokafka
+PostgreSQL (asyncpg) and Redis are traced by the OpenTelemetry instrumentation packages;
+the HTTP server's spans are this module's (`server_span`: the ASGI instrumentation cost
+too much, see there). Kafka's produce and fetch are not: the aiokafka
 instrumentation adds a header to every record it sends, and the records here are sized
 against the topics' limit before they are produced (commands.sizes) and carry their
 trace context already.
@@ -40,12 +41,16 @@ _configured = False
 tracer = trace.get_tracer("kafka-cqrs")
 
 
+def _disabled() -> bool:
+    return os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true"
+
+
 def configure(service: str) -> None:
     """The process's tracer provider (once): named `service`, exporting by OTLP when an
     endpoint is set, sampling as `OTEL_TRACES_SAMPLER` says (default: parent-based,
     always on); and the instrumentation of asyncpg and Redis."""
     global _configured
-    if _configured or os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+    if _configured or _disabled():
         return
     _configured = True
     name = os.environ.get("OTEL_SERVICE_NAME") or service
@@ -64,6 +69,53 @@ def configure(service: str) -> None:
     AsyncPGInstrumentor().instrument()  # type: ignore[no-untyped-call]
     RedisInstrumentor().instrument()
     log.debug("tracing configured", extra={"service": name, "otlp": endpoint or None})
+
+
+@contextlib.contextmanager
+def server_span(scope: Any) -> Iterator[Span]:
+    """The server span of one HTTP request (an ASGI scope), continuing the caller's
+    `traceparent`, current while the request is handled; named by the method until the
+    route is known (`name_by_route`).
+
+    Not OpenTelemetry's ASGI instrumentation: measured in S11, its middleware cost 62 %
+    of a cached read's throughput at a 10 % sampling ratio (7.8k/s off, 2.9k/s with it),
+    most of it spent on requests it does not sample (request attributes, a wrapper per
+    ASGI message, the FastAPI flavour's second route lookup). Here an unsampled request
+    costs one context extraction and a non-recording span; the attributes are those of
+    the HTTP semantic conventions, set only on spans that record."""
+    if _disabled():
+        yield trace.INVALID_SPAN
+        return
+    carrier: dict[str, str] = {}
+    for key, value in scope.get("headers", ()):
+        if key in (b"traceparent", b"tracestate"):
+            carrier[key.decode()] = value.decode("latin-1")
+    parent = _PROPAGATOR.extract(carrier) if carrier else None
+    span = tracer.start_span(scope.get("method") or "HTTP", context=parent, kind=SpanKind.SERVER)
+    if span.is_recording():
+        client = scope.get("client")
+        span.set_attributes(
+            {
+                "http.request.method": scope.get("method", ""),
+                "url.path": scope.get("path", ""),
+                "url.scheme": scope.get("scheme", "http"),
+                "network.protocol.version": scope.get("http_version", ""),
+                **({"client.address": client[0]} if client else {}),
+            }
+        )
+    with trace.use_span(span, end_on_exit=True, record_exception=True, set_status_on_exception=True):
+        yield span
+
+
+def name_by_route(span: Span, method: str, route: str, status: int) -> None:
+    """The server span named `METHOD /route/{template}`, as the HTTP conventions say,
+    with its status (5xx is an error)."""
+    if span.is_recording():
+        span.update_name(f"{method} {route}")
+        span.set_attribute("http.route", route)
+        span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            span.set_status(trace.StatusCode.ERROR)
 
 
 def shutdown() -> None:

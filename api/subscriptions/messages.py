@@ -33,7 +33,14 @@ from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord
 
 from shared_kernel.avro import AvroCodec, SchemaError
-from shared_kernel.envelope import H_AGGREGATE_ID, H_EVENT_TYPE, H_TENANT, EventMetadata, MalformedRecord
+from shared_kernel.envelope import (
+    H_AGGREGATE_ID,
+    H_EVENT_TYPE,
+    H_TENANT,
+    H_TRACEPARENT,
+    EventMetadata,
+    MalformedRecord,
+)
 from shared_kernel.position import PositionToken
 
 log = logging.getLogger(__name__)
@@ -74,16 +81,17 @@ class Layout:
 class Message:
     """One message to a subscriber, encoded once for both transports."""
 
-    __slots__ = ("_sse", "_text", "id", "json", "kind")
+    __slots__ = ("_sse", "_text", "id", "json", "kind", "traceparent")
 
-    def __init__(self, kind: str, id: str, json: bytes) -> None:
+    def __init__(self, kind: str, id: str, json: bytes, traceparent: str = "") -> None:
         self.kind, self.id, self.json = kind, id, json
+        self.traceparent = traceparent  # the event's trace (its delivery is a span in it)
         self._sse: bytes | None = None
         self._text: str | None = None
 
     @classmethod
-    def event(cls, id: str, rest: bytes) -> Message:
-        return cls("event", id, b'{"type":"event","id":"' + id.encode() + b'",' + rest)
+    def event(cls, id: str, rest: bytes, traceparent: str = "") -> Message:
+        return cls("event", id, b'{"type":"event","id":"' + id.encode() + b'",' + rest, traceparent)
 
     @classmethod
     def control(cls, kind: str, id: str, **fields: Any) -> Message:
@@ -117,13 +125,14 @@ class LogEvent:
         "snap",
         "tenant",
         "topic",
+        "traceparent",
     )
 
     def __init__(self, record: ConsumerRecord[bytes, bytes], index: int) -> None:
         self.record, self.index = record, index
         self.topic: str = record.topic
         self.offset: int = record.offset
-        self.event_type = self.aggregate_id = self.tenant = ""
+        self.event_type = self.aggregate_id = self.tenant = self.traceparent = ""
         for key, value in record.headers:
             if key == H_EVENT_TYPE:
                 self.event_type = value.decode(errors="replace")
@@ -131,6 +140,8 @@ class LogEvent:
                 self.aggregate_id = value.decode(errors="replace")
             elif key == H_TENANT:
                 self.tenant = value.decode(errors="replace")
+            elif key == H_TRACEPARENT:
+                self.traceparent = value.decode(errors="replace")
         self.snap: tuple[int, ...] = ()  # the live feed's position just after this record
         self._rest: bytes | None = None
         self._shared: dict[tuple[int, ...], Message] = {}
@@ -182,5 +193,7 @@ class LogEvent:
             rest = self.rest(codec)
             if rest is None:
                 return None
-            message = self._shared[indices] = Message.event(layout.token(self.snap, indices), rest)
+            message = self._shared[indices] = Message.event(
+                layout.token(self.snap, indices), rest, self.traceparent
+            )
         return message

@@ -31,7 +31,7 @@ from api.subscriptions.feed import FeedUnavailable, LiveFeed
 from api.subscriptions.messages import Message
 from api.subscriptions.spec import BEGINNING, MAX_VALUES, NOW, StreamSpec, parse_spec
 from api.subscriptions.subscriber import Ended, Failure, Subscriber
-from shared_kernel import metrics
+from shared_kernel import metrics, tracing
 from shared_kernel.settings import Settings
 
 router = APIRouter(tags=["subscriptions"])
@@ -152,8 +152,23 @@ class SubscriptionStream(EventSourceResponse):
                 yield beat.sse
                 sub.acknowledge(beat)
                 continue
+            started = time.time_ns()
             yield b"".join(m.sse for m in batch)
             sub.acknowledge(batch[-1], len(batch))
+            _delivered("sse", batch, started)
+
+
+def _delivered(transport: str, messages: list[Message], started_ns: int) -> None:
+    """The delivery, a span in the trace of each event it carried."""
+    traceparents = [m.traceparent for m in messages if m.traceparent]
+    if traceparents:
+        tracing.in_each_trace(
+            f"subscription {transport} delivered",
+            traceparents,
+            started_ns,
+            time.time_ns(),
+            **{"cqrs.transport": transport},
+        )
 
 
 def _spec(request: Request | WebSocket, **filters: Any) -> StreamSpec:
@@ -277,9 +292,11 @@ async def _pump(websocket: WebSocket, sub: Subscriber, first: Message) -> None:
     settings = sub.feed.settings
 
     async def emit(messages: list[Message]) -> None:
+        started = time.time_ns()
         async with asyncio.timeout(settings.subscription_send_timeout_s):
             for m in messages:
                 await websocket.send({"type": "websocket.send", "text": m.text})
+        _delivered("websocket", messages, started)
 
     try:
         await emit([first])

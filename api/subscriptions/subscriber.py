@@ -143,7 +143,7 @@ class Subscriber:
                 position[i] = ev.snap[i]
             elif ev.snap[i] < position[i]:
                 aligned = False
-        message = Message.event(feed.layout.token(position, self.indices), rest)
+        message = Message.event(feed.layout.token(position, self.indices), rest, ev.traceparent)
         if aligned:
             self.floor = None  # from now on the feed's position is ours: share its messages
         return message
@@ -263,7 +263,9 @@ class Subscriber:
                         if rest is not None:
                             after = list(self.cursor)
                             after[i] = record.offset + 1
-                            await self._put(Message.event(layout.token(after, self.indices), rest))
+                            await self._put(
+                                Message.event(layout.token(after, self.indices), rest, ev.traceparent)
+                            )
                     self.cursor[i] = record.offset + 1
             for i in [i for i in todo if self.cursor[i] >= target[i]]:
                 # the target is the offset after a committed record: it is reached
@@ -294,7 +296,9 @@ class Subscriber:
                 continue
             for i in self.indices:
                 position[i] = max(position[i], ev.snap[i])
-            self.mailbox.append(Message.event(feed.layout.token(position, self.indices), rest))
+            self.mailbox.append(
+                Message.event(feed.layout.token(position, self.indices), rest, ev.traceparent)
+            )
         self.pending = None
         self.floor, self.live = position, True
         self._wake()
