@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Response
+from fastapi.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.auth.access import public
@@ -28,7 +29,13 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
 
-@router.get("/metrics", operation_id="metrics", dependencies=[public()], include_in_schema=True)
+@router.get(
+    "/metrics",
+    operation_id="metrics",
+    dependencies=[public()],
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus's text format"}},
+)
 async def prometheus_metrics() -> Response:
     """This process's metrics in Prometheus's text format."""
     body, content_type = metrics.exposition()
