@@ -114,6 +114,10 @@ def serve_api(
     command partitions)."""
     if workers > 1:  # one port, one member id: the workers cannot each be an owner
         os.environ["APP_API_OWNS_PARTITIONS"] = "false"
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # /metrics adds up every worker's
+            import tempfile
+
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="cqrs-metrics-")
     _serve("api.app:create_app", host, port, workers)
 
 

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared_kernel.settings import Settings
-from tests.integration.harness import WriteSide, free_port, until
+from tests.integration.harness import WriteSide, free_port, until, wait_until_up
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -200,3 +200,24 @@ async def test_one_requests_trace_has_spans_of_the_api_the_processor_and_a_proje
     assert (posted["method"], posted["route"], posted["status"]) == ("POST", "/api/v1/datasets", 201)
     assert "authorization" not in str(lines).lower()
     assert "bearer" not in str(lines).lower()
+
+
+async def test_an_api_with_several_workers_counts_the_requests_of_all_of_them(side: WriteSide) -> None:
+    port = free_port()
+    env = {k: v for k, v in side.env.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    url = f"http://127.0.0.1:{port}"
+    proc = side._spawn("api-workers", "serve", "api", "--port", str(port), "--workers", "2", env=env, url=url)
+    try:
+        await wait_until_up(proc, "/health", 90)
+        async with httpx.AsyncClient(base_url=url) as c:
+            for _ in range(20):  # new connections: spread over the workers
+                async with httpx.AsyncClient(base_url=url) as one:
+                    assert (await one.get("/health")).status_code == 200
+            samples = await scrape(f"{url}/metrics")
+            again = await scrape(f"{url}/metrics")
+            assert (await c.get("/health")).status_code == 200
+        served = value(samples, "cqrs_http_request_duration_seconds_count", route="/health")
+        assert served >= 20  # every worker's requests, whichever worker answers the scrape
+        assert value(again, "cqrs_http_request_duration_seconds_count", route="/health") == served
+    finally:
+        proc.stop()
