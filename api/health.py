@@ -62,7 +62,7 @@ async def ready(request: Request) -> JSONResponse:
 
 async def _cdc_state(request: Request) -> str:
     try:
-        found = await asyncio.wait_for(connect_of(request.app.state.settings).status(), 2)
+        found = await asyncio.wait_for(connect_of(request.app.state.settings).status(), 0.5)
     except Exception:  # any failure: it cannot be told
         return "UNREACHABLE"
     if found is None:

@@ -144,21 +144,20 @@ async def refresh_lag(app: FastAPI, interval_s: float) -> None:
 
 
 async def _refresh(app: FastAPI, interval_s: float) -> None:
-    if True:
-        state = app.state
-        if state.pool is None:
-            return
-        try:
-            found = await asyncio.wait_for(overview(state.settings, state.pool, state.lag), interval_s * 2)
-        except Exception as exc:  # Kafka or PostgreSQL away: the gauges keep their last values
-            log.debug("lag not refreshed", extra={"error": repr(exc)})
-            return
-        for name, p in found.items():
-            version = str(p.get("live_version"))
-            metrics.PROJECTION_LAG_EVENTS.labels(name, version).set(p["events_behind"])
-            metrics.PROJECTION_LAG_SECONDS.labels(name, version).set(p["seconds_behind"])
-            group = f"{state.settings.topic_prefix}.projection.{name}.v{version}"
-            metrics.CONSUMER_GROUP_LAG.labels(group).set(p["events_behind"])
+    state = app.state
+    if state.pool is None:
+        return
+    try:
+        found = await asyncio.wait_for(overview(state.settings, state.pool, state.lag), interval_s * 2)
+    except Exception as exc:  # Kafka or PostgreSQL away: the gauges keep their last values
+        log.debug("lag not refreshed", extra={"error": repr(exc)})
+        return
+    for name, p in found.items():
+        version = str(p.get("live_version"))
+        metrics.PROJECTION_LAG_EVENTS.labels(name, version).set(p["events_behind"])
+        metrics.PROJECTION_LAG_SECONDS.labels(name, version).set(p["seconds_behind"])
+        group = f"{state.settings.topic_prefix}.projection.{name}.v{version}"
+        metrics.CONSUMER_GROUP_LAG.labels(group).set(p["events_behind"])
 
 
 @contextlib.asynccontextmanager

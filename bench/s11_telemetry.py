@@ -12,12 +12,11 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 from bench import s1_commands, s4_queries
-from bench.common import WriteSide, drop_prefix
+from bench.common import WriteSide, drop_prefix, isolated
 from bench.results import show, write
 from projections.db import schema_name
 from shared_kernel.settings import Settings
@@ -59,20 +58,8 @@ async def _commands(base: Settings, workdir: Path) -> dict[str, Any]:
 
 
 async def _reads(base: Settings, workdir: Path) -> dict[str, Any]:
-    prefix = f"bench{uuid.uuid4().hex[:6]}"
-    settings = base.model_copy(update={"topic_prefix": prefix})
-    env = _clean(
-        {
-            **os.environ,
-            "APP_TOPIC_PREFIX": prefix,
-            "APP_LOG_LEVEL": "warning",
-            "APP_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-            "APP_POSTGRES_DSN": settings.postgres_dsn,
-            "APP_OPENSEARCH_URL": settings.opensearch_url,
-            "APP_REDIS_URL": settings.redis_url,
-            "APP_RATE_LIMITS": "admin=0,operator=1000000000,viewer=1000000000",
-        }
-    )
+    settings, env = isolated(base, "S11", base.partitions)
+    env = _clean(env)
     out: dict[str, Any] = {}
     try:
         ids = await s4_queries.seed(settings, 500)

@@ -118,13 +118,6 @@ def name_by_route(span: Span, method: str, route: str, status: int) -> None:
             span.set_status(trace.StatusCode.ERROR)
 
 
-def shutdown() -> None:
-    """Export what is buffered (a process about to exit)."""
-    provider = trace.get_tracer_provider()
-    if isinstance(provider, TracerProvider):
-        provider.shutdown()
-
-
 def parent_of(traceparent: str) -> otel_context.Context | None:
     """The context a `traceparent` header names (None when it names none)."""
     if not traceparent:
