@@ -96,6 +96,10 @@ class Config:
     otlp_grpc_port: int = field(default_factory=lambda: int(_env("OTLP_GRPC_PORT", "4317")))
     otlp_http_port: int = field(default_factory=lambda: int(_env("OTLP_HTTP_PORT", "4318")))
     jaeger_health_port: int = field(default_factory=lambda: int(_env("JAEGER_HEALTH_PORT", "13133")))
+    zipkin_version: str = field(default_factory=lambda: _env("ZIPKIN_VERSION", "3.6.1"))
+    zipkin_port: int = field(default_factory=lambda: int(_env("ZIPKIN_PORT", "9411")))
+    zipkin_heap: str = field(default_factory=lambda: _env("ZIPKIN_HEAP", "384m"))
+    traces_topic: str = field(default_factory=lambda: _env("TRACES_TOPIC", "cqrs-traces.zipkin"))
     trace_sample_ratio: str = field(default_factory=lambda: _env("TRACE_SAMPLE_RATIO", "0.1"))
     legacy_db: str = field(default_factory=lambda: _env("LEGACY_DB", "legacy"))
     legacy_user: str = field(default_factory=lambda: _env("LEGACY_USER", "legacy"))
@@ -970,7 +974,8 @@ class Alertmanager(Service):
 
 class Jaeger(Service):
     """Jaeger v2 (all in one, traces in memory), built from the Go module proxy: the OTLP
-    receiver the processes export their traces to, and the query API that reads them."""
+    receiver the processes export their traces to, the query API that reads them, and the
+    collector that hands every span on to Zipkin's topic (Jaeger's own UI is not in the module)."""
 
     name = "jaeger"
 
@@ -1007,6 +1012,8 @@ class Jaeger(Service):
                 query_grpc=f"{c.host}:{c.jaeger_ui_port - 1}",
                 otlp_grpc=f"{c.host}:{c.otlp_grpc_port}",
                 otlp_http=f"{c.host}:{c.otlp_http_port}",
+                kafka=f"{c.host}:{c.kafka_port}",
+                topic=c.traces_topic,
             )
         )
 
@@ -1015,6 +1022,80 @@ class Jaeger(Service):
 
     def healthy(self) -> bool:
         return _http_ok(f"http://{self.cfg.host}:{self.cfg.jaeger_health_port}/status")
+
+
+class Zipkin(Service):
+    """Zipkin's server from Maven Central, traces in memory: the trace UI a person opens. It
+    collects the spans Jaeger hands on to a Kafka topic, so the processes export OTLP once."""
+
+    name = "zipkin"
+
+    @property
+    def port(self) -> int:
+        return self.cfg.zipkin_port
+
+    @property
+    def jar(self) -> Path:
+        v = self.cfg.zipkin_version
+        return self.cfg.cache_dir / f"zipkin-{v}" / f"zipkin-server-{v}-exec.jar"
+
+    def url(self) -> str:
+        return f"http://{self.cfg.host}:{self.port}/zipkin/"
+
+    def install(self) -> None:
+        if self.jar.exists():
+            return
+        if shutil.which("mvn") is None:
+            apt_install("maven")
+        log(f"downloading Zipkin {self.cfg.zipkin_version} from Maven Central")
+        tmp = self.jar.parent.with_name(self.jar.parent.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        run(
+            [
+                "mvn",
+                "-q",
+                "-B",
+                "dependency:copy",
+                f"-Dartifact=io.zipkin:zipkin-server:{self.cfg.zipkin_version}:jar:exec",
+                f"-DoutputDirectory={tmp}",
+            ],
+            cwd=str(self.cfg.cache_dir),
+        )
+        shutil.rmtree(self.jar.parent, ignore_errors=True)
+        tmp.rename(self.jar.parent)
+
+    def start(self) -> None:
+        c = self.cfg
+        env = {
+            **os.environ,
+            "STORAGE_TYPE": "mem",
+            "MEM_MAX_SPANS": "500000",
+            "KAFKA_BOOTSTRAP_SERVERS": f"{c.host}:{c.kafka_port}",
+            "KAFKA_TOPIC": c.traces_topic,
+            "KAFKA_GROUP_ID": "cqrs-traces-zipkin",
+            "COLLECTOR_SCRIBE_ENABLED": "false",
+        }
+        spawn(
+            [
+                "java",
+                f"-Xms{min(128, _mb(c.zipkin_heap))}m",
+                f"-Xmx{c.zipkin_heap}",
+                "-XX:+UseSerialGC",
+                "-XX:TieredStopAtLevel=1",
+                f"-Djava.io.tmpdir={self.home}",  # also the marker that the pid is ours
+                "-jar",
+                str(self.jar),
+                f"--armeria.ports[0].ip={c.host}",
+                f"--armeria.ports[0].port={self.port}",
+                "--armeria.ports[0].protocols=http",
+            ],
+            self.logfile,
+            self.pidfile,
+            env=env,
+        )
+
+    def healthy(self) -> bool:
+        return _http_ok(f"http://{self.cfg.host}:{self.port}/health")
 
 
 def _mb(size: str) -> int:
@@ -1140,6 +1221,7 @@ SERVICES: dict[str, type[Service]] = {
     "prometheus": Prometheus,
     "alertmanager": Alertmanager,
     "jaeger": Jaeger,
+    "zipkin": Zipkin,
 }
 
 
@@ -1218,6 +1300,7 @@ def cmd_down_apps(cfg: Config) -> int:
 def cmd_urls(cfg: Config) -> int:
     for svc in [*services(cfg, []), *apps(cfg)]:
         print(f"  {svc.name:<20} {svc.url()}")
+    print(f"  {'trace UI':<20} {Zipkin(cfg).url()}traces/<trace id>")
     print(f"  {'trace query API':<20} {Jaeger(cfg).url()}/api/traces/<trace id>")
     for app in apps(cfg):
         if app.spec.get("metrics"):

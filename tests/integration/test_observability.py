@@ -1,6 +1,7 @@
 """Observability on the real stack: every process's /metrics parses as Prometheus text and
 carries the product's metrics; counters move by what happened; one request's trace runs
-through the API, the processor and a projector, read back from the stack's Jaeger."""
+through the API, the processor and a projector, read back from the stack's Jaeger and from the
+Zipkin UI it hands them to."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 PROJECTORS_METRICS = free_port()  # where this module's projectors serve /metrics
 JAEGER_OTLP = "http://127.0.0.1:4318"  # infra/stack.py's Jaeger
 JAEGER_QUERY = "http://127.0.0.1:16686"
+ZIPKIN = "http://127.0.0.1:9411"  # the trace UI, fed by Jaeger through a Kafka topic
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +195,23 @@ async def test_one_requests_trace_has_spans_of_the_api_the_processor_and_a_proje
     assert "commands.transaction" in operations  # the processor's transaction
     assert (f"cqrs-{prefix}-api", "commands.transaction") in named
     assert (f"cqrs-{prefix}-projectors", "projection datasets applied") in named
+
+    # the same trace is in the UI a person opens (Zipkin, fed by Jaeger through Kafka)
+    async def in_the_ui() -> set[tuple[str, str]] | None:
+        async with httpx.AsyncClient(timeout=5) as c:
+            found = await c.get(f"{ZIPKIN}/api/v2/trace/{trace_id}")
+        if found.status_code != 200:
+            return None
+        seen = {(s["localEndpoint"]["serviceName"], s.get("name", "")) for s in found.json()}
+        return seen if (f"cqrs-{prefix}-projectors", "projection datasets applied") in seen else None
+
+    seen = await until(in_the_ui, 60, "the trace in Zipkin")
+    assert (f"cqrs-{prefix}-api", "post /api/v1/datasets") in seen  # Zipkin lower-cases names
+    assert (f"cqrs-{prefix}-api", "commands.transaction") in seen
+    async with httpx.AsyncClient(timeout=5) as c:
+        page = await c.get(f"{ZIPKIN}/zipkin/traces/{trace_id}")
+    assert page.status_code == 200
+    assert "<title>Zipkin</title>" in page.text
     # the API's access log line of that request carries its trace id, and no credential
     assert side.api is not None
     lines = [orjson.loads(line) for line in side.api.output().splitlines() if b'"api.access"' in line]
