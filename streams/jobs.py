@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 
 JOB_COMMANDS = UUID("5b0f3c1e-7a4d-4c62-9a0e-2f6d8b1c4e77")  # namespace of derived command ids
 RETRY_S = (0.2, 0.5, 1, 2, 5, 10)
+PROGRESS_S = 30.0  # how often a job logs what it has done (like the command processor)
 HANDLED_REFUSALS = frozenset({"invariant_violation", "already_exists", "not_found"})
 
 
@@ -228,11 +229,30 @@ class JobApp:
         )
         job.tables(self.app)
         job.timers(self.app)
+        self.app.timer(PROGRESS_S)(self._progress)
         self.app.agent(
             source,
             name=f"job-{job.name}",
             supervisor_strategy=mode.CrashingSupervisor if in_group else None,
         )(self._agent)
+
+    async def _progress(self) -> None:
+        """What the job has done so far and where it reads: a job that holds partitions
+        but handles nothing shows it here."""
+        consumer = self.app.consumer
+        sources = set(self.job.source_topics(self.topics))
+        reading = sorted(f"{tp.topic}:{tp.partition}" for tp in consumer.assignment() if tp.topic in sources)
+        log.info(
+            "progress",
+            extra={
+                "job": self.job.name,
+                "handled": self.handled,
+                "dead_lettered": self.dead,
+                "commands": self.commands,
+                "partitions": reading,
+                "halted": self.halted or "",
+            },
+        )
 
     async def _open(self) -> CommandBus:
         if self.bus is not None:

@@ -234,7 +234,10 @@ async def test_deadlines_fire_once_across_restarts_late_after_an_outage_and_neve
     assert await escalations(client, late["id"]) == []
     job = side.restart(job)
     await side.wait_until_job_runs(job)
-    late_fired = await until(lambda: escalations(client, late["id"]), 60, "the late escalation")
+    try:
+        late_fired = await until(lambda: escalations(client, late["id"]), 60, "the late escalation")
+    except AssertionError as exc:  # what the restarted job did: its partitions and progress
+        raise AssertionError(f"{exc}; the job's log:\n{job.output().decode()[-6000:]}") from None
     due = datetime.fromisoformat(late_fired[0]["payload"]["due_at"])
     assert datetime.fromisoformat(late_fired[0]["occurred_at"]) > due + timedelta(
         seconds=1
