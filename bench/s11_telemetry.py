@@ -5,10 +5,13 @@ stack's Jaeger; metrics are on in all three (they cannot be turned off). One run
 three variants one after the other, each with its own API process.
 
 `BENCH_S11_SECONDS` per variant and scenario (default 8); `BENCH_S11_CLIENTS` (16).
+`BENCH_PROFILE=1` adds one py-spy profiled level of cached reads per variant
+(`bench/results/s11-api-<variant>.speedscope.json`), its breakdown in the result.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import tempfile
@@ -16,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import s1_commands, s4_queries
-from bench.common import WriteSide, drop_prefix, isolated
-from bench.results import show, write
+from bench.common import WriteSide, drop_prefix, isolated, profile_summary, start_profiler, stop_profiler
+from bench.results import RESULTS, show, write
 from projections.db import schema_name
 from shared_kernel.settings import Settings
 from shared_kernel.topics import contract_topics, ensure_topics
@@ -34,6 +37,30 @@ VARIANTS: dict[str, dict[str, str]] = {
     },
     "all_sampled": {"OTEL_EXPORTER_OTLP_ENDPOINT": OTLP, "OTEL_TRACES_SAMPLER": "parentbased_always_on"},
 }
+
+
+PROFILE = os.environ.get("BENCH_PROFILE") == "1"
+# Where a cached read's time goes, telemetry's own packages apart.
+OWNERS = [("opentelemetry (API, SDK, instrumentations)", "/opentelemetry/", ""), *s4_queries.API_OWNERS]
+SPANS = [
+    ("tracing.server_span (all of it)", "/shared_kernel/tracing.py", "server_span"),
+    ("span start (Tracer.start_span)", "/opentelemetry/sdk/trace/", "Tracer.start_span"),
+    ("span end (Span.end, the span processors)", "/opentelemetry/sdk/trace/", "Span.end"),
+    ("context attach and detach", "/opentelemetry/context/", ""),
+    ("W3C traceparent extract", "/opentelemetry/trace/propagation/", ""),
+    ("BatchSpanProcessor (export thread included)", "/opentelemetry/sdk/trace/export/", ""),
+    *s4_queries.API_SPANS,
+]
+
+
+async def _profile(server: Any, ids: list[str], settings: Settings, variant: str) -> dict[str, Any]:
+    target = RESULTS.parent / f"s11-api-{variant}.speedscope.json"
+    spy = start_profiler(server.pid, target)
+    try:
+        level = await s4_queries.load(server, ids, CLIENTS, SECONDS, settings)
+    finally:
+        await asyncio.to_thread(stop_profiler, spy)
+    return {"rps_while_profiled": round(level.rps, 1), **profile_summary(target, OWNERS, SPANS)}
 
 
 def _clean(env: dict[str, str]) -> dict[str, str]:
@@ -81,6 +108,8 @@ async def _reads(base: Settings, workdir: Path) -> dict[str, Any]:
                 out[name] = {
                     k: figures[k] for k in ("rps", "p50_ms", "p99_ms", "failures", "server_cpu_s_per_1k")
                 }
+                if PROFILE:
+                    out[name]["profile"] = await _profile(server, ids, settings, name)
             finally:
                 server.stop()
     finally:
