@@ -1,8 +1,10 @@
 """S11, what observability costs: S1's commands and S4's cached reads at 16 clients with
 telemetry off (`OTEL_SDK_DISABLED=true`), with traces sampled at the stack's default
 ratio (parent-based, 10 %), and with every trace sampled, all exported by OTLP to the
-stack's Jaeger; metrics are on in all three (they cannot be turned off). One run, the
-three variants one after the other, each with its own API process.
+stack's Jaeger, and at the default ratio with the spans sent nowhere (the process's own
+cost); metrics are on in all (they cannot be turned off). One run, the variants one after
+the other, each with its own API process. Beside the API's CPU per 1k requests, the CPU
+the trace backend (Jaeger, Zipkin) and the broker spent meanwhile: they share the cores.
 
 `BENCH_S11_SECONDS` per variant and scenario (default 8); `BENCH_S11_CLIENTS` (16).
 `BENCH_PROFILE=1` adds one py-spy profiled level of cached reads per variant
@@ -19,7 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from bench import s1_commands, s4_queries
-from bench.common import WriteSide, drop_prefix, isolated, profile_summary, start_profiler, stop_profiler
+from bench.common import (
+    WriteSide,
+    cpu_seconds,
+    drop_prefix,
+    isolated,
+    process_tree,
+    profile_summary,
+    service_pids,
+    start_profiler,
+    stop_profiler,
+)
 from bench.results import RESULTS, show, write
 from projections.db import schema_name
 from shared_kernel.settings import Settings
@@ -36,7 +48,28 @@ VARIANTS: dict[str, dict[str, str]] = {
         "OTEL_TRACES_SAMPLER_ARG": "0.1",
     },
     "all_sampled": {"OTEL_EXPORTER_OTLP_ENDPOINT": OTLP, "OTEL_TRACES_SAMPLER": "parentbased_always_on"},
+    # the default ratio's spans recorded but sent nowhere: the API's own cost, apart from
+    # the trace backend's, which runs on the same two cores here
+    "default_ratio_unexported": {
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.1",
+    },
 }
+# The processes that take the exported spans (and the broker, which carries them on to
+# Zipkin): their CPU per 1k requests is reported beside the API's.
+BACKEND = ("jaeger", "zipkin", "kafka")
+
+
+class BackendCpu:
+    """CPU seconds the trace backend and the broker spent while a load ran."""
+
+    def __init__(self) -> None:
+        self.pids = [p for pid in service_pids(*BACKEND).values() for p in process_tree(pid)]
+        self.start = cpu_seconds(self.pids)
+
+    def per_1k(self, requests: float) -> float:
+        return round(1000 * (cpu_seconds(self.pids) - self.start) / requests, 3) if requests else 0.0
 
 
 PROFILE = os.environ.get("BENCH_PROFILE") == "1"
@@ -77,7 +110,10 @@ async def _commands(base: Settings, workdir: Path) -> dict[str, Any]:
         try:
             await side.start_serving()
             print(f"S11: commands, telemetry {name}, {CLIENTS} clients, {SECONDS:g} s", flush=True)
+            backend = BackendCpu()
             out[name] = (await s1_commands.run_ours(side.api_url, CLIENTS)).figures()
+            done = out[name]["commands_per_s"] * SECONDS
+            out[name]["backend_cpu_s_per_1k"] = backend.per_1k(done)
         finally:
             side.stop()
             await drop_prefix(side.settings, schema_name(side.settings))
@@ -103,11 +139,13 @@ async def _reads(base: Settings, workdir: Path) -> dict[str, Any]:
                 await server.wait_until("/ready")
                 await s4_queries.median_body(server.url, ids)  # warm: every read kept
                 print(f"S11: cached reads, telemetry {name}, {CLIENTS} clients, {SECONDS:g} s", flush=True)
+                backend = BackendCpu()
                 level = await s4_queries.load(server, ids, CLIENTS, SECONDS, settings)
                 figures = level.figures()
                 out[name] = {
                     k: figures[k] for k in ("rps", "p50_ms", "p99_ms", "failures", "server_cpu_s_per_1k")
                 }
+                out[name]["backend_cpu_s_per_1k"] = backend.per_1k(level.rps * SECONDS)
                 if PROFILE:
                     out[name]["profile"] = await _profile(server, ids, settings, name)
             finally:
@@ -141,7 +179,8 @@ async def run(base: Settings) -> dict[str, Any]:
         rows.append(
             (
                 f"commands, telemetry {v}",
-                f"{commands[v]['commands_per_s']:,.0f}/s, p99 {commands[v]['p99_ms']:.0f} ms",
+                f"{commands[v]['commands_per_s']:,.0f}/s, p99 {commands[v]['p99_ms']:.0f} ms; trace backend"
+                f" + broker CPU s per 1k {commands[v]['backend_cpu_s_per_1k']:.3f}",
                 f"{commands_vs_off[v]:.2f} of off",
             )
         )
@@ -149,7 +188,9 @@ async def run(base: Settings) -> dict[str, Any]:
         rows.append(
             (
                 f"cached reads, telemetry {v}",
-                f"{reads[v]['rps']:,.0f}/s, p99 {reads[v]['p99_ms']:.1f} ms",
+                f"{reads[v]['rps']:,.0f}/s, p99 {reads[v]['p99_ms']:.1f} ms; CPU s per 1k: API"
+                f" {reads[v]['server_cpu_s_per_1k']:.3f}, trace backend + broker"
+                f" {reads[v]['backend_cpu_s_per_1k']:.3f}",
                 f"{reads_vs_off[v]:.2f} of off",
             )
         )

@@ -99,6 +99,9 @@ class Config:
     zipkin_version: str = field(default_factory=lambda: _env("ZIPKIN_VERSION", "3.6.1"))
     zipkin_port: int = field(default_factory=lambda: int(_env("ZIPKIN_PORT", "9411")))
     zipkin_heap: str = field(default_factory=lambda: _env("ZIPKIN_HEAP", "384m"))
+    # Zipkin keeps its traces in its heap: at most this many spans (about 1.5 kB each; 500k,
+    # its default, ran 384 MB out of memory under S11's every-trace-sampled load)
+    zipkin_max_spans: int = field(default_factory=lambda: int(_env("ZIPKIN_MAX_SPANS", "100000")))
     traces_topic: str = field(default_factory=lambda: _env("TRACES_TOPIC", "cqrs-traces.zipkin"))
     trace_sample_ratio: str = field(default_factory=lambda: _env("TRACE_SAMPLE_RATIO", "0.1"))
     legacy_db: str = field(default_factory=lambda: _env("LEGACY_DB", "legacy"))
@@ -1069,7 +1072,7 @@ class Zipkin(Service):
         env = {
             **os.environ,
             "STORAGE_TYPE": "mem",
-            "MEM_MAX_SPANS": "500000",
+            "MEM_MAX_SPANS": str(c.zipkin_max_spans),
             "KAFKA_BOOTSTRAP_SERVERS": f"{c.host}:{c.kafka_port}",
             "KAFKA_TOPIC": c.traces_topic,
             "KAFKA_GROUP_ID": "cqrs-traces-zipkin",
@@ -1082,6 +1085,7 @@ class Zipkin(Service):
                 f"-Xmx{c.zipkin_heap}",
                 "-XX:+UseSerialGC",
                 "-XX:TieredStopAtLevel=1",
+                "-XX:+ExitOnOutOfMemoryError",  # dead and seen by `make status`, not half alive
                 f"-Djava.io.tmpdir={self.home}",  # also the marker that the pid is ours
                 "-jar",
                 str(self.jar),
