@@ -8,8 +8,9 @@ from __future__ import annotations
 from commands.context import BoundedContext
 from commands.datasets import CONTEXT as DATASETS
 from commands.incidents import CONTEXT as INCIDENTS
+from commands.webhooks import CONTEXT as WEBHOOKS
 
-CONTEXTS: tuple[BoundedContext, ...] = (DATASETS, INCIDENTS)
+CONTEXTS: tuple[BoundedContext, ...] = (DATASETS, INCIDENTS, WEBHOOKS)
 
 
 def context_named(name: str) -> BoundedContext:

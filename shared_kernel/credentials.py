@@ -38,14 +38,34 @@ def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 
 @cache
-def _local_secret(folder: Path) -> str:
-    path = folder / "cluster-secret"
+def local_secret(folder: Path, name: str) -> str:
+    """A random secret kept in `folder/name`, made by the first process that asks: the
+    file is written aside and linked into place only if none is there, so processes that
+    race to make it all read the one that won."""
+    path = folder / name
     if not path.exists():
-        write_private(path, secrets.token_urlsafe(32).encode())
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        aside = path.with_name(f".{name}.{uuid.uuid4().hex}")
+        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_urlsafe(32).encode())
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass  # another process made it first: theirs is the secret
+        finally:
+            os.unlink(aside)
     return path.read_text().strip()
 
 
 def cluster_secret(settings: Settings) -> str:
     if settings.cluster_secret:
         return settings.cluster_secret
-    return _local_secret(key_dir(settings))
+    return local_secret(key_dir(settings), "cluster-secret")
+
+
+def webhook_key(settings: Settings) -> str:
+    """The key every webhook's signing secret is derived from (`shared_kernel.webhooks`)."""
+    if settings.webhook_signing_key:
+        return settings.webhook_signing_key
+    return local_secret(key_dir(settings), "webhook-key")

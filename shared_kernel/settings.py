@@ -142,6 +142,36 @@ class Settings(BaseSettings):
     deadline_scan_s: float = Field(
         default=1.0, gt=0, le=60, description="how often due deadlines are looked for"
     )
+    # Webhooks (the webhooks context and its delivery job, streams.webhooks.delivery)
+    webhook_signing_key: str = Field(
+        default="",
+        description="what every webhook's signing secret is derived from (with its tenant, id and "
+        "generation); required in production; empty elsewhere: one made in the local key folder. "
+        "Changing it changes every secret",
+    )
+    webhook_allowed_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="networks (CIDR, comma-separated) a webhook may target although private, loopback "
+        "or link-local (refused otherwise); e.g. 127.0.0.0/8 for a receiver on this machine",
+    )
+    webhook_retry_s: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0],
+        description="the pause before each retry of a failed delivery (comma-separated seconds; "
+        "each with up to 20 % jitter); after the last the delivery is parked",
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=120, description="one delivery attempt at most")
+    webhook_per_target: int = Field(
+        default=4, ge=1, le=256, description="deliveries in flight to one target host at once"
+    )
+    webhook_in_flight: int = Field(
+        default=64, ge=1, le=4096, description="deliveries in flight at once in one delivery job"
+    )
+    webhook_response_bytes: int = Field(
+        default=4096, ge=0, le=1_048_576, description="how much of a target's answer is read and kept"
+    )
+    webhook_keep_days: int = Field(
+        default=30, ge=1, le=3650, description="how long delivered deliveries and their attempts are kept"
+    )
     # Observability (shared_kernel.metrics): Prometheus metrics of every process.
     metrics_port: int | None = Field(
         default=None,
@@ -330,6 +360,27 @@ class Settings(BaseSettings):
             return {k.strip(): int(v) for k, v in pairs}
         return value
 
+    @field_validator("webhook_allowed_networks", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> object:
+        import ipaddress
+
+        if isinstance(value, str):
+            value = [n.strip() for n in value.split(",") if n.strip()]
+        if isinstance(value, list):
+            for n in value:
+                ipaddress.ip_network(n, strict=False)  # a ValueError names the bad one
+        return value
+
+    @field_validator("webhook_retry_s", mode="before")
+    @classmethod
+    def _retries(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [float(v) for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and (not value or any(float(v) < 0 for v in value) or len(value) > 30):
+            raise ValueError("APP_WEBHOOK_RETRY_S is 1 to 30 pauses of 0 s or more")
+        return value
+
     @field_validator("projection_modules", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
@@ -378,6 +429,8 @@ class Settings(BaseSettings):
             problems.append("no JWKS: set APP_AUTH_JWKS_URL, APP_AUTH_JWKS_FILE or an https issuer")
         if len(self.cluster_secret) < 32:
             problems.append("APP_CLUSTER_SECRET unset or shorter than 32 characters")
+        if len(self.webhook_signing_key) < 32:
+            problems.append("APP_WEBHOOK_SIGNING_KEY unset or shorter than 32 characters")
         if self.replication_factor < 3:
             problems.append("APP_REPLICATION_FACTOR below 3")
         if problems:

@@ -89,6 +89,18 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "deadline": "assignment",
         "due_at": "2026-12-01T10:15:00+00:00",
     },
+    "webhooks.WebhookRegistered": {
+        "url": "https://hooks.example.com/in",
+        "contexts": ["incidents"],
+        "event_types": ["incidents.IncidentOpened"],
+        "description": "pager",
+    },
+    "webhooks.WebhookPaused": {"reason": "maintenance"},
+    "webhooks.WebhookResumed": {"from_status": "paused"},
+    "webhooks.WebhookSecretRotated": {"generation": 2, "previous_until": "2026-12-02T10:00:00+00:00"},
+    "webhooks.WebhookDeleted": {},
+    "webhooks.WebhookFailing": {"reason": "timed out", "since": "2026-12-01T10:00:00+00:00"},
+    "webhooks.WebhookDisabled": {"reason": "410 Gone"},
 }
 
 

@@ -113,7 +113,7 @@ def _copy(source: Path, target: Path) -> None:
     target.write_text(source.read_text())
 
 
-def test_production_refuses_the_local_issuer_and_a_missing_cluster_secret() -> None:
+def test_production_refuses_the_local_issuer_and_missing_cluster_and_webhook_secrets() -> None:
     safe: dict[str, Any] = {
         "environment": "production",
         "kafka_bootstrap": "kafka:9092",
@@ -125,6 +125,8 @@ def test_production_refuses_the_local_issuer_and_a_missing_cluster_secret() -> N
     with pytest.raises(ValidationError, match="APP_AUTH_ISSUER") as refused:
         Settings(**safe)
     assert "APP_CLUSTER_SECRET" in str(refused.value)
+    assert "APP_WEBHOOK_SIGNING_KEY" in str(refused.value)
+    safe["webhook_signing_key"] = "k" * 32
     with pytest.raises(ValidationError, match="no JWKS"):
         Settings(**safe, auth_issuer="acme-idp", cluster_secret="x" * 32)
     ok = Settings(**safe, auth_issuer="https://idp.example/realms/acme", cluster_secret="x" * 32)
