@@ -3,10 +3,10 @@ added (its package under `api/<context>/` holds its routes)."""
 
 from __future__ import annotations
 
-from api import datasets, incidents
+from api import datasets, incidents, webhooks
 from api.context import ApiContext
 
-CONTEXTS: tuple[ApiContext, ...] = (datasets.CONTEXT, incidents.CONTEXT)
+CONTEXTS: tuple[ApiContext, ...] = (datasets.CONTEXT, incidents.CONTEXT, webhooks.CONTEXT)
 
 
 def cached_routes() -> dict[str, tuple[str, str]]:

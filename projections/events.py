@@ -33,6 +33,7 @@ class StoredEvent:
     payload: dict[str, Any]
     meta: EventMetadata
     headers: Sequence[tuple[str, bytes]] = ()  # as the record carried them
+    timestamp_ms: int = 0  # the record's
 
     @property
     def name(self) -> str:
@@ -60,4 +61,30 @@ def decode(codec: AvroCodec, record: Record) -> StoredEvent:
         payload=payload,
         meta=meta,
         headers=record.headers,
+        timestamp_ms=record.timestamp_ms,
     )
+
+
+def event_document(
+    meta: EventMetadata, payload: dict[str, Any], topic: str, partition: int, offset: int, timestamp_ms: int
+) -> dict[str, Any]:
+    """An event as the subscriptions and the webhooks show it (without `type` and `id`,
+    which each of them sets): type, aggregate, context, metadata, payload, position."""
+    return {
+        "event_type": meta.event_type,
+        "aggregate_id": meta.aggregate_id,
+        "aggregate_version": meta.aggregate_version,
+        "context": meta.event_type.partition(".")[0],
+        "metadata": {
+            "event_id": meta.event_id,
+            "aggregate_type": meta.aggregate_type,
+            "occurred_at": meta.occurred_at,
+            "correlation_id": meta.correlation_id,
+            "causation_id": meta.causation_id,
+            "actor": meta.actor,
+            "tenant": meta.tenant,
+            "traceparent": meta.traceparent,
+        },
+        "payload": payload,
+        "record": {"topic": topic, "partition": partition, "offset": offset, "timestamp": timestamp_ms},
+    }

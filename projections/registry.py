@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import importlib
 
-from projections import datasets, incidents
+from projections import datasets, incidents, webhooks
 from projections.archive import EventsArchiveProjection
 from projections.context import ReadContext
 from projections.projection import Projection
 
-CONTEXTS: tuple[ReadContext, ...] = (datasets.CONTEXT, incidents.CONTEXT)
+CONTEXTS: tuple[ReadContext, ...] = (datasets.CONTEXT, incidents.CONTEXT, webhooks.CONTEXT)
 
 EventsArchiveProjection.contexts = tuple(c.name for c in CONTEXTS)  # it keeps every event
 

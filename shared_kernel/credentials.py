@@ -65,7 +65,7 @@ def cluster_secret(settings: Settings) -> str:
 
 
 def webhook_key(settings: Settings) -> str:
-    """The key every webhook's signing secret is derived from (`shared_kernel.webhooks`)."""
+    """The key every webhook's signing secret is derived from (`commands.webhooks.signing`)."""
     if settings.webhook_signing_key:
         return settings.webhook_signing_key
     return local_secret(key_dir(settings), "webhook-key")

@@ -15,6 +15,7 @@ from aiokafka.consumer import fetcher as _fetcher
 from aiokafka.producer import sender as _aiokafka_sender
 from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import Array, Int16, Int32, Schema, String
+from aiokafka.structs import TopicPartition
 
 from shared_kernel.settings import Settings
 
@@ -179,3 +180,33 @@ async def leave_group_static(consumer: AIOKafkaConsumer) -> None:
         return
     if response.error_code:
         log.warning("leaving the group was refused", extra={"error_code": response.error_code})
+
+
+async def after_last_records(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> list[int]:
+    """For each partition, the offset after its last committed record (0 if it has none):
+    read from a little before the end, further back while nothing committed is found.
+    (The last stable offset is past the transaction markers: a consumer that applied
+    every record has a position below it.) `consumer` has `tps` assigned."""
+    ends: dict[TopicPartition, int] = await consumer.end_offsets(tps)  # last stable offsets
+    found = {tp: 0 for tp in tps if ends[tp] == 0}
+    back = 8
+    while len(found) < len(tps):
+        todo = [tp for tp in tps if tp not in found]
+        for tp in todo:
+            consumer.seek(tp, max(0, ends[tp] - back))
+        last: dict[TopicPartition, int] = {}
+        reading = set(todo)
+        while reading:
+            batch = await consumer.getmany(*reading, timeout_ms=1000)
+            for tp, records in batch.items():
+                for r in records:
+                    if r.offset < ends[tp]:
+                        last[tp] = r.offset
+            reading = {tp for tp in reading if await consumer.position(tp) < ends[tp]}
+        for tp in todo:
+            if tp in last:
+                found[tp] = last[tp] + 1
+            elif ends[tp] <= back:
+                found[tp] = 0  # nothing committed at all (aborted transactions only)
+        back *= 8
+    return [found[tp] for tp in tps]

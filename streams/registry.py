@@ -7,7 +7,8 @@ from streams.datasets.quality_monitor import QualityMonitor
 from streams.incidents.deadlines import Deadlines
 from streams.incidents.quality_incidents import QualityIncidents
 from streams.jobs import Job
+from streams.webhooks.delivery import WebhookDelivery
 
 JOBS: dict[str, type[Job]] = {
-    job.name: job for job in (QualityMonitor, QualityIncidents, Deadlines, LegacyCatalog)
+    job.name: job for job in (QualityMonitor, QualityIncidents, Deadlines, LegacyCatalog, WebhookDelivery)
 }

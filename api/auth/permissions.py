@@ -20,6 +20,8 @@ INCIDENTS_VIEW: Final = "incidents:view"
 INCIDENTS_CREATE: Final = "incidents:create"
 INCIDENTS_UPDATE: Final = "incidents:update"
 INCIDENTS_ASSIGN: Final = "incidents:assign"
+WEBHOOKS_VIEW: Final = "webhooks:view"  # subscriptions and their delivery logs
+WEBHOOKS_MANAGE: Final = "webhooks:manage"  # register, pause, rotate, delete, redeliver
 SEARCH_READ: Final = "search:read"
 EVENTS_SUBSCRIBE: Final = "events:subscribe"
 COMMANDS_READ: Final = "commands:read"  # the status of one's own tenant's commands
@@ -30,7 +32,8 @@ ADMIN_AUDIT: Final = "admin:audit"
 
 VIEWER: Final = frozenset({DATASETS_READ, INCIDENTS_VIEW, SEARCH_READ, EVENTS_SUBSCRIBE, COMMANDS_READ})
 OPERATOR: Final = VIEWER | {DATASETS_WRITE, INCIDENTS_CREATE, INCIDENTS_UPDATE, INCIDENTS_ASSIGN}
-ADMIN: Final = OPERATOR | {ADMIN_KEYS, ADMIN_AUDIT}
+# webhooks push the tenant's events out of the system: only an admin says where
+ADMIN: Final = OPERATOR | {ADMIN_KEYS, ADMIN_AUDIT, WEBHOOKS_VIEW, WEBHOOKS_MANAGE}
 PLATFORM: Final = frozenset({ADMIN_PROJECTIONS, ADMIN_CDC})  # across tenants: shared read models, CDC
 
 # role -> its permissions: the one table

@@ -204,7 +204,7 @@ class LiveFeed:
             for sub in list(self._subscribers):  # their positions are over the old layout
                 sub.fail(Failure("unavailable", "the event log changed; reconnect from your last id"))
                 self.unsubscribe(sub)
-            frontier = await _after_last_records(consumer, tps)
+            frontier = await kafka.after_last_records(consumer, tps)
             self.layout, self.frontier = layout, frontier
         for tp, offset in zip(tps, self.frontier, strict=True):
             consumer.seek(tp, offset)
@@ -257,34 +257,6 @@ class LiveFeed:
                 extra={"filters": sub.spec.describe(), "sent": sub.sent, "buffer": sub.capacity},
             )
             self.unsubscribe(sub)
-
-
-async def _after_last_records(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> list[int]:
-    """For each partition, the offset after its last committed record (0 if it has none):
-    read from a little before the end, further back while nothing committed is found."""
-    ends: dict[TopicPartition, int] = await consumer.end_offsets(tps)  # last stable offsets
-    found = {tp: 0 for tp in tps if ends[tp] == 0}
-    back = 8
-    while len(found) < len(tps):
-        todo = [tp for tp in tps if tp not in found]
-        for tp in todo:
-            consumer.seek(tp, max(0, ends[tp] - back))
-        last: dict[TopicPartition, int] = {}
-        reading = set(todo)
-        while reading:
-            batch = await consumer.getmany(*reading, timeout_ms=POLL_MS)
-            for tp, records in batch.items():
-                for r in records:
-                    if r.offset < ends[tp]:
-                        last[tp] = r.offset
-            reading = {tp for tp in reading if await consumer.position(tp) < ends[tp]}
-        for tp in todo:
-            if tp in last:
-                found[tp] = last[tp] + 1
-            elif ends[tp] <= back:
-                found[tp] = 0  # nothing committed at all (aborted transactions only)
-        back *= 8
-    return [found[tp] for tp in tps]
 
 
 def _discard(index: dict[Any, set[Subscriber]], key: Any, sub: Subscriber) -> None:

@@ -32,6 +32,7 @@ import orjson
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord
 
+from projections.events import event_document
 from shared_kernel.avro import AvroCodec, SchemaError
 from shared_kernel.envelope import (
     H_AGGREGATE_ID,
@@ -160,29 +161,7 @@ class LogEvent:
                 )
                 self._rest = b""
                 return None
-            doc = {
-                "event_type": meta.event_type,
-                "aggregate_id": meta.aggregate_id,
-                "aggregate_version": meta.aggregate_version,
-                "context": meta.event_type.partition(".")[0],
-                "metadata": {
-                    "event_id": meta.event_id,
-                    "aggregate_type": meta.aggregate_type,
-                    "occurred_at": meta.occurred_at,
-                    "correlation_id": meta.correlation_id,
-                    "causation_id": meta.causation_id,
-                    "actor": meta.actor,
-                    "tenant": meta.tenant,
-                    "traceparent": meta.traceparent,
-                },
-                "payload": payload,
-                "record": {
-                    "topic": r.topic,
-                    "partition": r.partition,
-                    "offset": r.offset,
-                    "timestamp": r.timestamp,
-                },
-            }
+            doc = event_document(meta, payload, r.topic, r.partition, r.offset, r.timestamp)
             self._rest = orjson.dumps(doc, default=str)[1:]
         return self._rest or None
 

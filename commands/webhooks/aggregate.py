@@ -5,7 +5,8 @@ generation, and its life cycle.
     active -> disabled (410)   -> active (resume)       any -> deleted (accepts nothing)
 
 The signing secret itself is never in an event: it is derived from the server's key,
-the tenant, the subscription and the secret's generation (`shared_kernel.webhooks`), so
+the tenant, the subscription and the secret's generation (the version of the event that
+issued it: 1 at registration, a rotation's own version; `commands.webhooks.signing`), so
 the log holds nothing a reader could sign with, and a retried register or rotate answers
 the same secret. A rotation keeps the previous generation valid until `previous_until`.
 """
@@ -17,9 +18,9 @@ from uuid import UUID
 
 from eventsourcing.domain import event
 
+from commands.webhooks.signing import check_target_shape
 from shared_kernel.clock import now
 from shared_kernel.domain import AggregateRoot, InvalidCommand, InvariantViolation, required_text
-from shared_kernel.webhooks import check_target_shape
 
 STATUSES = ("active", "paused", "failing", "disabled", "deleted")
 MAX_FILTERS = 50
@@ -79,7 +80,12 @@ class WebhookSubscription(AggregateRoot):
         if not 0 <= overlap_s <= MAX_OVERLAP_S:
             raise InvalidCommand(f"overlap_s must be between 0 and {MAX_OVERLAP_S}", field="overlap_s")
         until = (at or now()) + timedelta(seconds=overlap_s)
-        self._secret_rotated(generation=self.secret_generation + 1, previous_until=until.isoformat())
+        # the generation is the version of this event: the rotate command's answer names it
+        self._secret_rotated(
+            generation=self.version + 1,
+            previous_generation=self.secret_generation,
+            previous_until=until.isoformat(),
+        )
 
     def delete(self) -> None:
         self._check_not_deleted()
@@ -126,7 +132,7 @@ class WebhookSubscription(AggregateRoot):
         self.status = "active"
 
     @event("WebhookSecretRotated")
-    def _secret_rotated(self, generation: int, previous_until: str) -> None:
+    def _secret_rotated(self, generation: int, previous_generation: int, previous_until: str) -> None:
         self.secret_generation = generation
         self.previous_until = previous_until
 

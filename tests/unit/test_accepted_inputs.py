@@ -57,6 +57,7 @@ from commands.datasets import commands as ds
 from commands.incidents import commands as inc
 from commands.snapshots import dump, load
 from commands.state_store import PartitionState
+from commands.webhooks import commands as wh
 from projections.append_only import AppendOnly
 from projections.datasets.windows import QualityWindowsProjection, count
 from projections.events import Record, StoredEvent, decode
@@ -127,8 +128,11 @@ def command_operations() -> list[Operation]:
         if not path.startswith("/api/v1/") or path.startswith("/api/v1/admin"):
             continue
         for method, op in methods.items():
-            if method not in COMMAND_METHODS or {"identity", "integrations"} & set(op.get("tags", ())):
-                continue  # (identity routes issue credentials; integrations send several commands each)
+            if method not in COMMAND_METHODS or {"identity", "integrations", "deliveries"} & set(
+                op.get("tags", ())
+            ):
+                continue  # (identity routes issue credentials; integrations send several commands each;
+                # a redelivery changes the delivery job's tables, no aggregate)
             content = op.get("requestBody", {}).get("content", {})
             body = content.get("application/json", {}).get("schema")
             params = tuple(p for p in op.get("parameters", ()) if p["in"] == "path")
@@ -224,6 +228,10 @@ def _incident(*statuses: str) -> tuple[Any, ...]:
     )
 
 
+def _webhook(*more: Any) -> tuple[Any, ...]:
+    return (wh.RegisterWebhook(BASE_ID, "https://hooks.example.com/in", ["incidents"]), *more)
+
+
 THROUGH = {  # the statuses an incident passes to reach each one
     "open": (),
     "in_progress": ("in_progress",),
@@ -246,6 +254,11 @@ def given_for(operation_id: str, payload: Mapping[str, Any], status: str) -> tup
         "changeIncidentStatus": _incident(*THROUGH[status]),
         "reopenIncident": _incident(*THROUGH["closed"]),
         "commentOnIncident": _incident(*THROUGH[status]),
+        "registerWebhook": (),
+        "pauseWebhook": _webhook(),
+        "resumeWebhook": _webhook(wh.PauseWebhook(BASE_ID)),
+        "rotateWebhookSecret": _webhook(),
+        "deleteWebhook": _webhook(),
     }
     assert operation_id in givens, f"{operation_id}: a new command route; say what exists before it here"
     return givens[operation_id]

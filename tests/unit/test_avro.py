@@ -97,7 +97,11 @@ SAMPLES: dict[str, dict[str, Any]] = {
     },
     "webhooks.WebhookPaused": {"reason": "maintenance"},
     "webhooks.WebhookResumed": {"from_status": "paused"},
-    "webhooks.WebhookSecretRotated": {"generation": 2, "previous_until": "2026-12-02T10:00:00+00:00"},
+    "webhooks.WebhookSecretRotated": {
+        "generation": 4,
+        "previous_generation": 1,
+        "previous_until": "2026-12-02T10:00:00+00:00",
+    },
     "webhooks.WebhookDeleted": {},
     "webhooks.WebhookFailing": {"reason": "timed out", "since": "2026-12-01T10:00:00+00:00"},
     "webhooks.WebhookDisabled": {"reason": "410 Gone"},

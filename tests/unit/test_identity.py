@@ -30,7 +30,13 @@ def test_the_roles_table_a_viewer_reads_an_operator_changes_an_admin_administers
     assert p.ROLES["viewer"] >= {p.DATASETS_READ, p.INCIDENTS_VIEW, p.SEARCH_READ, p.EVENTS_SUBSCRIBE}
     assert p.ROLES["operator"] == p.ROLES["viewer"] | WRITES
     # a tenant's admin administers its tenant; the shared projections are the platform's
-    assert p.ROLES["admin"] == p.ROLES["operator"] | {p.ADMIN_KEYS, p.ADMIN_AUDIT}
+    # and says where the tenant's events are pushed (webhooks)
+    assert p.ROLES["admin"] == p.ROLES["operator"] | {
+        p.ADMIN_KEYS,
+        p.ADMIN_AUDIT,
+        p.WEBHOOKS_VIEW,
+        p.WEBHOOKS_MANAGE,
+    }
     # the capture of another system's database serves every tenant too: the platform's
     assert p.ROLES["platform"] == {p.ADMIN_PROJECTIONS, p.ADMIN_CDC}
     assert p.permissions_of(["viewer", "made-up"]) == p.ROLES["viewer"]

@@ -11,7 +11,7 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from commands.webhooks import CONTEXT
 from commands.webhooks import commands as c
-from shared_kernel import webhooks as w
+from commands.webhooks import signing as w
 from shared_kernel.domain import InvalidCommand, InvariantViolation
 from tests.unit.scenario import T0, Scenario
 
@@ -88,10 +88,12 @@ def test_a_deleted_webhook_accepts_nothing() -> None:
 
 
 def test_rotation_counts_generations_and_keeps_the_previous_for_the_overlap() -> None:
-    s = registered()
+    s = registered().given(c.PauseWebhook(ID))
     events = s.when(c.RotateWebhookSecret(ID, overlap_s=3600))  # at the scenario's clock, T0
     until = (T0 + timedelta(hours=1)).isoformat()
-    assert events == [("WebhookSecretRotated", {"generation": 2, "previous_until": until})]
+    rotated = {"generation": 3, "previous_generation": 1, "previous_until": until}  # its own version
+    assert events == [("WebhookSecretRotated", rotated)]
+    assert s.when(c.RotateWebhookSecret(ID, overlap_s=0))[0][1]["previous_generation"] == 3
     with pytest.raises(InvalidCommand) as err:
         s.when(c.RotateWebhookSecret(ID, overlap_s=-1))
     assert err.value.details["field"] == "overlap_s"

@@ -26,10 +26,19 @@ from urllib.parse import urlsplit
 
 from standardwebhooks import Webhook
 
+from shared_kernel.credentials import key_dir, local_secret
 from shared_kernel.domain import InvalidCommand
+from shared_kernel.settings import Settings
 
 MAX_URL = 2048
 SECRET_PREFIX = "whsec_"
+
+
+def webhook_key(settings: Settings) -> str:
+    """The key every webhook's signing secret is derived from."""
+    if settings.webhook_signing_key:
+        return settings.webhook_signing_key
+    return local_secret(key_dir(settings), "webhook-key")
 
 
 def secret_of(key: str, tenant: str, webhook_id: str, generation: int) -> str:

@@ -1,0 +1,264 @@
+"""The webhooks' deliveries: what the delivery job owes each subscription, each attempt
+it made, and what an admin asks again. Not a projection (the attempts are not events):
+the delivery job's own tables, beside the read models in their schema, read by the
+webhooks routes.
+
+A delivery is one event for one subscription, keyed by its `webhook-id` (the same on
+every attempt and after any restart). It is `pending` (owed: due at `next_attempt_at`,
+or in flight until `lease_until`), `delivered`, or `parked` (its attempts ran out).
+Order per subscription and aggregate holds because only the head of each (subscription,
+aggregate) — its lowest version not yet delivered — is ever attempted: a later event
+waits behind an earlier pending or parked one, while other aggregates and other
+subscriptions flow. A lease taken in the database (`claim`) lets any number of
+delivery workers share the work, and hands an attempt cut short by a crash to the next
+claim once it lapses.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+DDL = """
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    id                text        PRIMARY KEY,
+    subscription_id   uuid        NOT NULL,
+    tenant            text        NOT NULL,
+    event_id          text        NOT NULL,
+    event_type        text        NOT NULL,
+    aggregate_id      text        NOT NULL,
+    aggregate_version int         NOT NULL,
+    position          text        NOT NULL,
+    body              text        NOT NULL,
+    status            text        NOT NULL DEFAULT 'pending',
+    attempts          int         NOT NULL DEFAULT 0,
+    next_attempt_at   timestamptz NOT NULL DEFAULT now(),
+    lease_until       timestamptz,
+    last_status       int,
+    last_error        text,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    first_attempt_at  timestamptz,
+    delivered_at      timestamptz,
+    parked_at         timestamptz
+);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_heads ON webhook_deliveries
+    (subscription_id, aggregate_id, aggregate_version) WHERE status <> 'delivered';
+CREATE INDEX IF NOT EXISTS webhook_deliveries_log ON webhook_deliveries (subscription_id, created_at, id);
+CREATE TABLE IF NOT EXISTS webhook_attempts (
+    delivery_id  text        NOT NULL,
+    n            int         NOT NULL,
+    at           timestamptz NOT NULL,
+    status_code  int,
+    latency_ms   double precision NOT NULL,
+    error        text,
+    response     text,
+    PRIMARY KEY (delivery_id, n)
+);
+"""
+
+_ensured: set[int] = set()
+
+
+async def ensure(pool: Any) -> None:
+    """Create the tables once per pool (idempotent; every process may call it)."""
+    if id(pool) in _ensured:
+        return
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock(hashtext('webhook_deliveries'))")
+        try:
+            await conn.execute(DDL)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(hashtext('webhook_deliveries'))")
+    _ensured.add(id(pool))
+
+
+async def owe(pool: Any, rows: list[tuple[Any, ...]]) -> None:
+    """Record deliveries owed (id, subscription, tenant, event id, type, aggregate,
+    version, position, body); one already there is left as it is."""
+    if rows:
+        await pool.executemany(
+            "INSERT INTO webhook_deliveries (id, subscription_id, tenant, event_id, event_type, "
+            "aggregate_id, aggregate_version, position, body) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+            "ON CONFLICT (id) DO NOTHING",
+            rows,
+        )
+
+
+CLAIM = """
+WITH heads AS (
+    SELECT DISTINCT ON (subscription_id, aggregate_id)
+           id, subscription_id, status, next_attempt_at, lease_until
+    FROM webhook_deliveries
+    WHERE status <> 'delivered'
+    ORDER BY subscription_id, aggregate_id, aggregate_version
+), busy AS (
+    SELECT subscription_id, count(*) AS n FROM webhook_deliveries
+    WHERE status = 'pending' AND lease_until > now() GROUP BY subscription_id
+), due AS (
+    SELECT h.id, h.subscription_id,
+           row_number() OVER (PARTITION BY h.subscription_id ORDER BY h.next_attempt_at) AS rn
+    FROM heads h JOIN webhook_subscriptions s ON s.id = h.subscription_id
+    WHERE h.status = 'pending' AND h.next_attempt_at <= now()
+      AND (h.lease_until IS NULL OR h.lease_until < now())
+      AND s.status IN ('active', 'failing')
+)
+UPDATE webhook_deliveries d
+SET lease_until = now() + make_interval(secs => $2), attempts = d.attempts + 1,
+    first_attempt_at = coalesce(d.first_attempt_at, now())
+FROM (
+    SELECT due.id FROM due LEFT JOIN busy ON busy.subscription_id = due.subscription_id
+    WHERE due.rn <= $1 - coalesce(busy.n, 0)
+    LIMIT $3
+) AS chosen, webhook_subscriptions s
+WHERE d.id = chosen.id AND s.id = d.subscription_id
+  AND d.status = 'pending' AND (d.lease_until IS NULL OR d.lease_until < now())
+RETURNING d.id, d.subscription_id, d.tenant, d.body, d.attempts, d.first_attempt_at, s.url,
+          s.secret_generation AS generation, s.previous_generation, s.previous_until,
+          s.status AS subscription_status
+"""
+
+
+async def claim(pool: Any, per_subscription: int, lease_s: float, limit: int) -> list[dict[str, Any]]:
+    """Take up to `limit` due deliveries (heads only, at most `per_subscription` in flight
+    per subscription) for `lease_s` seconds."""
+    if limit <= 0:
+        return []
+    return [dict(r) for r in await pool.fetch(CLAIM, per_subscription, lease_s, limit)]
+
+
+async def attempted(
+    pool: Any,
+    delivery_id: str,
+    n: int,
+    at: datetime,
+    status_code: int | None,
+    latency_ms: float,
+    error: str | None,
+    response: str | None,
+    outcome: str,
+    next_attempt_at: datetime | None = None,
+) -> None:
+    """Record attempt `n` and what follows from it: `delivered`, `retry` (due again at
+    `next_attempt_at`) or `parked`."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO webhook_attempts (delivery_id, n, at, status_code, latency_ms, error, response) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (delivery_id, n) DO NOTHING",
+            delivery_id,
+            n,
+            at,
+            status_code,
+            latency_ms,
+            error,
+            response,
+        )
+        if outcome == "delivered":
+            await conn.execute(
+                "UPDATE webhook_deliveries SET status = 'delivered', delivered_at = now(), "
+                "lease_until = NULL, last_status = $2, last_error = NULL WHERE id = $1",
+                delivery_id,
+                status_code,
+            )
+        elif outcome == "parked":
+            await conn.execute(
+                "UPDATE webhook_deliveries SET status = 'parked', parked_at = now(), lease_until = NULL, "
+                "last_status = $2, last_error = $3 WHERE id = $1",
+                delivery_id,
+                status_code,
+                error,
+            )
+        else:
+            await conn.execute(
+                "UPDATE webhook_deliveries SET next_attempt_at = $2, lease_until = NULL, last_status = $3, "
+                "last_error = $4 WHERE id = $1",
+                delivery_id,
+                next_attempt_at,
+                status_code,
+                error,
+            )
+
+
+async def redeliver(
+    pool: Any,
+    tenant: str,
+    subscription_id: Any,
+    delivery_id: str | None = None,
+    since: datetime | None = None,
+) -> int:
+    """Owe again: one delivery, or every parked one, or every one since an instant
+    (delivered ones too); their attempts start again from the first. Returns how many."""
+    where = ["tenant = $1", "subscription_id = $2"]
+    args: list[Any] = [tenant, subscription_id]
+    if delivery_id is not None:
+        args.append(delivery_id)
+        where.append(f"id = ${len(args)}")
+    elif since is not None:
+        args.append(since)
+        where.append(f"created_at >= ${len(args)}")
+    else:
+        where.append("status = 'parked'")
+    done = await pool.execute(
+        "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = now(), "
+        "lease_until = NULL, parked_at = NULL, delivered_at = NULL WHERE " + " AND ".join(where),
+        *args,
+    )
+    return int(done.split()[-1])
+
+
+async def log(
+    pool: Any, tenant: str, subscription_id: Any, status: str | None, limit: int, before: str | None
+) -> dict[str, Any]:
+    """The subscription's deliveries, newest first, each with its attempts, and the counts
+    per status."""
+    where = ["tenant = $1", "subscription_id = $2"]
+    args: list[Any] = [tenant, subscription_id]
+    if status:
+        args.append(status)
+        where.append(f"status = ${len(args)}")
+    if before:
+        args.append(before)
+        n = len(args)
+        where.append(f"(created_at, id) < (SELECT created_at, id FROM webhook_deliveries WHERE id = ${n})")
+    args.append(limit)
+    rows = await pool.fetch(
+        "SELECT id, event_id, event_type, aggregate_id, aggregate_version, position, status, attempts, "
+        "next_attempt_at, last_status, last_error, created_at, first_attempt_at, delivered_at, parked_at "
+        f"FROM webhook_deliveries WHERE {' AND '.join(where)} "
+        f"ORDER BY created_at DESC, id DESC LIMIT ${len(args)}",
+        *args,
+    )
+    ids = [r["id"] for r in rows]
+    attempts: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
+    for a in await pool.fetch(
+        "SELECT delivery_id, n, at, status_code, latency_ms, error FROM webhook_attempts "
+        "WHERE delivery_id = ANY($1) ORDER BY delivery_id, n",
+        ids,
+    ):
+        fields = ("n", "at", "status_code", "latency_ms", "error")
+        attempts[a["delivery_id"]].append({k: a[k] for k in fields})
+    counts = {
+        r["status"]: r["n"]
+        for r in await pool.fetch(
+            "SELECT status, count(*) AS n FROM webhook_deliveries WHERE tenant = $1 AND subscription_id = $2 "
+            "GROUP BY status",
+            tenant,
+            subscription_id,
+        )
+    }
+    items = [{**dict(r), "attempt_log": attempts[r["id"]]} for r in rows]
+    return {
+        "items": items,
+        "counts": {s: counts.get(s, 0) for s in ("pending", "delivered", "parked")},
+        "next": items[-1]["id"] if len(items) == limit else None,
+    }
+
+
+async def purge(pool: Any, keep_days: int) -> int:
+    """Forget delivered deliveries (and their attempts) older than `keep_days`."""
+    done = await pool.execute(
+        "WITH old AS (DELETE FROM webhook_deliveries WHERE status = 'delivered' "
+        "AND delivered_at < now() - make_interval(days => $1) RETURNING id) "
+        "DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM old)",
+        keep_days,
+    )
+    return int(done.split()[-1])
