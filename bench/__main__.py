@@ -19,6 +19,7 @@ from bench import (
     s6_rebuild,
     s7_footprint,
     s8_cdc,
+    s9_webhooks,
     s10_jobs,
     s11_telemetry,
 )
@@ -34,6 +35,7 @@ SCENARIOS: dict[str, Callable[[Settings], Coroutine[Any, Any, dict[str, Any]]]] 
     "S6": s6_rebuild.run,
     "S7": s7_footprint.run,
     "S8": s8_cdc.run,
+    "S9": s9_webhooks.run,
     "S10": s10_jobs.run,
     "S11": s11_telemetry.run,
 }

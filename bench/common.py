@@ -505,3 +505,18 @@ def profile_notes(profile: dict[str, Any], of: str = "") -> list[str]:
         f"py-spy{of}, {profile['samples']} samples, share by owner (innermost matching frame): {owned}",
         f"inclusive time of some calls{of}: {spans}",
     ]
+
+
+async def produce_events(settings: Settings, context: str, records: list[Any]) -> int:
+    """Event records (made by the real aggregates, `commands.serialization.to_record`)
+    straight onto the context's events topic, as fast as the producer batches them."""
+    producer = kafka.producer(settings, linger_ms=20, max_batch_size=1 << 20)
+    await producer.start()
+    topic = Topics(settings.topic_prefix).events(context)
+    try:
+        futures = [await producer.send(topic, r.value, key=r.key, headers=list(r.headers)) for r in records]
+        for f in futures:
+            await f
+    finally:
+        await producer.stop()
+    return len(records)

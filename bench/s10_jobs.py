@@ -33,7 +33,7 @@ from typing import Any
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from bench.common import WriteSide, drop_prefix, end_offsets
+from bench.common import WriteSide, drop_prefix, end_offsets, produce_events
 from bench.results import show, write
 from commands.datasets import CONTEXT as DATASETS
 from commands.datasets.aggregate import Dataset
@@ -76,19 +76,6 @@ def _records(kind: str, n: int, per: int) -> list[Any]:
         envelope = CommandEnvelope(str(uuid.uuid4()), "bench", str(ds.id), {}, actor="bench", tenant="bench")
         out += [to_record(DATASETS, codec, e, envelope) for e in events]
     return out
-
-
-async def _produce(settings: Settings, records: list[Any]) -> int:
-    producer = kafka.producer(settings, linger_ms=20, max_batch_size=1 << 20)
-    await producer.start()
-    topic = Topics(settings.topic_prefix).events("datasets")
-    try:
-        futures = [await producer.send(topic, r.value, key=r.key, headers=list(r.headers)) for r in records]
-        for f in futures:
-            await f
-    finally:
-        await producer.stop()
-    return len(records)
 
 
 async def _committed(settings: Settings, group: str) -> int:
@@ -164,12 +151,14 @@ async def run(base: Settings) -> dict[str, Any]:
     settings = side.settings
     try:
         await ensure_topics(settings, contract_topics(settings, ["datasets", "incidents"]))
-        produced = await _produce(settings, _records("checks", EVENTS, max(1, EVENTS // DATASETS_N)))
+        produced = await produce_events(
+            settings, "datasets", _records("checks", EVENTS, max(1, EVENTS // DATASETS_N))
+        )
         print(f"  {produced:,} quality checks produced", flush=True)
         limit = await _limit(settings, produced)
         ours = await _run_job(side, "quality-monitor", produced)
         await side.start_serving()
-        degradations = await _produce(settings, _records("degraded", DEGRADATIONS, 1))
+        degradations = await produce_events(settings, "datasets", _records("degraded", DEGRADATIONS, 1))
         manager = await _run_job(side, "quality-incidents", produced + degradations)
         manager["events"] = degradations
         manager["per_s"] = round(degradations / manager["seconds"], 1)

@@ -16,6 +16,7 @@ claim once it lapses.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -126,56 +127,62 @@ async def claim(pool: Any, per_subscription: int, lease_s: float, limit: int) ->
     return [dict(r) for r in await pool.fetch(CLAIM, per_subscription, lease_s, limit)]
 
 
-async def attempted(
-    pool: Any,
-    delivery_id: str,
-    n: int,
-    at: datetime,
-    status_code: int | None,
-    latency_ms: float,
-    error: str | None,
-    response: str | None,
-    outcome: str,
-    next_attempt_at: datetime | None = None,
-) -> None:
-    """Record attempt `n` and what follows from it: `delivered`, `retry` (due again at
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt and what follows from it: `delivered`, `retry` (due again at
     `next_attempt_at`) or `parked`."""
+
+    delivery_id: str
+    n: int
+    at: datetime
+    status_code: int | None
+    latency_ms: float
+    error: str | None
+    response: str | None
+    outcome: str
+    next_attempt_at: datetime | None = None
+
+
+async def attempted(pool: Any, attempts: list[Attempt]) -> None:
+    """Record attempts and their outcomes, all in one transaction (the delivery job
+    writes those that ended while the previous write ran together)."""
+    if not attempts:
+        return
+
+    def column(name: str) -> list[Any]:
+        return [getattr(a, name) for a in attempts]
+
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
             "INSERT INTO webhook_attempts (delivery_id, n, at, status_code, latency_ms, error, response) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (delivery_id, n) DO NOTHING",
-            delivery_id,
-            n,
-            at,
-            status_code,
-            latency_ms,
-            error,
-            response,
+            "SELECT * FROM unnest($1::text[], $2::int[], $3::timestamptz[], $4::int[], $5::float8[], "
+            "$6::text[], $7::text[]) ON CONFLICT (delivery_id, n) DO NOTHING",
+            column("delivery_id"),
+            column("n"),
+            column("at"),
+            column("status_code"),
+            column("latency_ms"),
+            column("error"),
+            column("response"),
         )
-        if outcome == "delivered":
-            await conn.execute(
-                "UPDATE webhook_deliveries SET status = 'delivered', delivered_at = now(), "
-                "lease_until = NULL, last_status = $2, last_error = NULL WHERE id = $1",
-                delivery_id,
-                status_code,
-            )
-        elif outcome == "parked":
-            await conn.execute(
-                "UPDATE webhook_deliveries SET status = 'parked', parked_at = now(), lease_until = NULL, "
-                "last_status = $2, last_error = $3 WHERE id = $1",
-                delivery_id,
-                status_code,
-                error,
-            )
-        else:
-            await conn.execute(
-                "UPDATE webhook_deliveries SET next_attempt_at = $2, lease_until = NULL, last_status = $3, "
-                "last_error = $4 WHERE id = $1",
-                delivery_id,
-                next_attempt_at,
-                status_code,
-                error,
-            )
+        await conn.execute(
+            """
+            UPDATE webhook_deliveries d SET
+                status = CASE WHEN o.outcome IN ('delivered', 'parked') THEN o.outcome ELSE d.status END,
+                delivered_at = CASE WHEN o.outcome = 'delivered' THEN now() ELSE d.delivered_at END,
+                parked_at = CASE WHEN o.outcome = 'parked' THEN now() ELSE d.parked_at END,
+                next_attempt_at = CASE WHEN o.outcome = 'retry' THEN o.next_at ELSE d.next_attempt_at END,
+                lease_until = NULL, last_status = o.status_code, last_error = o.error
+            FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::int[], $5::text[])
+                AS o(id, outcome, next_at, status_code, error)
+            WHERE d.id = o.id
+            """,
+            column("delivery_id"),
+            column("outcome"),
+            column("next_attempt_at"),
+            column("status_code"),
+            column("error"),
+        )
 
 
 async def redeliver(

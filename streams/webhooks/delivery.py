@@ -88,7 +88,13 @@ class WebhookDelivery(Job):
         self.read_wall = datetime.fromtimestamp(0, UTC)
         self.in_flight: set[asyncio.Task[None]] = set()
         self.reading = asyncio.Lock()
+        self.pumping = False
+        self.again = False
+        self.outcomes: list[tuple[deliveries.Attempt, asyncio.Future[None]]] = []
+        self.writing = False
+        self.pumps: set[asyncio.Future[None]] = set()
         self.ends: Any = None  # a consumer that reads the webhooks topic's end offsets
+        self.stable: dict[Any, int] = {}  # its last stable offsets the read model had reached
         self.delivered = 0
         self.last_purge = 0.0
 
@@ -115,10 +121,15 @@ class WebhookDelivery(Job):
             try:
                 tps = [TopicPartition(topic, p) for p in range(self.settings.partitions)]
                 consumer = await self._end_reader(tps)
-                ends = await kafka.after_last_records(consumer, tps)
-                after = {tp.partition: end for tp, end in zip(tps, ends, strict=True) if end}
-                token = PositionToken({topic: after})
-                await wait_for(pool, self.settings, token, ("webhook_subscriptions",))
+                stable = await consumer.end_offsets(tps)  # one request; moves on a registration
+                if stable != self.stable:
+                    # where the last records end (the stable offsets are past the markers)
+                    ends = await kafka.after_last_records(consumer, tps)
+                    after = {tp.partition: end for tp, end in zip(tps, ends, strict=True) if end}
+                    await wait_for(
+                        pool, self.settings, PositionToken({topic: after}), ("webhook_subscriptions",)
+                    )
+                    self.stable = stable
                 rows = await pool.fetch(
                     "SELECT id, tenant, contexts, event_types, created_at FROM webhook_subscriptions "
                     "WHERE status IN ('active', 'failing')"
@@ -197,7 +208,23 @@ class WebhookDelivery(Job):
     # ---- paying it --------------------------------------------------------------
 
     async def pump(self) -> None:
-        """Start the attempts that are due, as far as there is room."""
+        """Start the attempts that are due, as far as there is room; again at once while
+        it finds some, and when an attempt ends (its slot is free): so a pump runs on every
+        tick of `PUMP_S` and after every attempt, one at a time."""
+        if self.pumping:
+            self.again = True
+            return
+        self.pumping = True
+        try:
+            while True:
+                self.again = False
+                started = await self._start_due()
+                if not started and not self.again:
+                    break
+        finally:
+            self.pumping = False
+
+    async def _start_due(self) -> int:
         try:
             pool = await self._pool()
             room = self.settings.webhook_in_flight - len(self.in_flight)
@@ -206,17 +233,48 @@ class WebhookDelivery(Job):
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             if not isinstance(exc, asyncpg.UndefinedTableError):
                 log.warning("webhook deliveries cannot be claimed", extra={"error": repr(exc)})
-            return
+            return 0
         for delivery in claimed:
             task = asyncio.create_task(self._attempt(delivery))
             self.in_flight.add(task)
-            task.add_done_callback(self.in_flight.discard)
+            task.add_done_callback(self._attempt_ended)
         if time.monotonic() - self.last_purge > PURGE_S:
             self.last_purge = time.monotonic()
             try:
                 await deliveries.purge(pool, self.settings.webhook_keep_days)
             except (OSError, asyncpg.PostgresError) as exc:
                 log.warning("old webhook deliveries not purged", extra={"error": repr(exc)})
+        return len(claimed)
+
+    async def _record(self, attempt: deliveries.Attempt) -> None:
+        """Write the attempt with those that end meanwhile (one transaction for all);
+        return once it is written."""
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.outcomes.append((attempt, written))
+        if not self.writing:
+            self.writing = True
+            try:
+                while self.outcomes:
+                    batch, self.outcomes = self.outcomes, []
+                    try:
+                        await deliveries.attempted(await self._pool(), [a for a, _ in batch])
+                    except BaseException as exc:
+                        for _, f in batch:
+                            if not f.done():
+                                f.set_exception(exc)
+                        raise
+                    for _, f in batch:
+                        f.set_result(None)
+            finally:
+                self.writing = False
+        await written
+
+    def _attempt_ended(self, task: asyncio.Task[None]) -> None:
+        self.in_flight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a webhook attempt failed", extra={"error": repr(task.exception())})
+        self.pumps.add(pump := asyncio.ensure_future(self.pump()))
+        pump.add_done_callback(self.pumps.discard)
 
     def _client(self) -> aiohttp.ClientSession:
         if self.http is None or self.http.closed:
@@ -271,15 +329,18 @@ class WebhookDelivery(Job):
         latency_ms = round(1000 * (time.perf_counter() - t0), 1)
         ATTEMPTS.labels(outcome).inc()
         ATTEMPT_DURATION.labels(outcome).observe(latency_ms / 1000)
-        pool = await self._pool()
         n, ident = d["attempts"], d["id"]
         if outcome == "delivered":
-            await deliveries.attempted(pool, ident, n, started, status, latency_ms, None, answer, "delivered")
+            await self._record(
+                deliveries.Attempt(ident, n, started, status, latency_ms, None, answer, "delivered")
+            )
             self.delivered += 1
             return
         retries = settings.webhook_retry_s
         if outcome in ("retry", "refused") and n > len(retries):
-            await deliveries.attempted(pool, d["id"], n, started, status, latency_ms, error, answer, "parked")
+            await self._record(
+                deliveries.Attempt(ident, n, started, status, latency_ms, error, answer, "parked")
+            )
             log.warning(
                 "webhook delivery parked after its last attempt",
                 extra={"delivery": d["id"], "subscription": str(d["subscription_id"]), "error": error},
@@ -291,7 +352,9 @@ class WebhookDelivery(Job):
             return
         pause = retries[min(n - 1, len(retries) - 1)] * (1 + 0.2 * random.random())
         due = datetime.now(UTC) + timedelta(seconds=pause)
-        await deliveries.attempted(pool, d["id"], n, started, status, latency_ms, error, answer, "retry", due)
+        await self._record(
+            deliveries.Attempt(ident, n, started, status, latency_ms, error, answer, "retry", due)
+        )
         if outcome == "gone":
             gone = f"the target answered 410 Gone ({d['url']})"
             disable = c.DisableWebhook(UUID(str(d["subscription_id"])), gone)
