@@ -120,11 +120,10 @@ class WebhookDelivery(Job):
             wall = datetime.now(UTC)
             try:
                 tps = [TopicPartition(topic, p) for p in range(self.settings.partitions)]
-                consumer = await self._end_reader(tps)
-                stable = await consumer.end_offsets(tps)  # one request; moves on a registration
+                stable = await (await self._offsets()).end_offsets(tps)  # moves on a registration
                 if stable != self.stable:
                     # where the last records end (the stable offsets are past the markers)
-                    ends = await kafka.after_last_records(consumer, tps)
+                    ends = await self._after_last_records(tps)
                     after = {tp.partition: end for tp, end in zip(tps, ends, strict=True) if end}
                     await wait_for(
                         pool, self.settings, PositionToken({topic: after}), ("webhook_subscriptions",)
@@ -147,13 +146,24 @@ class WebhookDelivery(Job):
         self.subscriptions = [dict(r) for r in rows]
         self.read_at, self.read_wall = time.monotonic(), wall
 
-    async def _end_reader(self, tps: list[TopicPartition]) -> Any:
+    async def _offsets(self) -> Any:
+        """A consumer that asks for offsets only: with no partition assigned it has no
+        fetch in flight (a broker answers a connection's requests in order, so a long-poll
+        fetch would hold the answer back up to its wait: 1 s per read, measured)."""
         if self.ends is None:
             consumer = kafka.consumer(self.settings)
             await consumer.start()
-            consumer.assign(tps)
             self.ends = consumer
         return self.ends
+
+    async def _after_last_records(self, tps: list[TopicPartition]) -> list[int]:
+        consumer = kafka.consumer(self.settings)
+        await consumer.start()
+        try:
+            consumer.assign(tps)
+            return await kafka.after_last_records(consumer, tps)
+        finally:
+            await consumer.stop()
 
     def _stale_for(self, event: StoredEvent) -> bool:
         return event.meta.occurred_at >= self.read_wall or time.monotonic() - self.read_at > SUBSCRIPTIONS_S
