@@ -33,6 +33,7 @@ from bench.common import (
     stop_profiler,
 )
 from bench.results import RESULTS, show, write
+from commands import CONTEXTS
 from projections.db import schema_name
 from shared_kernel.settings import Settings
 from shared_kernel.topics import contract_topics, ensure_topics
@@ -126,7 +127,7 @@ async def _reads(base: Settings, workdir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         ids = await s4_queries.seed(settings, 500)
-        await ensure_topics(settings, contract_topics(settings, ["datasets", "incidents"]))
+        await ensure_topics(settings, contract_topics(settings, [c.name for c in CONTEXTS]))
         cqrs = str(Path(sys.executable).parent / "cqrs")
         for name, extra in VARIANTS.items():
             server = s4_queries._spawn(

@@ -70,6 +70,7 @@ from bench.common import (
 )
 from bench.generator import produce_dataset_events
 from bench.results import RESULTS, show, write
+from commands import CONTEXTS
 from projections.archive import EventsArchiveProjection
 from projections.db import schema_name
 from projections.events import Record, decode
@@ -374,7 +375,7 @@ async def run(base: Settings) -> dict[str, Any]:
     faust: dict[str, dict[str, Any]] = {}
     profiles: dict[str, Any] = {}
     try:
-        await ensure_topics(settings, contract_topics(settings, ["datasets", "incidents"], []))
+        await ensure_topics(settings, contract_topics(settings, [c.name for c in CONTEXTS], []))
         await migrate(settings)
         print(f"S2: producing {EVENTS:,} dataset events to {prefix}.events.datasets", flush=True)
         produced = await produce_dataset_events(settings, EVENTS, EVENTS_PER_DATASET)

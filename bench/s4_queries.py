@@ -70,6 +70,7 @@ from bench.common import (
 )
 from bench.generator import dataset_events
 from bench.results import RESULTS, show, summary_ms, write
+from commands import CONTEXTS
 from projections.changes import channel, notify_applied
 from projections.datasets.rows import DatasetsProjection
 from projections.db import create_pool, schema_name
@@ -481,7 +482,7 @@ async def run(base: Settings) -> dict[str, Any]:
         # the prefix's topics exist, as in a deployment: the API's live feed is assigned
         # to them (while they are missing it asks Kafka for the whole cluster's metadata
         # every second, which is not what a deployment's API does)
-        await ensure_topics(settings, contract_topics(settings, ["datasets", "incidents"]))
+        await ensure_topics(settings, contract_topics(settings, [c.name for c in CONTEXTS]))
         cqrs = str(Path(sys.executable).parent / "cqrs")
         ours = _spawn("api", [cqrs, "serve", "api"], env, workdir)
         servers.append(ours)

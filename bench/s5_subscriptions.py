@@ -71,6 +71,7 @@ from aiokafka.admin import NewTopic
 from bench.common import WriteSide, api_client, cpu_seconds, free_port
 from bench.generator import dataset_events
 from bench.results import show, summary_ms, write
+from commands import CONTEXTS
 from projections.db import schema_name
 from projections.search import alias_name, search_client
 from shared_kernel import kafka
@@ -579,7 +580,7 @@ async def run(base: Settings) -> dict[str, Any]:
     e2e_topic = f"{settings.topic_prefix}.kafka-e2e"
     try:
         await ensure_topics(
-            settings, [*contract_topics(settings, ["datasets", "incidents"]), NewTopic(e2e_topic, 1, 1)]
+            settings, [*contract_topics(settings, [c.name for c in CONTEXTS]), NewTopic(e2e_topic, 1, 1)]
         )
         await side.start_serving()
         assert side.api is not None

@@ -72,6 +72,7 @@ from bench.common import (
 )
 from bench.generator import produce_dataset_events
 from bench.results import show, write
+from commands import CONTEXTS
 from commands.datasets import CONTEXT as DATASETS
 from commands.serialization import to_domain_event
 from projections.archive import EventsArchiveProjection
@@ -564,7 +565,7 @@ async def run(base: Settings) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-s6-"))
     ours: dict[str, dict[str, Any]] = {}
     try:
-        await ensure_topics(settings, contract_topics(settings, ["datasets", "incidents"], []))
+        await ensure_topics(settings, contract_topics(settings, [c.name for c in CONTEXTS], []))
         await migrate(settings)
         print(f"S6: producing {EVENTS:,} dataset events to {prefix}.events.datasets", flush=True)
         t0 = time.monotonic()

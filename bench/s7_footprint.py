@@ -50,6 +50,7 @@ from bench.common import (
     steal_pct,
 )
 from bench.results import show, summary_ms, write
+from commands import CONTEXTS
 from projections.db import schema_name
 from projections.registry import PROJECTIONS
 from shared_kernel.settings import Settings
@@ -155,7 +156,7 @@ async def _layout(base: Settings, name: str, projectors: list[list[str]], workdi
     settings = side.settings
     groups = [f"{settings.topic_prefix}.projection.{p}.v1" for p in PROJECTIONS]
     try:
-        await ensure_topics(settings, contract_topics(settings, ["datasets", "incidents"]))
+        await ensure_topics(settings, contract_topics(settings, [c.name for c in CONTEXTS]))
         await side.start_serving()
         for i, args in enumerate(projectors):
             side.projectors.append(side._spawn(f"projector-{i}", *args))

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from commands import CONTEXTS
 from commands.replies import result_key
 from shared_kernel.avro import AvroCodec
 from shared_kernel.settings import Settings
@@ -359,7 +360,7 @@ async def test_a_command_whose_partition_has_no_owner_is_a_503_with_retry_after_
 ) -> None:
     ws = WriteSide.create(settings, tmp_path, command_timeout_s=1.0)
     # the topics exist, as in a deployment (`cqrs topics create`), but no process owns a partition
-    await ensure_topics(ws.settings, contract_topics(ws.settings, ["datasets", "incidents"]))
+    await ensure_topics(ws.settings, contract_topics(ws.settings, [c.name for c in CONTEXTS]))
     await ws.start_api(env={**ws.env, "APP_API_OWNS_PARTITIONS": "false"})
     try:
         async with api_client(base_url=ws.api_url, timeout=30) as client:
