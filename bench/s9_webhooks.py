@@ -42,7 +42,7 @@ from bench.common import (
     start_profiler,
     stop_profiler,
 )
-from bench.results import RESULTS, show, write
+from bench.results import RESULTS, percentile, show, write
 from commands.incidents import CONTEXT as INCIDENTS
 from commands.incidents.aggregate import Incident
 from commands.serialization import to_record
@@ -155,11 +155,6 @@ async def _limit(receiver: Receiver, bodies: list[tuple[str, str, str]], secrets
         return len(bodies) / (time.monotonic() - started)
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
-
-
 async def run(base: Settings) -> dict[str, Any]:
     from datetime import datetime
 
@@ -220,8 +215,8 @@ async def run(base: Settings) -> dict[str, Any]:
         ratio = ours / limit if limit else 0.0
         latency = {
             "events": LATENCY_EVENTS,
-            "p50": round(_quantile(latencies, 0.5), 1),
-            "p99": round(_quantile(latencies, 0.99), 1),
+            "p50": round(percentile(latencies, 50), 1),
+            "p99": round(percentile(latencies, 99), 1),
         }
         result: dict[str, Any] = {
             "events": EVENTS,

@@ -54,6 +54,7 @@ from projections.events import StoredEvent, event_document
 from projections.webhooks import deliveries
 from shared_kernel import kafka
 from shared_kernel.position import PositionToken
+from shared_kernel.topics import Topics
 from streams.jobs import RETRY_S, Job, derived_id
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class WebhookDelivery(Job):
         event committed so far (the topic's end offsets), so none registered before an
         event that is handled after this read is missing."""
         pool = await self._pool()
-        topic = self.runner.topics.events("webhooks") if self.runner else ""
+        topic = Topics(self.settings.topic_prefix).events("webhooks")
         for attempt in itertools.count():
             wall = datetime.now(UTC)
             try:
@@ -268,13 +269,14 @@ class WebhookDelivery(Job):
                     batch, self.outcomes = self.outcomes, []
                     try:
                         await deliveries.attempted(await self._pool(), [a for a, _ in batch])
-                    except BaseException as exc:
-                        for _, f in batch:
-                            if not f.done():
-                                f.set_exception(exc)
-                        raise
+                        failed: BaseException | None = None
+                    except Exception as exc:  # every waiter gets it (its own await raises it)
+                        failed = exc
                     for _, f in batch:
-                        f.set_result(None)
+                        if failed is None:
+                            f.set_result(None)
+                        else:
+                            f.set_exception(failed)
             finally:
                 self.writing = False
         await written

@@ -238,14 +238,12 @@ async def test_a_dead_receiver_is_parked_while_another_keeps_receiving_then_rede
     assert [g["body"]["aggregate_version"] for g in alive_got] == [1, 2, 3]
     hung = of(receiver.targets["dead"], incident)
     assert {g["body"]["aggregate_version"] for g in hung} == {1}  # never the later ones before it
-    state = await client.get(f"/api/v1/webhooks/{dead}")
 
     async def failing() -> bool:
         r = await client.get(f"/api/v1/webhooks/{dead}")
         return bool(r.json()["status"] == "failing")
 
     await until(failing, 30, "the subscription marked failing")
-    assert state.status_code == 200
 
     # the receiver is mended; the parked delivery is asked again and the rest follows in order
     receiver.targets["dead"].answering.set()
