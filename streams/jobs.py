@@ -154,6 +154,10 @@ class Job:
     async def handle(self, event: Any) -> None:
         raise NotImplementedError
 
+    def progress(self) -> dict[str, Any]:
+        """What the job adds to its periodic `progress` log line (its timers, say)."""
+        return {}
+
     async def send(
         self,
         context: BoundedContext,
@@ -251,6 +255,7 @@ class JobApp:
                 "commands": self.commands,
                 "partitions": reading,
                 "halted": self.halted or "",
+                **self.job.progress(),
             },
         )
 

@@ -13,6 +13,7 @@ incident assigned just before the scan saw it).
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -24,6 +25,8 @@ from commands.incidents import commands as c
 from projections.events import StoredEvent
 from streams.jobs import Job, JsonTable, derived_id
 
+log = logging.getLogger(__name__)
+
 
 class Deadlines(Job):
     name = "incident-deadlines"
@@ -34,6 +37,7 @@ class Deadlines(Job):
         self.table: Any = None
         self.sent: set[tuple[str, str]] = set()  # escalations sent whose events are not here yet
         self.fired = 0
+        self.scans = 0
 
     def tables(self, app: faust.App) -> None:
         self.table = JsonTable(app, "deadlines", self.settings.partitions)
@@ -75,7 +79,19 @@ class Deadlines(Job):
             return
         self.table[key] = {**state, "v": event.version, "done": sorted(done)}
 
+    def progress(self) -> dict[str, Any]:
+        return {"scans": self.scans, "timers": len(self.table.items()), "in_flight": len(self.sent)}
+
     async def scan(self) -> None:
+        """One round of the timers; an error is logged and the next round tries again (a
+        timer whose function raises stops for good)."""
+        try:
+            await self._scan()
+        except Exception:
+            log.exception("the deadline scan failed; the next one tries again")
+        self.scans += 1
+
+    async def _scan(self) -> None:
         now = datetime.now(UTC)
         due_now = []
         for key, state in list(self.table.items()):
