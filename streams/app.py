@@ -46,6 +46,7 @@ from shared_kernel.settings import Settings
 from shared_kernel.telemetry import logging_config
 from shared_kernel.topics import Topics, dlq_topic, ensure_topics
 from streams.batches import ack, take_batches
+from streams.skipped import refetch_skipped_records
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class ProjectionApp:
     ) -> None:
         _read_committed_consumer_thread()
         kafka.wait_long_only_for_whole_fetches(settings)
+        refetch_skipped_records(settings)
         self.settings = settings
         self.projection = projection
         # alone in a process: exit at once / stop the process; in a group: the group's

@@ -65,6 +65,7 @@ from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics, dlq_topic, ensure_topics
 from streams.app import _read_committed_consumer_thread, _record, run_worker
 from streams.batches import ack, take_batches
+from streams.skipped import refetch_skipped_records
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ class JobApp:
     def __init__(self, settings: Settings, job: Job, in_group: bool = False) -> None:
         _read_committed_consumer_thread()
         kafka.wait_long_only_for_whole_fetches(settings)
+        refetch_skipped_records(settings)
         self.settings = settings
         self.job = job
         job.runner = self
@@ -243,9 +245,21 @@ class JobApp:
     async def _progress(self) -> None:
         """What the job has done so far and where it reads: a job that holds partitions
         but handles nothing shows it here."""
-        consumer = self.app.consumer
+        consumer: Any = self.app.consumer
         sources = set(self.job.source_topics(self.topics))
-        reading = sorted(f"{tp.topic}:{tp.partition}" for tp in consumer.assignment() if tp.topic in sources)
+        mine = sorted((tp for tp in consumer.assignment() if tp.topic in sources), key=lambda tp: tp[:2])
+        reading = [f"{tp.topic}:{tp.partition}" for tp in mine]
+        # where each partition is read and how far it goes: a partition paused, or read
+        # no further than an open transaction lets it, shows here
+        at: dict[str, dict[str, Any]] = {}
+        for tp in mine:
+            with contextlib.suppress(Exception):
+                at[str(tp.partition)] = {
+                    "position": await consumer.position(tp),
+                    "highwater": consumer.highwater(tp),
+                    "stable": consumer._thread._ensure_consumer().last_stable_offset(tp),
+                    "paused": tp in consumer._paused_partitions,
+                }
         log.info(
             "progress",
             extra={
@@ -254,6 +268,7 @@ class JobApp:
                 "dead_lettered": self.dead,
                 "commands": self.commands,
                 "partitions": reading,
+                "reading": at,
                 "halted": self.halted or "",
                 **self.job.progress(),
             },

@@ -80,7 +80,12 @@ class Deadlines(Job):
         self.table[key] = {**state, "v": event.version, "done": sorted(done)}
 
     def progress(self) -> dict[str, Any]:
-        return {"scans": self.scans, "timers": len(self.table.items()), "in_flight": len(self.sent)}
+        return {
+            "scans": self.scans,
+            "timers": len(self.table.items()),
+            "due": len(self._due(datetime.now(UTC))),
+            "in_flight": len(self.sent),
+        }
 
     async def scan(self) -> None:
         """One round of the timers; an error is logged and the next round tries again (a
@@ -91,8 +96,8 @@ class Deadlines(Job):
             log.exception("the deadline scan failed; the next one tries again")
         self.scans += 1
 
-    async def _scan(self) -> None:
-        now = datetime.now(UTC)
+    def _due(self, now: datetime) -> list[tuple[str, str, str, str]]:
+        """(incident, tenant, deadline, due at) of each deadline due, unmet and not sent."""
         due_now = []
         for key, state in list(self.table.items()):
             if not state:
@@ -102,7 +107,10 @@ class Deadlines(Job):
                     continue
                 if datetime.fromisoformat(due_at) <= now:
                     due_now.append((key, state["tenant"], deadline, due_at))
-        for key, tenant, deadline, due_at in due_now:
+        return due_now
+
+    async def _scan(self) -> None:
+        for key, tenant, deadline, due_at in self._due(datetime.now(UTC)):
             command = c.EscalateIncident(UUID(key), deadline, due_at)
             self.sent.add((key, deadline))
             result = await self.send(INCIDENTS, command, derived_id("escalate", key, deadline), tenant, None)

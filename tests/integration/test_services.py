@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from shared_kernel import kafka
 from shared_kernel.settings import Settings
 from shared_kernel.topics import ensure_topics
+from streams.skipped import committed_records_between
 
 pytestmark = pytest.mark.asyncio
 
@@ -76,6 +77,31 @@ async def test_read_uncommitted_consumer_does_see_the_aborted_record(settings: S
     finally:
         await producer.stop()
     assert await _read_to_end(settings, topic, isolation_level="read_uncommitted") == [b"aborted"]
+
+
+async def test_the_skipped_records_check_tells_markers_and_aborted_records_from_committed_ones(
+    settings: Settings,
+) -> None:
+    """What the Faust workers' check of a jump in offsets asks (streams.skipped)."""
+    topic = await _new_topic(settings)
+    producer = kafka.transactional_producer(settings, f"test-{uuid.uuid4().hex}")
+    await producer.start()
+    try:
+        async with producer.transaction():
+            await producer.send(topic, b"a")  # 0, its marker at 1
+        await producer.begin_transaction()
+        await (await producer.send(topic, b"aborted"))  # 2, the abort marker at 3
+        await producer.abort_transaction()
+        async with producer.transaction():
+            await producer.send(topic, b"b")  # 4, its marker at 5
+        async with producer.transaction():
+            await producer.send(topic, b"c")  # 6
+    finally:
+        await producer.stop()
+    tp = TopicPartition(topic, 0)
+    assert await committed_records_between(settings, tp, 1, 4) is False  # a jump from 0 to 4 is sound
+    assert await committed_records_between(settings, tp, 1, 6) is True  # one from 0 to 6 skipped "b"
+    assert await committed_records_between(settings, tp, 5, 6) is False
 
 
 async def test_postgres_round_trip_with_jsonb(settings: Settings) -> None:
