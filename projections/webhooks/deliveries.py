@@ -4,14 +4,16 @@ the delivery job's own tables, beside the read models in their schema, read by t
 webhooks routes.
 
 A delivery is one event for one subscription, keyed by its `webhook-id` (the same on
-every attempt and after any restart). It is `pending` (owed: due at `next_attempt_at`,
-or in flight until `lease_until`), `delivered`, or `parked` (its attempts ran out).
+every attempt and after any restart). It is `pending` (owed: due at `next_attempt_at`),
+`delivered`, or `parked` (its attempts ran out). (`lease_until` is no longer used: one
+job worker pays a partition's deliveries, the owner of that events partition.)
 Order per subscription and aggregate holds because only the head of each (subscription,
 aggregate) — its lowest version not yet delivered — is ever attempted: a later event
 waits behind an earlier pending or parked one, while other aggregates and other
-subscriptions flow. A lease taken in the database (`claim`) lets any number of
-delivery workers share the work, and hands an attempt cut short by a crash to the next
-claim once it lapses.
+subscriptions flow. The delivery job pays from memory (`streams.webhooks.schedule`):
+these tables are its log, which the owner of an events partition loads (`owed`) when it
+gets the partition, and where an admin's redelivery (`redeliver`, stamped `requeued_at`)
+reaches it (`requeued`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
 CREATE INDEX IF NOT EXISTS webhook_deliveries_heads ON webhook_deliveries
     (subscription_id, aggregate_id, aggregate_version) WHERE status <> 'delivered';
 CREATE INDEX IF NOT EXISTS webhook_deliveries_log ON webhook_deliveries (subscription_id, created_at, id);
+ALTER TABLE webhook_deliveries ADD COLUMN IF NOT EXISTS requeued_at timestamptz;
+CREATE INDEX IF NOT EXISTS webhook_deliveries_requeued ON webhook_deliveries (requeued_at)
+    WHERE status = 'pending' AND requeued_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS webhook_attempts (
     delivery_id  text        NOT NULL,
     n            int         NOT NULL,
@@ -73,58 +78,53 @@ async def ensure(pool: Any) -> None:
     _ensured.add(id(pool))
 
 
-async def owe(pool: Any, rows: list[tuple[Any, ...]]) -> None:
+async def owe(pool: Any, rows: list[tuple[Any, ...]]) -> set[str]:
     """Record deliveries owed (id, subscription, tenant, event id, type, aggregate,
-    version, position, body); one already there is left as it is."""
-    if rows:
-        await pool.executemany(
-            "INSERT INTO webhook_deliveries (id, subscription_id, tenant, event_id, event_type, "
-            "aggregate_id, aggregate_version, position, body) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
-            "ON CONFLICT (id) DO NOTHING",
-            rows,
-        )
+    version, position, body); one already there is left as it is. Returns the ids it
+    recorded (a redelivered event's deliveries are there already)."""
+    if not rows:
+        return set()
+    columns = list(zip(*rows, strict=True))
+    inserted = await pool.fetch(
+        "INSERT INTO webhook_deliveries (id, subscription_id, tenant, event_id, event_type, "
+        "aggregate_id, aggregate_version, position, body) SELECT * FROM unnest($1::text[], $2::uuid[], "
+        "$3::text[], $4::text[], $5::text[], $6::text[], $7::int[], $8::text[], $9::text[]) "
+        "ON CONFLICT (id) DO NOTHING RETURNING id",
+        *[list(c) for c in columns],
+    )
+    return {r["id"] for r in inserted}
 
 
-CLAIM = """
-WITH heads AS (
-    SELECT DISTINCT ON (subscription_id, aggregate_id)
-           id, subscription_id, status, next_attempt_at, lease_until
-    FROM webhook_deliveries
-    WHERE status <> 'delivered'
-    ORDER BY subscription_id, aggregate_id, aggregate_version
-), busy AS (
-    SELECT subscription_id, count(*) AS n FROM webhook_deliveries
-    WHERE status = 'pending' AND lease_until > now() GROUP BY subscription_id
-), due AS (
-    SELECT h.id, h.subscription_id,
-           row_number() OVER (PARTITION BY h.subscription_id ORDER BY h.next_attempt_at) AS rn
-    FROM heads h JOIN webhook_subscriptions s ON s.id = h.subscription_id
-    WHERE h.status = 'pending' AND h.next_attempt_at <= now()
-      AND (h.lease_until IS NULL OR h.lease_until < now())
-      AND s.status IN ('active', 'failing')
+OWED_COLUMNS = (
+    "id, subscription_id, tenant, aggregate_id, aggregate_version, position, body, status, attempts, "
+    "first_attempt_at, next_attempt_at"
 )
-UPDATE webhook_deliveries d
-SET lease_until = now() + make_interval(secs => $2), attempts = d.attempts + 1,
-    first_attempt_at = coalesce(d.first_attempt_at, now())
-FROM (
-    SELECT due.id FROM due LEFT JOIN busy ON busy.subscription_id = due.subscription_id
-    WHERE due.rn <= $1 - coalesce(busy.n, 0)
-    LIMIT $3
-) AS chosen, webhook_subscriptions s
-WHERE d.id = chosen.id AND s.id = d.subscription_id
-  AND d.status = 'pending' AND (d.lease_until IS NULL OR d.lease_until < now())
-RETURNING d.id, d.subscription_id, d.tenant, d.body, d.attempts, d.first_attempt_at, s.url,
-          s.secret_generation AS generation, s.previous_generation, s.previous_until,
-          s.status AS subscription_status
-"""
 
 
-async def claim(pool: Any, per_subscription: int, lease_s: float, limit: int) -> list[dict[str, Any]]:
-    """Take up to `limit` due deliveries (heads only, at most `per_subscription` in flight
-    per subscription) for `lease_s` seconds."""
-    if limit <= 0:
-        return []
-    return [dict(r) for r in await pool.fetch(CLAIM, per_subscription, lease_s, limit)]
+async def owed(pool: Any, sources: list[str]) -> list[Any]:
+    """Every delivery not delivered yet (pending or parked) of these events partitions
+    ("topic:partition"): what their new owner pays."""
+    return list(
+        await pool.fetch(
+            f"SELECT {OWED_COLUMNS} FROM webhook_deliveries WHERE status <> 'delivered' "
+            "AND regexp_replace(position, ':[0-9]+$', '') = ANY($1::text[])",
+            sources,
+        )
+    )
+
+
+async def requeued(pool: Any, sources: list[str], window_s: float) -> list[Any]:
+    """The pending deliveries of these partitions an admin asked again in the last
+    `window_s` seconds."""
+    return list(
+        await pool.fetch(
+            f"SELECT {OWED_COLUMNS} FROM webhook_deliveries WHERE status = 'pending' "
+            "AND requeued_at IS NOT NULL AND requeued_at >= now() - make_interval(secs => $2) "
+            "AND regexp_replace(position, ':[0-9]+$', '') = ANY($1::text[])",
+            sources,
+            window_s,
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -172,9 +172,11 @@ async def attempted(pool: Any, attempts: list[Attempt]) -> None:
                 delivered_at = CASE WHEN o.outcome = 'delivered' THEN now() ELSE d.delivered_at END,
                 parked_at = CASE WHEN o.outcome = 'parked' THEN now() ELSE d.parked_at END,
                 next_attempt_at = CASE WHEN o.outcome = 'retry' THEN o.next_at ELSE d.next_attempt_at END,
+                attempts = o.n, first_attempt_at = coalesce(d.first_attempt_at, o.at),
                 lease_until = NULL, last_status = o.status_code, last_error = o.error
-            FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::int[], $5::text[])
-                AS o(id, outcome, next_at, status_code, error)
+            FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::int[], $5::text[], $6::int[],
+                        $7::timestamptz[])
+                AS o(id, outcome, next_at, status_code, error, n, at)
             WHERE d.id = o.id
             """,
             column("delivery_id"),
@@ -182,6 +184,8 @@ async def attempted(pool: Any, attempts: list[Attempt]) -> None:
             column("next_attempt_at"),
             column("status_code"),
             column("error"),
+            column("n"),
+            column("at"),
         )
 
 
@@ -206,7 +210,8 @@ async def redeliver(
         where.append("status = 'parked'")
     done = await pool.execute(
         "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = now(), "
-        "lease_until = NULL, parked_at = NULL, delivered_at = NULL WHERE " + " AND ".join(where),
+        "requeued_at = now(), lease_until = NULL, parked_at = NULL, delivered_at = NULL WHERE "
+        + " AND ".join(where),
         *args,
     )
     return int(done.split()[-1])
