@@ -27,9 +27,10 @@ Two halves in one Faust app (its consumer group `<prefix>.job.webhook-delivery`)
   its memory with the log.
 
 The subscriptions come from their read model (`webhook_subscriptions`), read once it has
-applied every webhooks event committed so far, and read again for an event that occurred
-after the last read (at most every `PUMP_S`, shared by the events of that time) and every
-`SUBSCRIPTIONS_S`: an event goes to every subscription registered before it occurred.
+applied every webhooks event committed so far. For an event that occurred after the last
+read the job asks the webhooks topic's end offsets again (one question serves every event
+waiting), and reads the rows again only when they moved, or after `SUBSCRIPTIONS_S`: an
+event goes to every subscription registered before it occurred.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ class WebhookDelivery(Job):
         self.http: aiohttp.ClientSession | None = None
         self.subscriptions: list[dict[str, Any]] = []
         self.active: dict[str, dict[str, Any]] = {}  # the subscriptions paid now, by id
-        self.read_at = 0.0  # monotonic
+        self.read_at = 0.0  # monotonic: when the subscriptions were last known current
+        self.rows_at = 0.0  # monotonic: when their rows were last read
         self.read_wall = datetime.fromtimestamp(0, UTC)
         self.schedule = Schedule()
         self.owned: set[str] = set()  # the events partitions ("topic:partition") loaded
@@ -138,7 +140,8 @@ class WebhookDelivery(Job):
     async def _read_subscriptions(self) -> None:
         """The subscriptions as of now: once their read model has applied every webhooks
         event committed so far (the topic's end offsets), so none registered before an
-        event that is handled after this read is missing."""
+        event that is handled after this read is missing. While those end offsets stay
+        where they were, the rows are too: only the offsets are asked (a few ms)."""
         pool = await self._pool()
         topic = Topics(self.settings.topic_prefix).events("webhooks")
         for attempt in itertools.count():
@@ -154,11 +157,16 @@ class WebhookDelivery(Job):
                         pool, self.settings, PositionToken({topic: after}), ("webhook_subscriptions",)
                     )
                     self.stable = stable
+                elif time.monotonic() - self.rows_at <= SUBSCRIPTIONS_S:
+                    # no webhooks event since the last read: the rows are as they were
+                    self.read_at, self.read_wall = time.monotonic(), wall
+                    return
                 rows = await pool.fetch(
                     "SELECT id, tenant, contexts, event_types, created_at, url, status, "
                     "secret_generation, previous_generation, previous_until FROM webhook_subscriptions "
                     "WHERE status IN ('active', 'failing')"
                 )
+                self.rows_at = time.monotonic()
                 break
             except (RequestProblem, asyncpg.UndefinedTableError, KafkaError, OSError) as exc:
                 # the projector is behind or not there yet (the registrations may be in
@@ -194,8 +202,8 @@ class WebhookDelivery(Job):
             await consumer.stop()
 
     async def _wanted_by(self, event: StoredEvent) -> list[dict[str, Any]]:
-        """The subscriptions that want `event`, read after it occurred (a read is shared
-        by the events of `PUMP_S`), or again after `SUBSCRIPTIONS_S` (pauses, deletes)."""
+        """The subscriptions that want `event`, known current after it occurred (one read
+        serves the events that occurred before it), or again after `SUBSCRIPTIONS_S`."""
         while event.meta.occurred_at >= self.read_wall or time.monotonic() - self.read_at > SUBSCRIPTIONS_S:
             async with self.reading:
                 if (
@@ -203,7 +211,6 @@ class WebhookDelivery(Job):
                     and time.monotonic() - self.read_at <= SUBSCRIPTIONS_S
                 ):
                     break
-                await asyncio.sleep(max(0.0, PUMP_S - (time.monotonic() - self.read_at)))
                 await self._read_subscriptions()
         return [
             s
