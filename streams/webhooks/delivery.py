@@ -103,12 +103,14 @@ class WebhookDelivery(Job):
         self.schedule = Schedule()
         self.owned: set[str] = set()  # the events partitions ("topic:partition") loaded
         self.store = asyncio.Lock()  # a write of attempts or a read of the log at a time
-        self.in_flight: set[asyncio.Task[None]] = set()
+        self.in_flight: dict[asyncio.Task[None], Owed] = {}
         self.reading = asyncio.Lock()
         self.pumping = False
         self.again = False
         self.outcomes: list[tuple[deliveries.Attempt, Owed, asyncio.Future[None]]] = []
         self.writing = False
+        self.owing: list[tuple[list[tuple[Any, ...]], asyncio.Future[set[str]]]] = []
+        self.owe_writing = False
         self.pumps: set[asyncio.Future[None]] = set()
         self.ends: Any = None  # a consumer that reads the webhooks topic's end offsets
         self.stable: dict[Any, int] = {}  # its last stable offsets the read model had reached
@@ -260,7 +262,7 @@ class WebhookDelivery(Job):
             )
             for o in owed
         ]
-        recorded = await deliveries.owe(await self._pool(), rows)
+        recorded = await self._owe(rows)
         if source not in self.owned:
             return  # the partition went to another owner meanwhile: it loads these
         now = time.time()
@@ -271,6 +273,27 @@ class WebhookDelivery(Job):
                 added += self.schedule.add(o)
         if added:
             self._kick()
+
+    async def _owe(self, rows: list[tuple[Any, ...]]) -> set[str]:
+        """Record what is owed with what the events handled meanwhile owe (one statement
+        for all); return the ids recorded."""
+        recorded: asyncio.Future[set[str]] = asyncio.get_running_loop().create_future()
+        self.owing.append((rows, recorded))
+        if not self.owe_writing:
+            self.owe_writing = True
+            try:
+                while self.owing:
+                    batch, self.owing = self.owing, []
+                    try:
+                        ids = await deliveries.owe(await self._pool(), [r for rs, _ in batch for r in rs])
+                        for _, f in batch:
+                            f.set_result(ids)
+                    except Exception as exc:  # every waiter gets it (its own await raises it)
+                        for _, f in batch:
+                            f.set_exception(exc)
+            finally:
+                self.owe_writing = False
+        return await recorded
 
     async def _load(self, sources: set[str]) -> None:
         """Take on what is owed for these events partitions (once each)."""
@@ -378,7 +401,7 @@ class WebhookDelivery(Job):
         started = self.schedule.take(time.time(), room, self.settings.webhook_per_target, active.__contains__)
         for owed in started:
             task = asyncio.create_task(self._attempt(owed, active[owed.subscription_id]))
-            self.in_flight.add(task)
+            self.in_flight[task] = owed
             task.add_done_callback(self._attempt_ended)
         return len(started)
 
@@ -412,9 +435,11 @@ class WebhookDelivery(Job):
         await written
 
     def _attempt_ended(self, task: asyncio.Task[None]) -> None:
-        self.in_flight.discard(task)
+        owed = self.in_flight.pop(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("a webhook attempt failed", extra={"error": repr(task.exception())})
+        if owed.in_flight:  # it ended before its outcome was written: the same attempt, later
+            self.schedule.ended(owed, "retry", time.time() + RETRY_S[-1], counted=False)
         self._kick()
 
     def _client(self) -> aiohttp.ClientSession:
@@ -468,6 +493,8 @@ class WebhookDelivery(Job):
         except aiohttp.ClientError as exc:
             error = f"{type(exc).__name__}: {exc}"
         latency_ms = round(1000 * (time.perf_counter() - t0), 1)
+        self.schedule.answered(owed)  # the target is free for another delivery
+        self._kick()
         ATTEMPTS.labels(outcome).inc()
         ATTEMPT_DURATION.labels(outcome).observe(latency_ms / 1000)
         n, ident = owed.attempts + 1, owed.id

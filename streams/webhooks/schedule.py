@@ -6,7 +6,9 @@ pays from, without asking the database what is next: one queue per (subscription
 aggregate) in version order, whose head alone is ever attempted, so order per aggregate
 holds while other aggregates and subscriptions flow; a timeline of the heads by the
 time they are due; and per subscription, the heads that wait for room (at most
-`per_subscription` in flight) or for the subscription to be active again.
+`per_subscription` attempts awaiting their target's answer) or for the subscription to
+be active again. A place is free once the target answers; the aggregate's next delivery
+waits until the outcome is written.
 
 `take` costs what it starts, not what is owed: a backlog of any size is paid at the
 receivers' pace.
@@ -42,7 +44,8 @@ class Owed:
     first_attempt_at: datetime | None = None
     due: float = 0.0
     status: str = "pending"
-    in_flight: bool = field(default=False)
+    in_flight: bool = field(default=False)  # attempted, its outcome not written yet
+    slot: bool = field(default=False)  # holds one of its subscription's places in flight
 
     @property
     def key(self) -> Key:
@@ -127,26 +130,33 @@ class Schedule:
             if self.busy[sub] >= per_subscription:
                 self.waiting.setdefault(sub, deque()).append(key)
                 continue
-            head.in_flight = True
+            head.in_flight = head.slot = True
             self.busy[sub] += 1
             started.append(head)
         return started
+
+    def answered(self, owed: Owed) -> None:
+        """The target has answered `owed`: its place goes to another head of the
+        subscription, while its own aggregate waits until its outcome is written."""
+        if not owed.slot:
+            return
+        owed.slot = False
+        sub = owed.subscription_id
+        self.busy[sub] -= 1
+        if self.busy[sub] <= 0:
+            del self.busy[sub]
+        waiting = self.waiting.get(sub)
+        if waiting:
+            self._wake(waiting.popleft(), 0.0)
+            if not waiting:
+                del self.waiting[sub]
 
     def ended(self, owed: Owed, outcome: str, due: float | None = None, counted: bool = True) -> None:
         """An attempt's outcome: `delivered` (the next of its aggregate is the head),
         `retry` (due again at `due`) or `parked`; one not `counted` (its write failed)
         is tried again as the same attempt."""
-        sub = owed.subscription_id
-        if owed.in_flight:
-            owed.in_flight = False
-            self.busy[sub] -= 1
-            if self.busy[sub] <= 0:
-                del self.busy[sub]
-            waiting = self.waiting.get(sub)
-            if waiting:
-                self._wake(waiting.popleft(), 0.0)
-                if not waiting:
-                    del self.waiting[sub]
+        self.answered(owed)
+        owed.in_flight = False
         owed.attempts += counted
         if self.items.get(owed.id) is not owed:
             return  # dropped meanwhile (its partition went to another owner)
@@ -180,4 +190,5 @@ class Schedule:
                 del self.queues[owed.key]
 
     def in_flight(self) -> int:
+        """How many places in flight are held (attempts not answered yet)."""
         return sum(self.busy.values())

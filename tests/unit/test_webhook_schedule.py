@@ -60,6 +60,22 @@ def test_room_per_subscription_and_in_all() -> None:
     assert len(s2.take(0.0, 4, 16, everyone)) == 4
 
 
+def test_an_answered_attempt_frees_its_place_but_holds_its_aggregate_until_written() -> None:
+    s = Schedule()
+    s.add(owed("s", "a", 1))
+    s.add(owed("s", "a", 2))
+    s.add(owed("s", "b", 1))
+    (first,) = s.take(0.0, 16, 1, everyone)
+    assert s.take(0.0, 16, 1, everyone) == []  # its one place is taken
+    s.answered(first)
+    (second,) = s.take(0.0, 16, 1, everyone)  # the other aggregate's head, not a's next
+    assert second.aggregate_id != first.aggregate_id
+    s.answered(second)
+    assert s.take(0.0, 16, 1, everyone) == []  # neither outcome is written yet
+    s.ended(first, "delivered")
+    assert [o.version for o in s.take(0.0, 16, 1, everyone)] == ([2] if first.aggregate_id == "a" else [])
+
+
 def test_a_retry_waits_until_it_is_due() -> None:
     s = Schedule()
     s.add(owed("s", "a", 1))
@@ -121,7 +137,9 @@ def test_a_partition_let_go_is_forgotten_and_its_attempt_in_flight_ends_quietly(
 
 
 ACTIONS = st.lists(
-    st.tuples(st.sampled_from(["add", "take", "deliver", "retry", "park", "requeue"]), st.integers(0, 30)),
+    st.tuples(
+        st.sampled_from(["add", "take", "answer", "deliver", "retry", "park", "requeue"]), st.integers(0, 30)
+    ),
     max_size=120,
 )
 
@@ -146,6 +164,8 @@ def test_any_interleaving_delivers_each_aggregate_in_version_order(actions: list
             started = s.take(now, 1 + n % 4, 2, everyone)
             assert all(o.version == min(q.version for q in s.queues[o.key]) for o in started)
             flying += started
+        elif flying and action == "answer":
+            s.answered(flying[n % len(flying)])
         elif flying and action in ("deliver", "retry", "park"):
             o = flying.pop(n % len(flying))
             if action == "deliver":
@@ -159,6 +179,7 @@ def test_any_interleaving_delivers_each_aggregate_in_version_order(actions: list
         elif parked and action == "requeue":
             o = parked.pop(n % len(parked))
             s.requeue(owed("s", o.aggregate_id, o.version, due=now))
-        assert s.in_flight() == len(flying) <= 2
+        assert s.in_flight() == sum(o.slot for o in flying) <= 2
+        assert all(o.in_flight for o in flying)
     for versions in delivered.values():
         assert versions == sorted(versions) == list(range(1, len(versions) + 1))
