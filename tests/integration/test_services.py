@@ -132,7 +132,7 @@ async def test_redis_round_trip_and_pubsub(settings: Settings) -> None:
         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
         assert message is not None
         assert message["data"] == b"hello"
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
     finally:
         await redis.aclose()
 
