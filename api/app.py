@@ -18,7 +18,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis
 
-from api import admin, commands, errors, health, inputs, internal, limits, subscriptions
+from api import admin, asyncapi, commands, errors, health, inputs, internal, limits, subscriptions
 from api import metrics as api_metrics
 from api.auth import access
 from api.auth import routes as auth_routes
@@ -228,6 +228,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(limits.BodyLimit, max_bytes=settings.max_body_bytes)  # before any route
     app.add_middleware(api_metrics.HttpMetrics)  # outermost: every request timed and traced
     app.include_router(health.router)
+    app.include_router(asyncapi.router)
     app.include_router(api_metrics.router)
     for context in CONTEXTS:
         for router in context.routers:

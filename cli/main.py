@@ -10,6 +10,7 @@ cqrs cdc status|apply|pause|resume|restart|remove   the change data capture's co
 cqrs demo                      demo datasets and incidents, through the API
 cqrs topics create             create the contract topics (idempotent)
 cqrs schemas check             every event has a schema; every schema reads its history
+cqrs schemas asyncapi          the AsyncAPI 3.0 document of the topics (also GET /asyncapi.json)
 """
 
 from __future__ import annotations
@@ -548,6 +549,16 @@ def topics_create() -> None:
         config = ", ".join(f"{k}={v}" for k, v in (t.topic_configs or {}).items())
         table.add_row(t.name, str(t.num_partitions), config, "created" if t.name in created else "exists")
     Console().print(table)
+
+
+@schemas.command("asyncapi")
+def schemas_asyncapi() -> None:
+    """Print the AsyncAPI 3.0 document of the topics (as served at /asyncapi.json)."""
+    import orjson
+
+    from api.asyncapi import document
+
+    sys.stdout.write(orjson.dumps(document(get_settings()), option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 @schemas.command("check")

@@ -33,7 +33,16 @@ from shared_kernel.settings import Settings
 log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = frozenset(
-    {"/health", "/ready", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    {
+        "/health",
+        "/ready",
+        "/metrics",
+        "/openapi.json",
+        "/asyncapi.json",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+    }
 )
 REALM = 'Bearer realm="kafka-cqrs"'
 
