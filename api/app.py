@@ -18,7 +18,18 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from redis.asyncio import Redis
 
-from api import admin, asyncapi, commands, errors, health, inputs, internal, limits, subscriptions
+from api import (
+    admin,
+    asyncapi,
+    commands,
+    dead_letters,
+    errors,
+    health,
+    inputs,
+    internal,
+    limits,
+    subscriptions,
+)
 from api import metrics as api_metrics
 from api.auth import access
 from api.auth import routes as auth_routes
@@ -235,6 +246,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.include_router(router)
     app.include_router(commands.router)
     app.include_router(admin.router)
+    app.include_router(dead_letters.router)
     app.include_router(internal.router)
     app.include_router(auth_routes.router)
     subscriptions.install(app)

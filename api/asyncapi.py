@@ -38,6 +38,7 @@ from shared_kernel.envelope import (
 )
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics, contract_topics, dlq_topic
+from streams.dead_letters import consumers
 
 AVRO = "application/vnd.apache.avro;version=1.9.0"
 KAFKA_BINDING = "0.5.0"
@@ -123,16 +124,6 @@ def _event_message(codec: AvroCodec, full_name: str, context: str) -> dict[str, 
     }
 
 
-def dead_letter_consumers() -> list[str]:
-    """Every consumer that dead-letters, each to `<prefix>.dlq.<consumer>`."""
-    from commands.processor import CONSUMER_NAME
-    from projections.registry import PROJECTIONS
-    from streams.audit import CONSUMER as AUDIT_SINK
-    from streams.registry import JOBS
-
-    return [CONSUMER_NAME, *sorted(PROJECTIONS), *(f"job-{name}" for name in sorted(JOBS)), AUDIT_SINK]
-
-
 def document(settings: Settings) -> dict[str, Any]:
     """The AsyncAPI 3.0 document of this deployment's topics (its prefix, partitions)."""
     from commands import CONTEXTS
@@ -144,7 +135,7 @@ def document(settings: Settings) -> dict[str, Any]:
     codec = AvroCodec.from_directory()
     t = Topics(settings.topic_prefix)
     topics = {nt.name: nt for nt in contract_topics(settings, [c.name for c in CONTEXTS])}
-    for consumer in dead_letter_consumers():
+    for consumer in consumers():
         nt = dlq_topic(settings, consumer)
         topics[nt.name] = nt
     channels: dict[str, Any] = {}
@@ -238,7 +229,7 @@ def document(settings: Settings) -> dict[str, Any]:
         )
     audit = t.audit(settings.audit_topic_suffix)
     channel("audit", audit, "The audit trail (kept a year; also in PostgreSQL).", ["AuditRecord"])
-    for consumer in dead_letter_consumers():
+    for consumer in consumers():
         channel(f"dlq.{consumer}", t.dlq(consumer), f"What {consumer} dead-lettered.", ["DeadLetter"])
     return {
         "asyncapi": "3.0.0",

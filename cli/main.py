@@ -11,6 +11,7 @@ cqrs demo                      demo datasets and incidents, through the API
 cqrs topics create             create the contract topics (idempotent)
 cqrs schemas check             every event has a schema; every schema reads its history
 cqrs schemas asyncapi          the AsyncAPI 3.0 document of the topics (also GET /asyncapi.json)
+cqrs dlq list|show             what the consumers dead-lettered (also /api/v1/admin/dead-letters)
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ schemas = typer.Typer(no_args_is_help=True, help="Avro schemas.")
 projections = typer.Typer(no_args_is_help=True, help="Read models: list, status, rebuild, rollback.")
 auth = typer.Typer(no_args_is_help=True, help="The local stack's credentials: tokens the local API accepts.")
 cdc = typer.Typer(no_args_is_help=True, help="Change data capture: the Debezium connector of the CDC job.")
+dlq = typer.Typer(no_args_is_help=True, help="Dead letters: what each consumer could not handle.")
 app.add_typer(serve, name="serve")
 app.add_typer(run, name="run")
 app.add_typer(topics, name="topics")
@@ -48,6 +50,7 @@ app.add_typer(schemas, name="schemas")
 app.add_typer(projections, name="projections")
 app.add_typer(auth, name="auth")
 app.add_typer(cdc, name="cdc")
+app.add_typer(dlq, name="dlq")
 console = Console(stderr=True)
 
 
@@ -559,6 +562,45 @@ def schemas_asyncapi() -> None:
     from api.asyncapi import document
 
     sys.stdout.write(orjson.dumps(document(get_settings()), option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+@dlq.command("list")
+def dlq_list(
+    consumer: Annotated[
+        str | None, typer.Option(help="one consumer (e.g. incidents, job-quality-monitor)")
+    ] = None,
+    key: Annotated[str | None, typer.Option(help="only this record key (an aggregate id)")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500)] = 50,
+) -> None:
+    """The newest dead letters, newest first."""
+    from streams import dead_letters
+
+    if consumer is not None and consumer not in dead_letters.consumers():
+        console.print(f"[red]no consumer named {consumer!r}[/]; known: {', '.join(dead_letters.consumers())}")
+        raise typer.Exit(1)
+    found = asyncio.run(dead_letters.listing(get_settings(), consumer, key, limit))
+    table = Table("at", "consumer", "position", "key", "event", "error")
+    for d in found["items"]:
+        table.add_row(
+            d["at"][:19], d["consumer"], f"{d['partition']}:{d['offset']}", d["key"] or "",
+            d["event_type"] or "", d["error"][:80],
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"{len(found['items'])} dead letters of {len(found['consumers'])} consumers")
+
+
+@dlq.command("show")
+def dlq_show(consumer: str, partition: int, offset: int) -> None:
+    """One dead letter: headers, error, source, and its value decoded where it can be."""
+    import orjson
+
+    from streams import dead_letters
+
+    found = asyncio.run(dead_letters.one(get_settings(), consumer, partition, offset))
+    if found is None:
+        console.print(f"[red]no dead letter of {consumer} at {partition}:{offset}[/]")
+        raise typer.Exit(1)
+    sys.stdout.write(orjson.dumps(found, option=orjson.OPT_INDENT_2, default=str).decode() + "\n")
 
 
 @schemas.command("check")

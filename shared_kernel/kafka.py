@@ -120,6 +120,16 @@ def wait_long_only_for_whole_fetches(settings: Settings) -> None:
     _fetcher.Fetcher._cqrs_patched = True
 
 
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    """The partitions of `topic` (none if it does not exist), asking the brokers when the
+    consumer's metadata does not know the topic yet (it knows only what it reads)."""
+    partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        await consumer._client.force_metadata_update()
+        partitions = consumer.partitions_for_topic(topic)
+    return set(partitions or ())
+
+
 def admin(settings: Settings) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id=settings.service_name)
 

@@ -160,11 +160,7 @@ class Replay:
         consumer = self.consumer
         every = []
         for topic in self.topics:
-            partitions = consumer.partitions_for_topic(topic)
-            if not partitions:
-                await consumer._client.force_metadata_update()
-                partitions = consumer.partitions_for_topic(topic) or set()
-            every += [TopicPartition(topic, p) for p in partitions]
+            every += [TopicPartition(topic, p) for p in await kafka.partitions_of(consumer, topic)]
         tps = lane_of(every, self.lane, self.lanes)
         consumer.assign(tps)
         rows = await pool.fetch(

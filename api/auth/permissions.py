@@ -27,6 +27,7 @@ EVENTS_SUBSCRIBE: Final = "events:subscribe"
 COMMANDS_READ: Final = "commands:read"  # the status of one's own tenant's commands
 ADMIN_PROJECTIONS: Final = "admin:projections"
 ADMIN_CDC: Final = "admin:cdc"  # the change data capture's connector and job (the platform's)
+ADMIN_DEAD_LETTERS: Final = "admin:dead-letters"  # what every consumer dead-lettered (all tenants')
 ADMIN_KEYS: Final = "admin:keys"
 ADMIN_AUDIT: Final = "admin:audit"
 
@@ -34,7 +35,8 @@ VIEWER: Final = frozenset({DATASETS_READ, INCIDENTS_VIEW, SEARCH_READ, EVENTS_SU
 OPERATOR: Final = VIEWER | {DATASETS_WRITE, INCIDENTS_CREATE, INCIDENTS_UPDATE, INCIDENTS_ASSIGN}
 # webhooks push the tenant's events out of the system: only an admin says where
 ADMIN: Final = OPERATOR | {ADMIN_KEYS, ADMIN_AUDIT, WEBHOOKS_VIEW, WEBHOOKS_MANAGE}
-PLATFORM: Final = frozenset({ADMIN_PROJECTIONS, ADMIN_CDC})  # across tenants: shared read models, CDC
+# across tenants: shared read models, CDC, the dead letters of every consumer
+PLATFORM: Final = frozenset({ADMIN_PROJECTIONS, ADMIN_CDC, ADMIN_DEAD_LETTERS})
 
 # role -> its permissions: the one table
 ROLES: Final[dict[str, frozenset[str]]] = {

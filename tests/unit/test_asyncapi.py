@@ -18,11 +18,12 @@ from typing import Any
 import jsonschema_rs
 import pytest
 
-from api.asyncapi import dead_letter_consumers, document
+from api.asyncapi import document
 from commands import CONTEXTS
 from shared_kernel.avro import SCHEMAS_ROOT
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics, contract_topics
+from streams.dead_letters import consumers
 
 SPECS = "https://registry.npmjs.org/@asyncapi/specs/-/specs-6.11.1.tgz"
 SPECS_SHA512 = "A3WBLqAKGoJ2+6FWFtpjBlCQ1oFCcs4GxF7zsIGvNqp/klGUHjlA3aAcZ9XMMpLGE8zPeYDz2x9FmO6DSuKraQ=="
@@ -67,7 +68,7 @@ def test_every_topic_and_every_schema_is_in_it(doc: dict[str, Any]) -> None:
     addresses = {c["address"]: c for c in doc["channels"].values()}
     topics = Topics("acme")
     wanted = {t.name for t in contract_topics(settings, [c.name for c in CONTEXTS])}
-    wanted |= {topics.dlq(consumer) for consumer in dead_letter_consumers()}
+    wanted |= {topics.dlq(consumer) for consumer in consumers()}
     assert wanted == set(addresses)
     assert addresses["acme.events.incidents"]["bindings"]["kafka"]["partitions"] == 6
     assert addresses["acme.events.incidents"]["bindings"]["kafka"]["topicConfiguration"]["retention.ms"] == -1
