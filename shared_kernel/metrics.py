@@ -81,6 +81,12 @@ SUBSCRIPTION_CLIENTS = Gauge(
     ["transport"],
     multiprocess_mode="livesum",
 )
+REREAD = Counter(
+    "cqrs_consumer_rereads_total",
+    "Records a Faust worker reads again instead of committing over them unhandled "
+    "(streams.skipped): a fetch's jump over records, or an ack of a record its stream skipped",
+    ["reason"],
+)
 SUBSCRIPTION_DROPS = Counter(
     "cqrs_subscription_slow_consumer_drops_total",
     "Subscriptions ended because the client read too slowly (its buffer filled)",

@@ -63,6 +63,7 @@ from shared_kernel.avro import AvroCodec
 from shared_kernel.envelope import CommandResult
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics, dlq_topic, ensure_topics
+from streams import skipped
 from streams.app import _read_committed_consumer_thread, _record, run_worker
 from streams.batches import ack, take_batches
 from streams.skipped import refetch_skipped_records
@@ -270,6 +271,7 @@ class JobApp:
                 "partitions": reading,
                 "reading": at,
                 "halted": self.halted or "",
+                "reread": dict(skipped.rereads),
                 **self.job.progress(),
             },
         )

@@ -1,5 +1,5 @@
-"""No record lost after a rebalance or a restart: two ways Faust's worker could commit
-over records it never handled, closed.
+"""No record lost after a rebalance or a restart: three ways Faust's worker could
+skip records it never handled, closed.
 
 1. **A jump in offsets taken for markers.** Faust's consumer takes a jump in a
    partition's offsets for records that do not exist (the markers of transactions,
@@ -17,12 +17,20 @@ over records it never handled, closed.
    its table's changelog). An ack then is refused here: the record is not committed, and
    the partition's owner reads it again from the committed offset.
 
+3. **A partition with no committed offset.** aiokafka seeks only to a committed offset
+   above 0, so a partition whose group never committed (a worker killed before its first
+   commit) stayed where the fetches made during a table's recovery had left it, past the
+   records let go then: the new member of a rebalance handled none of a dataset's checks
+   after the poison record at offset 0. Such a partition is sought to its beginning (the
+   apps' offset reset) once the committed offsets are applied.
+
 A record delivered twice is what at-least-once allows (the jobs and projections apply
 idempotently); one never handled is what this prevents.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -30,8 +38,9 @@ from typing import Any
 
 from aiokafka.structs import TopicPartition
 from faust.transport import consumer as faust_consumer
+from faust.transport.drivers.aiokafka import ensure_aiokafka_TP
 
-from shared_kernel import kafka
+from shared_kernel import kafka, metrics
 from shared_kernel.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,6 +49,7 @@ MARKER_GAP = 2  # a record, then the marker that ends its transaction, then the 
 CHECK_S = 10.0
 
 _settings: Settings | None = None
+rereads: collections.Counter[str] = collections.Counter()  # by reason, for the progress lines
 
 
 async def committed_records_between(settings: Settings, tp: Any, start: int, end: int) -> bool:
@@ -94,6 +104,8 @@ def refetch_skipped_records(settings: Settings) -> None:
                     },
                 )
                 held.add(tp)
+                metrics.REREAD.labels("jump").inc()
+                rereads["jump"] += 1
                 await self.seek(tp, last + 1)
                 continue
             yield tp, message
@@ -104,9 +116,29 @@ def refetch_skipped_records(settings: Settings) -> None:
         app = self.app
         stale = message.generation_id is not None and message.generation_id != app.consumer_generation_id
         if stale or not app.flow_control.is_active():
+            metrics.REREAD.labels("skipped").inc()
+            rereads["skipped"] += 1
             return False  # not handled now, or handled for a generation gone: read again
         return bool(original_ack(self, message))
 
+    original_seek = cls.perform_seek
+
+    async def perform_seek(self: Any) -> None:
+        await original_seek(self)
+        # aiokafka seeks only to a committed offset above 0: a partition with none (or 0)
+        # stays where the fetches made during the table's recovery left it, past records
+        # that were let go then. From the beginning, as the apps' offset reset says.
+        fresh = [
+            tp
+            for tp in self.assignment()
+            if self.app.topics.acks_enabled_for(tp.topic) and self._committed_offset[tp] is None
+        ]
+        if fresh:
+            await self._thread.seek_to_beginning(*(ensure_aiokafka_TP(tp) for tp in fresh))
+            for tp in fresh:
+                self._read_offset[tp] = None
+
     cls.getmany = getmany
     cls.ack = ack
+    cls.perform_seek = perform_seek
     cls._cqrs_refetch = True
