@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +26,12 @@ from shared_kernel.topics import Topics
 
 SCAN = 10_000  # records per partition looked at for a key
 PREVIEW_BYTES = 256
+
+
+@functools.cache
+def _codec() -> AvroCodec:
+    """The schemas, parsed once per process (not per dead letter read)."""
+    return AvroCodec.from_directory()
 
 
 def consumers() -> list[str]:
@@ -134,7 +141,7 @@ async def one(settings: Settings, consumer: str, partition: int, offset: int) ->
                     return {
                         **summary(consumer, r),
                         "headers": _headers(r),
-                        "value": decoded(AvroCodec.from_directory(), r),
+                        "value": decoded(_codec(), r),
                     }
                 if r.offset > offset:
                     return None  # a transaction marker or an aborted record
