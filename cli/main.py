@@ -11,17 +11,19 @@ cqrs demo                      demo datasets and incidents, through the API
 cqrs topics create             create the contract topics (idempotent)
 cqrs schemas check             every event has a schema; every schema reads its history
 cqrs schemas asyncapi          the AsyncAPI 3.0 document of the topics (also GET /asyncapi.json)
-cqrs dlq list|show             what the consumers dead-lettered (also /api/v1/admin/dead-letters)
+cqrs dlq list|show|parked       what the consumers dead-lettered, and the keys parked behind it
+cqrs dlq retry|skip|actions    retry (after a fix) or skip a dead letter; what operators did
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import sys
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -570,23 +572,190 @@ def dlq_list(
         str | None, typer.Option(help="one consumer (e.g. incidents, job-quality-monitor)")
     ] = None,
     key: Annotated[str | None, typer.Option(help="only this record key (an aggregate id)")] = None,
+    state: Annotated[str, typer.Option(help="all, unresolved, parked, open, retried or skipped")] = "all",
     limit: Annotated[int, typer.Option(min=1, max=500)] = 50,
 ) -> None:
-    """The newest dead letters, newest first."""
+    """The newest dead letters, newest first, with their state."""
+    from projections import parking
+    from streams import dead_letters
+
+    _known_consumer(consumer)
+    wanted = {"all": None, "unresolved": ("parked", "open")}.get(state, (state,))
+
+    async def main() -> dict[str, Any]:
+        found = await dead_letters.listing(get_settings(), consumer, key, limit, scan=state != "all")
+        async with _pool() as pool:
+            known = await parking.states(
+                pool, [(d["consumer"], d["partition"], d["offset"]) for d in found["items"]]
+            )
+        for d in found["items"]:
+            d["state"] = known.get((d["consumer"], d["partition"], d["offset"]), "open")
+        found["items"] = [d for d in found["items"] if wanted is None or d["state"] in wanted][:limit]
+        return found
+
+    found = asyncio.run(main())
+    table = Table("at", "consumer", "position", "key", "state", "event", "error")
+    for d in found["items"]:
+        table.add_row(
+            d["at"][:19], d["consumer"], f"{d['partition']}:{d['offset']}", d["key"] or "", d["state"],
+            d["event_type"] or "", d["error"][:80],
+        )  # fmt: skip
+    console.print(table)
+    console.print(f"{len(found['items'])} dead letters of {len(found['consumers'])} consumers")
+
+
+def _known_consumer(consumer: str | None) -> None:
     from streams import dead_letters
 
     if consumer is not None and consumer not in dead_letters.consumers():
         console.print(f"[red]no consumer named {consumer!r}[/]; known: {', '.join(dead_letters.consumers())}")
         raise typer.Exit(1)
-    found = asyncio.run(dead_letters.listing(get_settings(), consumer, key, limit))
-    table = Table("at", "consumer", "position", "key", "event", "error")
-    for d in found["items"]:
+
+
+@contextlib.asynccontextmanager
+async def _pool() -> AsyncIterator[Any]:
+    from projections.db import create_pool
+    from projections.migrations import migrate
+
+    settings = get_settings()
+    await migrate(settings)
+    pool = await create_pool(settings, "cli", min_size=1, max_size=2)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@dlq.command("parked")
+def dlq_parked(
+    consumer: Annotated[str | None, typer.Option(help="one projection")] = None,
+    key: Annotated[str | None, typer.Option(help="only this key")] = None,
+) -> None:
+    """The keys parked behind a dead letter: which one, why, how many records held."""
+    from projections import parking
+
+    _known_consumer(consumer)
+
+    async def main() -> list[dict[str, Any]]:
+        async with _pool() as pool:
+            return await parking.parked_listing(pool, consumer, key, 500)
+
+    items = asyncio.run(main())
+    table = Table("since", "consumer", "key", "dead letter", "held", "request", "error")
+    for d in items:
+        at = d["dead_letter"]
         table.add_row(
-            d["at"][:19], d["consumer"], f"{d['partition']}:{d['offset']}", d["key"] or "",
-            d["event_type"] or "", d["error"][:80],
+            d["parked_at"][:19], f"{d['consumer']} v{d['version']}", d["key"],
+            f"{at['partition']}:{at['offset']}", str(d["held"]), str(d["request_id"] or ""), d["error"][:80],
         )  # fmt: skip
     console.print(table)
-    console.print(f"{len(found['items'])} dead letters of {len(found['consumers'])} consumers")
+    console.print(f"{len(items)} keys parked")
+
+
+@dlq.command("retry")
+def dlq_retry(
+    consumer: Annotated[str, typer.Argument(help="the projection that dead-lettered it")],
+    partition: Annotated[int | None, typer.Argument(help="the dead letter's partition")] = None,
+    offset: Annotated[int | None, typer.Argument(help="the dead letter's offset")] = None,
+    every: Annotated[
+        bool, typer.Option("--all", help="every dead letter of CONSUMER that parks a key")
+    ] = False,
+    key: Annotated[str | None, typer.Option(help="with --all: only this key's")] = None,
+) -> None:
+    """Apply a dead letter again after a fix, then its key's held records in order (or,
+    with --all, every parked key's), with a progress bar; exits 1 if any failed again."""
+    if every == (partition is not None):
+        console.print("[red]give PARTITION OFFSET of one dead letter, or --all[/]")
+        raise typer.Exit(2)
+    _act_on_dead_letters(consumer, "retry", None if every else (partition or 0, offset or 0), key)
+
+
+@dlq.command("skip")
+def dlq_skip(
+    consumer: Annotated[str, typer.Argument(help="the projection that dead-lettered it")],
+    partition: Annotated[int, typer.Argument(help="the dead letter's partition")],
+    offset: Annotated[int, typer.Argument(help="the dead letter's offset")],
+) -> None:
+    """Leave a dead letter unapplied and apply its key's held records in order."""
+    _act_on_dead_letters(consumer, "skip", (partition, offset), None)
+
+
+def _act_on_dead_letters(consumer: str, action: str, one: tuple[int, int] | None, key: str | None) -> None:
+    import getpass
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from projections import parking
+    from projections.registry import PROJECTIONS
+
+    _known_consumer(consumer)
+    if consumer not in PROJECTIONS:
+        console.print(f"[red]{consumer} does not park keys behind its dead letters[/]: only projections do")
+        raise typer.Exit(1)
+    actor = f"cli:{getpass.getuser()}"
+
+    async def main() -> list[dict[str, Any]]:
+        async with _pool() as pool:
+            if one is None:
+                asked = await parking.request_all(pool, consumer, key, actor)
+            else:
+                asked = [await parking.request(pool, consumer, one[0], one[1], action, actor)]
+            with Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=console,
+            ) as bar:  # fmt: skip
+                task = bar.add_task(f"{consumer}: {action}", total=len(asked))
+                done: dict[int, dict[str, Any]] = {}
+                while len(done) < len(asked):
+                    for a in asked:
+                        if a["id"] not in done:
+                            now = await parking.action(pool, a["id"])
+                            if now is not None and now["outcome"] != "pending":
+                                done[a["id"]] = now
+                    bar.update(task, completed=len(done))
+                    if len(done) < len(asked):
+                        await asyncio.sleep(0.2)
+            return [done[a["id"]] for a in asked]
+
+    try:
+        results = asyncio.run(main())
+    except parking.NotParked as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+    failed = [r for r in results if r["outcome"] != "applied"]
+    for r in results:
+        mark = "[green]✓[/]" if r["outcome"] == "applied" else "[red]✗[/]"
+        at = r["dead_letter"]
+        console.print(
+            f"{mark} {r['action']} {at['partition']}:{at['offset']} key {r['key']}: {r['outcome']}, "
+            f"{r['applied']} applied" + (f" ({r['error'][:120]})" if r["error"] else "")
+        )
+    if failed:
+        raise typer.Exit(1)
+
+
+@dlq.command("actions")
+def dlq_actions(
+    consumer: Annotated[str | None, typer.Option(help="one consumer")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=500)] = 50,
+) -> None:
+    """What operators did to dead letters, newest first."""
+    from projections import parking
+
+    _known_consumer(consumer)
+
+    async def main() -> list[dict[str, Any]]:
+        async with _pool() as pool:
+            return await parking.actions(pool, consumer, limit)
+
+    table = Table("asked", "actor", "action", "consumer", "dead letter", "key", "outcome", "applied")
+    for a in asyncio.run(main()):
+        at = a["dead_letter"]
+        table.add_row(
+            a["requested_at"][:19], a["actor"], a["action"], a["consumer"],
+            f"{at['partition']}:{at['offset']}", a["key"] or "", a["outcome"], str(a["applied"]),
+        )  # fmt: skip
+    console.print(table)
 
 
 @dlq.command("show")

@@ -1,12 +1,15 @@
 """Applies batches of event records to one projection: one PostgreSQL transaction each,
 with the projection's positions, its counters and nothing else.
 
-Records that cannot be decoded, or whose batch the projection rejects, go to
-`<prefix>.dlq.<projection>` with the error in headers; the rest of the batch is applied.
+Records that cannot be decoded, or that the projection rejects, go to
+`<prefix>.dlq.<projection>` with the error in headers, and their key is parked: the
+projection's later records of that key are held, not applied, until an operator retries
+or skips the dead letter (`projections.parking`); the rest of the batch is applied.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -16,6 +19,7 @@ import asyncpg
 import opensearchpy
 from aiokafka import AIOKafkaProducer
 
+from projections import parking
 from projections.changes import channel, notify_applied, queue_full
 from projections.db import schema_of
 from projections.events import Record, StoredEvent, decode
@@ -39,6 +43,14 @@ class BatchOutcome:
     applied: int = 0
     dead: list[tuple[Record, str]] = field(default_factory=list)
     sent: int = 0  # how many of `dead` are on the dead-letter topic already
+    at: list[tuple[int, int] | None] = field(default_factory=list)  # where each sent one is there
+    held: list[Record] = field(default_factory=list)  # records of parked keys, not applied
+    was_parked: set[str] = field(default_factory=set)  # keys of `held` parked before the batch
+
+
+class ParkingChanged(Exception):
+    """A key this worker held records for was let go meanwhile (by another worker, after
+    a rebalance): the batch is planned again with the keys parked now."""
 
 
 class Projector:
@@ -62,6 +74,10 @@ class Projector:
         self.silent = False
         # A replay far behind the head loads its batches by the projection's bulk path.
         self.bulk = False
+        # The keys parked behind a dead letter (loaded when first needed), and one batch
+        # or release at a time.
+        self.parked: set[str] | None = None
+        self.lock = asyncio.Lock()
 
     def decode(self, records: Sequence[Record]) -> Decoded:
         """The events of `records`, and the records that are no events (with why)."""
@@ -79,6 +95,20 @@ class Projector:
         rebuild, silent or in bulk, is not traced)."""
         if decoded is None:
             decoded = self.decode(records)
+        async with self.lock:
+            for _ in range(3):
+                try:
+                    return await self._traced(records, decoded)
+                except ParkingChanged:
+                    self.parked = None
+            return await self._traced(records, decoded)
+
+    @property
+    def parks(self) -> bool:
+        """A version being rebuilt parks nothing (the live one does)."""
+        return not self.silent
+
+    async def _traced(self, records: Sequence[Record], decoded: Decoded) -> BatchOutcome:
         traceparents = [e.meta.traceparent for e in decoded.events if e.meta.traceparent]
         if self.silent or self.bulk or not traceparents:
             return await self._handle(records, decoded)
@@ -95,15 +125,42 @@ class Projector:
             )
         return outcome
 
+    def _plan(self, records: Sequence[Record], decoded: Decoded) -> tuple[list[StoredEvent], BatchOutcome]:
+        """The events to apply, and the records to hold (of parked keys, or behind a
+        record of their key that cannot be decoded), in the batch's order."""
+        outcome = BatchOutcome()
+        if not self.parks or (not self.parked and not decoded.dead):
+            outcome.dead = list(decoded.dead)
+            return decoded.events, outcome
+        assert self.parked is not None
+        dead = {(r.topic, r.partition, r.offset): error for r, error in decoded.dead}
+        events = {(e.topic, e.partition, e.offset): e for e in decoded.events}
+        blocked = set(self.parked)
+        apply: list[StoredEvent] = []
+        for r in records:
+            key, at = parking.key_of(r), (r.topic, r.partition, r.offset)
+            if key is not None and key in blocked:
+                outcome.held.append(r)
+                if key in self.parked:
+                    outcome.was_parked.add(key)
+            elif at in dead:
+                outcome.dead.append((r, dead[at]))
+                if key is not None:
+                    blocked.add(key)
+            else:
+                apply.append(events[at])
+        return apply, outcome
+
     async def _handle(self, records: Sequence[Record], decoded: Decoded) -> BatchOutcome:
         t0 = time.perf_counter()
-        events = decoded.events
-        outcome = BatchOutcome(dead=list(decoded.dead))
+        if self.parks and self.parked is None:
+            self.parked = await parking.parked(self.pool, self.projection.name, self.projection.version)
+        events, outcome = self._plan(records, decoded)
         try:
             try:
                 await self._apply(events, records, outcome, bulk=self.bulk)
             except Exception as exc:
-                if not self.bulk or unavailable(exc):
+                if not self.bulk or unavailable(exc) or isinstance(exc, ParkingChanged):
                     raise
                 # e.g. a COPY that met a row already there: the batch again, row by row
                 log.warning(
@@ -113,21 +170,29 @@ class Projector:
                 outcome.applied = 0
                 await self._apply(events, records, outcome)
         except Exception as exc:
-            if unavailable(exc):
+            if unavailable(exc) or isinstance(exc, ParkingChanged):
                 raise  # the database is away: nothing applied, the batch comes again
-            # One bad event must not stop the projection: find it by applying one by one.
+            # One bad event must not stop the projection: find it by applying one by one;
+            # the later events of its key are held behind it.
             log.warning(
                 "batch failed; applying its events one by one",
                 extra={"projection": self.projection.name, "error": repr(exc)},
             )
-            outcome = BatchOutcome(dead=outcome.dead, sent=outcome.sent)
+            outcome.applied = 0
+            blocked = {parking.key_of(r) for r, _ in outcome.dead}
             for e in events:
+                record = _record_of(records, e)
+                key = parking.key_of(record)
+                if self.parks and key is not None and key in blocked:
+                    outcome.held.append(record)
+                    continue
                 try:
                     await self._apply([e], [], outcome)
                 except Exception as one_exc:
                     if unavailable(one_exc):
                         raise
-                    outcome.dead.append((_record_of(records, e), f"{type(one_exc).__name__}: {one_exc}"))
+                    outcome.dead.append((record, f"{type(one_exc).__name__}: {one_exc}"))
+                    blocked.add(key)
             await self._apply([], records, outcome)  # positions and counters of the whole batch
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -136,6 +201,7 @@ class Projector:
                     "projection": self.projection.name,
                     "records": len(records),
                     "dead": len(outcome.dead),
+                    "held": len(outcome.held),
                     "ms": round((time.perf_counter() - t0) * 1000, 2),
                 },
             )
@@ -149,40 +215,15 @@ class Projector:
         # repeats a dead letter, it never loses one.
         if records:
             for record, error in outcome.dead[outcome.sent :]:
-                if self.silent:
-                    log.warning(
-                        "event not applied (rebuild: no dead letter produced)",
-                        extra={
-                            "projection": self.projection.name,
-                            "version": self.projection.version,
-                            "source": f"{record.topic}:{record.partition}:{record.offset}",
-                            "error": error,
-                        },
-                    )
-                    outcome.sent += 1
-                    continue
-                await self.producer.send_and_wait(
-                    self.dlq_topic,
-                    record.value,
-                    key=record.key,
-                    headers=[
-                        *record.headers,
-                        ("dlq-error", error.encode()[:4000]),
-                        ("dlq-source", f"{record.topic}:{record.partition}:{record.offset}".encode()),
-                        ("dlq-projection", self.projection.name.encode()),
-                        ("dlq-projection-version", str(self.projection.version).encode()),
-                    ],
-                )
-                metrics.DEAD_LETTERS.labels(self.projection.name).inc()
-                log.error(
-                    "event dead-lettered",
-                    extra={
-                        "projection": self.projection.name,
-                        "source": f"{record.topic}:{record.partition}:{record.offset}",
-                        "error": error,
-                    },
-                )
+                outcome.at.append(await self._dead_letter(record, error))
                 outcome.sent += 1
+        heads: list[parking.Head] = []
+        if records and self.parks:
+            heads = [
+                parking.Head(r, error, *at)
+                for (r, error), at in zip(outcome.dead, outcome.at, strict=True)
+                if at is not None and parking.key_of(r) is not None
+            ]
         async with self.pool.acquire() as conn:
             try:
                 async with conn.transaction():
@@ -193,6 +234,17 @@ class Projector:
                             await self.projection.apply(conn, events)
                         outcome.applied += len(events)
                     ends = _ends(records)
+                    if outcome.was_parked and records:
+                        name, version = self.projection.name, self.projection.version
+                        if (
+                            await parking.still_parked(conn, name, version, outcome.was_parked)
+                            != outcome.was_parked
+                        ):
+                            raise ParkingChanged
+                    if (heads or outcome.held) and records:
+                        await parking.park(
+                            conn, self.projection.name, self.projection.version, heads, outcome.held
+                        )
                     if records:
                         await self._record_positions(conn, ends, outcome)
                     if events or records:
@@ -208,6 +260,168 @@ class Projector:
                 self.projection.rolled_back()
                 raise
             self.projection.committed()
+        if heads and self.parked is not None:
+            self.parked.update(k for h in heads if (k := parking.key_of(h.record)) is not None)
+
+    async def serve_requests(self) -> int:
+        """Do what operators asked of this version's parked keys (retry or skip their
+        dead letter), oldest first: how many requests were done."""
+        if not self.parks:
+            return 0
+        name, version = self.projection.name, self.projection.version
+        requests = await parking.requests(self.pool, name, version)
+        for request in requests:
+            async with self.lock:
+                await self._release(request)
+        return len(requests)
+
+    async def _release(self, request: parking.Request) -> None:
+        name, version, key = self.projection.name, self.projection.version, request.key
+        skip = request.action == "skip"
+        async with self.pool.acquire() as conn:
+            # Most often all at once: the held records in one transaction, the key locked.
+            try:
+                async with conn.transaction():
+                    items = await parking.held(conn, name, version, key)
+                    if await self._requested(conn, key) != request.action_id:
+                        return  # done already (by another worker)
+                    todo = items[1:] if skip else items
+                    events = [decode(self.codec, r) for _, r in todo]
+                    if events:
+                        await self.projection.apply(conn, events)
+                    await parking.let_go(conn, name, version, key, [seq for seq, _ in items])
+                    await parking.unpark(conn, name, version, key)
+                    await parking.done(conn, request.action_id, "applied", len(events))
+                    await notify_applied(
+                        conn, self.channel, name, version, {}, self.projection.touched(events)
+                    )
+            except Exception as exc:
+                self.projection.rolled_back()
+                if unavailable(exc):
+                    raise
+                log.warning(
+                    "released records not applied at once; one by one",
+                    extra={"projection": name, "key": key, "error": repr(exc)},
+                )
+            else:
+                self.projection.committed()
+                self._released(request, len(events))
+                return
+            await self._release_one_by_one(conn, request)
+
+    async def _release_one_by_one(self, conn: asyncpg.Connection, request: parking.Request) -> None:
+        """Each held record in its own transaction, in order, until one fails: that one is
+        the dead letter the key is parked behind now (or, on a retry, the same one)."""
+        name, version, key = self.projection.name, self.projection.version, request.key
+        async with conn.transaction():
+            items = await parking.held(conn, name, version, key)
+        drop = [items[0][0]] if request.action == "skip" and items else []
+        if drop:
+            items = items[1:]
+        applied = 0
+        while True:
+            for i, (seq, record) in enumerate(items):
+                try:
+                    async with conn.transaction():
+                        event = decode(self.codec, record)
+                        await self.projection.apply(conn, [event])
+                        await parking.let_go(conn, name, version, key, [*drop, seq])
+                        await notify_applied(
+                            conn, self.channel, name, version, {}, self.projection.touched([event])
+                        )
+                except Exception as exc:
+                    self.projection.rolled_back()
+                    if unavailable(exc):
+                        raise
+                    error = f"{type(exc).__name__}: {exc}"
+                    same = i == 0 and applied == 0 and request.action == "retry"
+                    at = None if same else await self._dead_letter(record, error)
+                    async with conn.transaction():
+                        await parking.let_go(conn, name, version, key, drop)
+                        if at is None:
+                            await parking.still_failing(conn, name, version, key, error)
+                            await parking.done(conn, request.action_id, "failed", 0, error)
+                        else:
+                            head = parking.Head(record, error, *at)
+                            await parking.new_head(conn, name, version, key, head)
+                            await parking.done(conn, request.action_id, "parked-again", applied, error)
+                    log.warning(
+                        "released records stopped at a record that fails",
+                        extra={"projection": name, "key": key, "applied": applied, "error": error},
+                    )
+                    return
+                self.projection.committed()
+                drop = []
+                applied += 1
+            async with conn.transaction():
+                items = await parking.held(conn, name, version, key)  # held meanwhile elsewhere?
+                if items:
+                    continue
+                await parking.let_go(conn, name, version, key, drop)
+                await parking.unpark(conn, name, version, key)
+                await parking.done(conn, request.action_id, "applied", applied)
+            self._released(request, applied)
+            return
+
+    async def _requested(self, conn: asyncpg.Connection, key: str) -> int | None:
+        value: int | None = await conn.fetchval(
+            "SELECT request_id FROM parked_keys WHERE consumer = $1 AND version = $2 AND key = $3",
+            self.projection.name,
+            self.projection.version,
+            key,
+        )
+        return value
+
+    def _released(self, request: parking.Request, applied: int) -> None:
+        if self.parked is not None:
+            self.parked.discard(request.key)
+        log.info(
+            "parked key released",
+            extra={
+                "projection": self.projection.name,
+                "key": request.key,
+                "action": request.action,
+                "applied": applied,
+            },
+        )
+
+    async def _dead_letter(self, record: Record, error: str) -> tuple[int, int] | None:
+        """Send `record` to the dead-letter topic: where it is there (None when silent)."""
+        source = f"{record.topic}:{record.partition}:{record.offset}"
+        if self.silent:
+            log.warning(
+                "event not applied (rebuild: no dead letter produced)",
+                extra={
+                    "projection": self.projection.name,
+                    "version": self.projection.version,
+                    "source": source,
+                    "error": error,
+                },
+            )
+            return None
+        sent = await self.producer.send_and_wait(
+            self.dlq_topic,
+            record.value,
+            key=record.key,
+            headers=[
+                *record.headers,
+                ("dlq-error", error.encode()[:4000]),
+                ("dlq-source", source.encode()),
+                ("dlq-projection", self.projection.name.encode()),
+                ("dlq-projection-version", str(self.projection.version).encode()),
+            ],
+        )
+        metrics.DEAD_LETTERS.labels(self.projection.name).inc()
+        log.error(
+            "event dead-lettered",
+            extra={
+                "projection": self.projection.name,
+                "source": source,
+                "error": error,
+                "key": parking.key_of(record),
+            },
+        )
+        return sent.partition, sent.offset
 
     async def _record_positions(
         self, conn: asyncpg.Connection, ends: dict[tuple[str, int], tuple[int, int]], outcome: BatchOutcome

@@ -46,6 +46,14 @@ async def _overview(settings: Settings, pool: asyncpg.Pool, probe: LagProbe) -> 
         )
     ]
     stats = {r["projection"]: dict(r) for r in await pool.fetch(f"SELECT x.* FROM projection_stats x {LIVE}")}
+    parked = {
+        r["projection"]: r["n"]
+        for r in await pool.fetch(
+            "SELECT x.consumer AS projection, count(*) AS n FROM parked_keys x "
+            "LEFT JOIN projection_versions v ON v.projection = x.consumer AND v.state = 'live' "
+            "WHERE x.version = coalesce(v.version, 1) GROUP BY x.consumer"
+        )
+    }
     all_versions: dict[str, list[versions.Version]] = {}
     for v in [
         versions.Version.of(r)
@@ -71,6 +79,7 @@ async def _overview(settings: Settings, pool: asyncpg.Pool, probe: LagProbe) -> 
             "seconds_behind": lag[name]["seconds_behind"],
             "applied": s.get("applied", 0),
             "dead_lettered": s.get("dead_lettered", 0),
+            "parked": parked.get(name, 0),  # keys held behind a dead letter (projections.parking)
             "dead_letter_topic": topics.dlq(name),
             "last_error": s.get("last_error"),
             "positions": lag[name]["positions"],

@@ -51,6 +51,7 @@ from streams.skipped import refetch_skipped_records
 log = logging.getLogger(__name__)
 
 RETRY_S = (0.2, 0.5, 1, 2, 5)
+REQUESTS_S = 0.5  # how often operators' retries and skips of dead letters are looked for
 HEARTBEAT_S = 2.0  # a worker is alive while its beat is under 5 s old (projections.versions.workers)
 
 
@@ -161,6 +162,7 @@ class ProjectionApp:
             supervisor_strategy=mode.CrashingSupervisor if in_group else None,
         )(self._agent)
         self.app.timer(HEARTBEAT_S)(self._heartbeat)
+        self.app.timer(REQUESTS_S)(self._serve_requests)
 
     async def _start_projector(self) -> Projector:
         """The projector and what it holds; what was opened is closed again if a step fails."""
@@ -254,6 +256,18 @@ class ProjectionApp:
             await projector.producer.stop()
             await projector.pool.close()
             await self.projection.close()
+
+    async def _serve_requests(self) -> None:
+        """Retry or skip the dead letters operators asked to (`projections.parking`)."""
+        if self.projector is None:
+            return
+        try:
+            await self.projector.serve_requests()
+        except Exception as exc:  # the request stays waiting; tried again at the next tick
+            log.warning(
+                "dead-letter requests not served",
+                extra={"projection": self.projection.name, "error": repr(exc)},
+            )
 
     async def _heartbeat(self) -> None:
         """Say this worker is alive; stop it once its version is retired (a rebuild

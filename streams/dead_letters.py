@@ -104,19 +104,25 @@ async def _read(settings: Settings, topic: str, back: int) -> list[ConsumerRecor
 
 
 async def listing(
-    settings: Settings, consumer: str | None = None, key: str | None = None, limit: int = 50
+    settings: Settings,
+    consumer: str | None = None,
+    key: str | None = None,
+    limit: int = 50,
+    scan: bool = False,
 ) -> dict[str, Any]:
-    """The newest dead letters (of one consumer, or of all), newest first."""
+    """The newest dead letters (of one consumer, or of all), newest first; looking back
+    `SCAN` records per partition when `key` is given or `scan` asked for (the caller
+    filters them further), else `limit`."""
     topics = Topics(settings.topic_prefix)
     names = [consumer] if consumer else consumers()
     items: list[dict[str, Any]] = []
     for name in names:
-        records = await _read(settings, topics.dlq(name), SCAN if key else limit)
+        records = await _read(settings, topics.dlq(name), SCAN if key or scan else limit)
         for r in records:
             if key is None or (r.key is not None and r.key.decode(errors="replace") == key):
                 items.append(summary(name, r))
     items.sort(key=lambda d: (d["at"], d["offset"]), reverse=True)
-    return {"items": items[:limit], "consumers": names}
+    return {"items": items if scan else items[:limit], "consumers": names}
 
 
 async def one(settings: Settings, consumer: str, partition: int, offset: int) -> dict[str, Any] | None:
