@@ -22,12 +22,14 @@ from api import (
     admin,
     asyncapi,
     commands,
+    console,
     dead_letters,
     errors,
     health,
     inputs,
     internal,
     limits,
+    runtime,
     subscriptions,
 )
 from api import metrics as api_metrics
@@ -240,6 +242,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(api_metrics.HttpMetrics)  # outermost: every request timed and traced
     app.include_router(health.router)
     app.include_router(asyncapi.router)
+    app.include_router(console.router)
     app.include_router(api_metrics.router)
     for context in CONTEXTS:
         for router in context.routers:
@@ -247,6 +250,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(commands.router)
     app.include_router(admin.router)
     app.include_router(dead_letters.router)
+    app.include_router(runtime.router)
     app.include_router(internal.router)
     app.include_router(auth_routes.router)
     subscriptions.install(app)

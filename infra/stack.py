@@ -861,6 +861,12 @@ def _debian_monitoring() -> None:
         apt_install(*missing)
 
 
+def _debian_browser() -> None:
+    """Debian's chromium, which the console's browser test drives (Playwright), when missing."""
+    if shutil.which("chromium") is None:
+        apt_install("chromium")
+
+
 def _http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:
@@ -1262,6 +1268,8 @@ def cmd_up(cfg: Config, names: list[str]) -> int:
     t0 = time.monotonic()
     for svc in services(cfg, names):
         svc.up()
+    if not names:
+        _debian_browser()
     log(f"stack up in {time.monotonic() - t0:.1f}s")
     return 0
 

