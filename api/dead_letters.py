@@ -20,7 +20,6 @@ from api.bodies import RequestBody
 from api.errors import ReadModelsUnavailable, RequestProblem
 from api.readmodels import PoolDep
 from projections import parking
-from projections.registry import PROJECTIONS
 from streams import dead_letters
 
 router = APIRouter(prefix="/api/v1/admin/dead-letters", tags=["admin"])
@@ -175,12 +174,11 @@ async def _act(
 
 def _parks(consumer: str) -> None:
     _known(consumer)
-    if consumer not in PROJECTIONS:
+    if not parking.parks(consumer):
         raise RequestProblem(
             409,
             "does_not_park",
-            f"{consumer} does not park keys behind its dead letters: only projections do "
-            f"({', '.join(sorted(PROJECTIONS))})",
+            f"{consumer} does not park keys behind its dead letters: the projections and the stream jobs do",
         )
 
 

@@ -654,7 +654,7 @@ def dlq_parked(
 
 @dlq.command("retry")
 def dlq_retry(
-    consumer: Annotated[str, typer.Argument(help="the projection that dead-lettered it")],
+    consumer: Annotated[str, typer.Argument(help="the projection or job-<name> that dead-lettered it")],
     partition: Annotated[int | None, typer.Argument(help="the dead letter's partition")] = None,
     offset: Annotated[int | None, typer.Argument(help="the dead letter's offset")] = None,
     every: Annotated[
@@ -672,7 +672,7 @@ def dlq_retry(
 
 @dlq.command("skip")
 def dlq_skip(
-    consumer: Annotated[str, typer.Argument(help="the projection that dead-lettered it")],
+    consumer: Annotated[str, typer.Argument(help="the projection or job-<name> that dead-lettered it")],
     partition: Annotated[int, typer.Argument(help="the dead letter's partition")],
     offset: Annotated[int, typer.Argument(help="the dead letter's offset")],
 ) -> None:
@@ -686,11 +686,10 @@ def _act_on_dead_letters(consumer: str, action: str, one: tuple[int, int] | None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from projections import parking
-    from projections.registry import PROJECTIONS
 
     _known_consumer(consumer)
-    if consumer not in PROJECTIONS:
-        console.print(f"[red]{consumer} does not park keys behind its dead letters[/]: only projections do")
+    if not parking.parks(consumer):
+        console.print(f"[red]{consumer} does not park keys behind its dead letters[/]")
         raise typer.Exit(1)
     actor = f"cli:{getpass.getuser()}"
 

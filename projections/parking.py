@@ -1,13 +1,15 @@
-"""Per-key parking: when a projection dead-letters a record, the key it carries (the
-aggregate id) is parked, and the projection's later records of that key are held in
-PostgreSQL in order, not applied, while other keys flow. The parking is written in the
-batch's transaction, with its positions, so a crash parks a record or applies it, never
-neither. An operator then retries the dead letter (after a fix: it and the held records
-are applied in order) or skips it (the held records are applied); the projector does it
-(`Projector.serve_requests`), and each such request is kept with its actor and outcome
-in `dead_letter_actions`.
+"""Per-key parking: when a projection or a stream job dead-letters a record, the key it
+carries (the aggregate id) is parked, and that consumer's later records of the key are
+held in PostgreSQL in order, not applied, while other keys flow. A projection writes the
+parking in the batch's transaction, with its positions, so a crash parks a record or
+applies it, never neither; a job writes it before the record is acked. An operator then
+retries the dead letter (after a fix: it and the held records are applied in order) or
+skips it (the held records are applied); the consumer does it (`Projector.serve_requests`,
+`JobApp._serve_requests`), and each such request is kept with its actor and outcome in
+`dead_letter_actions`.
 
 Keys are parked per projection version: a version being rebuilt (silent) parks nothing.
+A stream job has no versions: it parks at `UNVERSIONED`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,20 @@ import asyncpg
 from projections.events import Record
 
 ACTIONS = ("retry", "skip")
+UNVERSIONED = 1  # the version of a consumer without versions (a stream job)
+# Operators see and act on the keys parked by the live version of each projection: a
+# retired version's stay as they are, for a rollback to find them.
+LIVE = (
+    "LEFT JOIN projection_versions v ON v.projection = k.consumer AND v.state = 'live' "
+    "WHERE k.version = coalesce(v.version, 1)"
+)
+
+
+def parks(consumer: str) -> bool:
+    """Does `consumer` park keys behind its dead letters (a projection, a stream job)?"""
+    from projections.registry import PROJECTIONS
+
+    return consumer in PROJECTIONS or consumer.startswith("job-")
 
 
 def key_of(record: Record) -> str | None:
@@ -42,6 +58,8 @@ class Request:
     action_id: int
     key: str
     action: str
+    topic: str = ""  # where the key's records come from
+    partition: int = -1
 
 
 async def parked(conn: asyncpg.Connection | asyncpg.Pool, consumer: str, version: int) -> set[str]:
@@ -119,12 +137,40 @@ async def park(
 async def requests(pool: asyncpg.Pool, consumer: str, version: int) -> list[Request]:
     """The operators' requests waiting for this projection version, oldest first."""
     rows = await pool.fetch(
-        "SELECT k.key, a.id, a.action FROM parked_keys k JOIN dead_letter_actions a ON a.id = k.request_id "
+        "SELECT k.key, k.source_topic, k.source_partition, a.id, a.action FROM parked_keys k "
+        "JOIN dead_letter_actions a ON a.id = k.request_id "
         "WHERE k.consumer = $1 AND k.version = $2 AND k.request_id IS NOT NULL ORDER BY a.id",
         consumer,
         version,
     )
-    return [Request(r["id"], r["key"], r["action"]) for r in rows]
+    return [Request(r["id"], r["key"], r["action"], r["source_topic"], r["source_partition"]) for r in rows]
+
+
+async def hold(pool: asyncpg.Pool, consumer: str, version: int, record: Record) -> bool:
+    """Hold `record` behind its parked key; False if the key is no longer parked."""
+    key = key_of(record)
+    async with pool.acquire() as conn, conn.transaction():
+        if key is None or not await still_parked(conn, consumer, version, [key]):
+            return False
+        await park(conn, consumer, version, [], [record])
+    return True
+
+
+async def park_behind(pool: asyncpg.Pool, consumer: str, version: int, head: Head) -> None:
+    """Park the key of `head` behind it (a consumer outside any batch transaction)."""
+    async with pool.acquire() as conn, conn.transaction():
+        await park(conn, consumer, version, [head], [])
+
+
+async def requested(conn: asyncpg.Connection, consumer: str, version: int, key: str) -> int | None:
+    """The action waiting for the key, if any."""
+    value: int | None = await conn.fetchval(
+        "SELECT request_id FROM parked_keys WHERE consumer = $1 AND version = $2 AND key = $3",
+        consumer,
+        version,
+        key,
+    )
+    return value
 
 
 async def held(conn: asyncpg.Connection, consumer: str, version: int, key: str) -> list[tuple[int, Record]]:
@@ -220,6 +266,43 @@ async def done(
     )
 
 
+async def stopped(
+    conn: asyncpg.Connection,
+    consumer: str,
+    version: int,
+    request: Request,
+    drop: Sequence[int],
+    failed: Head | None,
+    error: str,
+    applied: int,
+) -> None:
+    """A release stopped at a record that fails: the key stays parked, behind the same
+    dead letter (`failed` None: a retry of it failed again) or behind `failed` (a held
+    record that was dead-lettered in its turn); `drop` (a skipped one) is let go."""
+    async with conn.transaction():
+        await let_go(conn, consumer, version, request.key, drop)
+        if failed is None:
+            await still_failing(conn, consumer, version, request.key, error)
+            await done(conn, request.action_id, "failed", 0, error)
+        else:
+            await new_head(conn, consumer, version, request.key, failed)
+            await done(conn, request.action_id, "parked-again", applied, error)
+
+
+async def released(
+    conn: asyncpg.Connection, consumer: str, version: int, request: Request, drop: Sequence[int], applied: int
+) -> bool:
+    """The held records are all applied (and `drop`, a skipped one, let go): unpark the
+    key, unless more were held meanwhile (False: go on with those)."""
+    async with conn.transaction():
+        await let_go(conn, consumer, version, request.key, drop)
+        if await held(conn, consumer, version, request.key):
+            return False
+        await unpark(conn, consumer, version, request.key)
+        await done(conn, request.action_id, "applied", applied)
+    return True
+
+
 # The API's side: what operators see and ask.
 
 
@@ -236,8 +319,8 @@ async def request(
     assert action in ACTIONS
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
-            "SELECT version, key, request_id FROM parked_keys "
-            "WHERE consumer = $1 AND dlq_partition = $2 AND dlq_offset = $3 FOR UPDATE",
+            f"SELECT k.version, k.key, k.request_id FROM parked_keys k {LIVE} "
+            "AND k.consumer = $1 AND k.dlq_partition = $2 AND k.dlq_offset = $3 FOR UPDATE OF k",
             consumer,
             dlq_partition,
             dlq_offset,
@@ -322,8 +405,8 @@ async def parked_listing(
     """Parked keys, newest first: behind which dead letter, why, how many records held."""
     rows = await pool.fetch(
         "SELECT k.*, (SELECT count(*) FROM parked_records r WHERE r.consumer = k.consumer "
-        "AND r.version = k.version AND r.key = k.key) AS held FROM parked_keys k "
-        "WHERE ($1::text IS NULL OR k.consumer = $1) AND ($2::text IS NULL OR k.key = $2) "
+        f"AND r.version = k.version AND r.key = k.key) AS held FROM parked_keys k {LIVE} "
+        "AND ($1::text IS NULL OR k.consumer = $1) AND ($2::text IS NULL OR k.key = $2) "
         "ORDER BY k.parked_at DESC LIMIT $3",
         consumer,
         key,
@@ -357,7 +440,7 @@ async def states(
     rows = await pool.fetch(
         "WITH w AS (SELECT * FROM unnest($1::text[], $2::int[], $3::bigint[]) AS w(c, p, o)) "
         "SELECT w.c, w.p, w.o, "
-        "EXISTS (SELECT 1 FROM parked_keys k WHERE k.consumer = w.c AND k.dlq_partition = w.p "
+        f"EXISTS (SELECT 1 FROM parked_keys k {LIVE} AND k.consumer = w.c AND k.dlq_partition = w.p "
         "AND k.dlq_offset = w.o) AS parked, "
         "(SELECT a.action FROM dead_letter_actions a WHERE a.consumer = w.c AND a.dlq_partition = w.p "
         "AND a.dlq_offset = w.o AND a.outcome IN ('applied', 'parked-again') ORDER BY a.id DESC LIMIT 1) "

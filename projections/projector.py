@@ -283,7 +283,7 @@ class Projector:
             try:
                 async with conn.transaction():
                     items = await parking.held(conn, name, version, key)
-                    if await self._requested(conn, key) != request.action_id:
+                    if await parking.requested(conn, name, version, key) != request.action_id:
                         return  # done already (by another worker)
                     todo = items[1:] if skip else items
                     events = [decode(self.codec, r) for _, r in todo]
@@ -336,15 +336,8 @@ class Projector:
                     error = f"{type(exc).__name__}: {exc}"
                     same = i == 0 and applied == 0 and request.action == "retry"
                     at = None if same else await self._dead_letter(record, error)
-                    async with conn.transaction():
-                        await parking.let_go(conn, name, version, key, drop)
-                        if at is None:
-                            await parking.still_failing(conn, name, version, key, error)
-                            await parking.done(conn, request.action_id, "failed", 0, error)
-                        else:
-                            head = parking.Head(record, error, *at)
-                            await parking.new_head(conn, name, version, key, head)
-                            await parking.done(conn, request.action_id, "parked-again", applied, error)
+                    failed = None if at is None else parking.Head(record, error, *at)
+                    await parking.stopped(conn, name, version, request, drop, failed, error, applied)
                     log.warning(
                         "released records stopped at a record that fails",
                         extra={"projection": name, "key": key, "applied": applied, "error": error},
@@ -353,24 +346,13 @@ class Projector:
                 self.projection.committed()
                 drop = []
                 applied += 1
-            async with conn.transaction():
-                items = await parking.held(conn, name, version, key)  # held meanwhile elsewhere?
-                if items:
-                    continue
-                await parking.let_go(conn, name, version, key, drop)
-                await parking.unpark(conn, name, version, key)
-                await parking.done(conn, request.action_id, "applied", applied)
+            if not await parking.released(conn, name, version, request, drop, applied):
+                drop = []
+                async with conn.transaction():  # held meanwhile by another worker: those too
+                    items = await parking.held(conn, name, version, key)
+                continue
             self._released(request, applied)
             return
-
-    async def _requested(self, conn: asyncpg.Connection, key: str) -> int | None:
-        value: int | None = await conn.fetchval(
-            "SELECT request_id FROM parked_keys WHERE consumer = $1 AND version = $2 AND key = $3",
-            self.projection.name,
-            self.projection.version,
-            key,
-        )
-        return value
 
     def _released(self, request: parking.Request, applied: int) -> None:
         if self.parked is not None:

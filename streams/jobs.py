@@ -16,7 +16,10 @@ version of the last event of their aggregate they reflect, and skip events at or
 below it, so applying twice changes nothing. While the command path is away
 (no owner, Kafka or Redis down) the handler retries the same command, in order, with a
 growing pause. An event that cannot be decoded or that the handler refuses goes to
-`<prefix>.dlq.job-<name>` with the error and the rest keeps flowing.
+`<prefix>.dlq.job-<name>` with the error and parks its key: the job's later records of
+that key are held (in PostgreSQL, before they are acked) while the rest keeps flowing,
+until an operator retries or skips the dead letter (`projections.parking`); the worker
+that holds the key's partition then handles the held records in order.
 
 A job may read other topics than events (`source_topics`, `decode`: the CDC job reads
 Debezium's change events), and may handle records of different keys at once
@@ -57,7 +60,10 @@ from redis.exceptions import RedisError
 from commands.bus import BusUnavailable, CommandBus, ResultTimeout
 from commands.context import BoundedContext
 from commands.transaction import dead_letter
-from projections.events import StoredEvent, decode
+from projections import parking
+from projections.db import create_pool
+from projections.events import Record, StoredEvent, decode
+from projections.migrations import migrate
 from shared_kernel import kafka, metrics, tracing
 from shared_kernel.avro import AvroCodec
 from shared_kernel.envelope import CommandResult
@@ -73,7 +79,25 @@ log = logging.getLogger(__name__)
 JOB_COMMANDS = UUID("5b0f3c1e-7a4d-4c62-9a0e-2f6d8b1c4e77")  # namespace of derived command ids
 RETRY_S = (0.2, 0.5, 1, 2, 5, 10)
 PROGRESS_S = 30.0  # how often a job logs what it has done (like the command processor)
+REQUESTS_S = 0.5  # how often operators' retries and skips of dead letters are looked for
 HANDLED_REFUSALS = frozenset({"invariant_violation", "already_exists", "not_found"})
+
+
+class _Message:
+    """What a Faust table asks of the event being handled (partition, topic, time)."""
+
+    def __init__(self, record: Record) -> None:
+        self.topic, self.partition, self.offset = record.topic, record.partition, record.offset
+        self.key, self.value, self.headers = record.key, record.value, record.headers
+        self.timestamp = record.timestamp_ms / 1000
+        self.tp = faust.types.TP(record.topic, record.partition)
+
+
+class _HeldEvent:
+    """A held record handled again outside the stream, as Faust's current event."""
+
+    def __init__(self, record: Record) -> None:
+        self.message = _Message(record)
 
 
 class Poison(ValueError):
@@ -186,14 +210,20 @@ class JobApp:
         job.runner = self
         self.topics = Topics(settings.topic_prefix)
         self.group_id = f"{settings.topic_prefix}.job.{job.name}"
-        self.dlq = self.topics.dlq(f"job-{job.name}")
-        metrics.known_consumers([f"job-{job.name}"])
+        self.consumer_name = f"job-{job.name}"
+        self.dlq = self.topics.dlq(self.consumer_name)
+        metrics.known_consumers([self.consumer_name])
         self.codec = AvroCodec.from_directory()
         self.handled = 0
         self.dead = 0
         self.commands = 0
+        self.held = 0
         self.bus: CommandBus | None = None
         self.redis: Redis | None = None
+        # the keys parked behind a dead letter, and one hold or release at a time
+        self.pool: Any = None
+        self.parked: set[str] = set()
+        self.parking_lock = asyncio.Lock()
         self.halted: str | None = None
         self._halt_cleared = False
         self._resources: contextlib.AsyncExitStack | None = None
@@ -237,6 +267,7 @@ class JobApp:
         job.tables(self.app)
         job.timers(self.app)
         self.app.timer(PROGRESS_S)(self._progress)
+        self.app.timer(REQUESTS_S)(self._serve_requests)
         self.app.agent(
             source,
             name=f"job-{job.name}",
@@ -267,6 +298,8 @@ class JobApp:
                 "job": self.job.name,
                 "handled": self.handled,
                 "dead_lettered": self.dead,
+                "held": self.held,
+                "parked": len(self.parked),
                 "commands": self.commands,
                 "partitions": reading,
                 "reading": at,
@@ -289,7 +322,11 @@ class JobApp:
         bus = CommandBus(self.settings, producer, redis)
         await bus.start()
         stack.push_async_callback(bus.stop)
-        self._resources, self.bus, self.producer, self.redis = stack, bus, producer, redis
+        await migrate(self.settings)
+        pool = await create_pool(self.settings, f"job:{self.job.name}", min_size=1, max_size=2)
+        stack.push_async_callback(pool.close)
+        self.parked = await parking.parked(pool, self.consumer_name, parking.UNVERSIONED)
+        self._resources, self.bus, self.producer, self.redis, self.pool = stack, bus, producer, redis, pool
         return bus
 
     async def close(self) -> None:
@@ -316,24 +353,38 @@ class JobApp:
             await self.close()
 
     async def _handle(self, message: Any) -> None:
-        """One record: decoded and handled, or dead-lettered with the reason."""
+        """One record: held behind its parked key, or decoded and handled, or
+        dead-lettered with the reason (its key parked)."""
         record = _record(message)
+        key = parking.key_of(record)
+        if key is not None and key in self.parked:
+            async with self.parking_lock:
+                if key in self.parked:
+                    if await parking.hold(self.pool, self.consumer_name, parking.UNVERSIONED, record):
+                        self.held += 1
+                        return
+                    self.parked.discard(key)  # let go by another worker meanwhile
+        error = await self._attempt(record)
+        if error is not None:
+            await self._dead_letter(record, error)
+
+    async def _attempt(self, record: Record) -> str | None:
+        """Decode and handle `record`: None, or why it cannot be (it is poison)."""
         try:
             item = self.job.decode(self.codec, record)
         except Exception as exc:  # anything undecodable is poison
-            await self._dead_letter(record, f"cannot decode: {type(exc).__name__}: {exc}")
-            return
+            return f"cannot decode: {type(exc).__name__}: {exc}"
         if item is None:
-            return
+            return None
         traceparent = item.meta.traceparent if isinstance(item, StoredEvent) else ""
         try:
             with tracing.continued(f"job {self.job.name}", traceparent, **{"cqrs.job": self.job.name}):
                 await self.job.handle(item)
         except (Poison, KeyError, TypeError, ValueError) as exc:
-            await self._dead_letter(record, f"{type(exc).__name__}: {exc}")
-            return
+            return f"{type(exc).__name__}: {exc}"
         self.handled += 1
         metrics.JOB_EVENTS.labels(self.job.name, "handled").inc()
+        return None
 
     async def _handle_batch(self, events: list[Any]) -> None:
         """Each key's records in order, up to `concurrency` keys at once. A table write
@@ -375,10 +426,21 @@ class JobApp:
             await self.redis.delete(halt_key(self.settings.topic_prefix, self.job.name))
             self._halt_cleared = True
 
-    async def _dead_letter(self, record: Any, error: str) -> None:
+    async def _dead_letter(self, record: Record, error: str) -> None:
+        """Send `record` to the dead letters and park its key behind it (before the record
+        is acked: a crash in between sends it again, and parks it once)."""
+        at = await self._send_dead_letter(record, error)
+        key = parking.key_of(record)
+        if key is not None:
+            async with self.parking_lock:
+                head = parking.Head(record, error, *at)
+                await parking.park_behind(self.pool, self.consumer_name, parking.UNVERSIONED, head)
+                self.parked.add(key)
+
+    async def _send_dead_letter(self, record: Record, error: str) -> tuple[int, int]:
         value, headers = dead_letter(record, error, self.settings.kafka_max_message_bytes)
         assert self.producer is not None
-        await self.producer.send_and_wait(self.dlq, value, key=record.key, headers=headers)
+        sent = await self.producer.send_and_wait(self.dlq, value, key=record.key, headers=headers)
         self.dead += 1
         metrics.DEAD_LETTERS.labels(f"job-{self.job.name}").inc()
         metrics.JOB_EVENTS.labels(self.job.name, "dead_lettered").inc()
@@ -389,8 +451,80 @@ class JobApp:
                 "error": error,
                 "partition": record.partition,
                 "offset": record.offset,
+                "key": parking.key_of(record),
             },
         )
+        return sent.partition, sent.offset
+
+    async def _serve_requests(self) -> None:
+        """Retry or skip the dead letters operators asked to, for the keys of the
+        partitions this worker holds (their table state is here)."""
+        if self.pool is None or self.halted:
+            return
+        try:
+            requests = await parking.requests(self.pool, self.consumer_name, parking.UNVERSIONED)
+            if not requests:
+                return
+            mine = {(tp.topic, tp.partition) for tp in self.app.consumer.assignment()}
+            for request in requests:
+                if (request.topic, request.partition) in mine:
+                    async with self.parking_lock:
+                        await self._release(request)
+        except Exception as exc:  # the request stays waiting; tried again at the next tick
+            log.warning("dead-letter requests not served", extra={"job": self.job.name, "error": repr(exc)})
+
+    async def _release(self, request: parking.Request) -> None:
+        """The held records in order (without the dead letter on a skip), each handled as
+        the stream would, its table writes flushed before it is let go; until one fails,
+        which the key is parked behind then (or, on a retry, the same one still fails)."""
+        name, version, key = self.consumer_name, parking.UNVERSIONED, request.key
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                items = await parking.held(conn, name, version, key)
+                if await parking.requested(conn, name, version, key) != request.action_id:
+                    return  # done already
+            drop = [items[0][0]] if request.action == "skip" and items else []
+            if drop:
+                items = items[1:]
+            applied = 0
+            while True:
+                for i, (seq, record) in enumerate(items):
+                    error = await self._replay(record)
+                    if error is None:
+                        await self.app.producer.flush()  # its table writes are in the changelog
+                        async with conn.transaction():
+                            await parking.let_go(conn, name, version, key, [*drop, seq])
+                        drop = []
+                        applied += 1
+                        continue
+                    same = i == 0 and applied == 0 and request.action == "retry"
+                    at = None if same else await self._send_dead_letter(record, error)
+                    failed = None if at is None else parking.Head(record, error, *at)
+                    await parking.stopped(conn, name, version, request, drop, failed, error, applied)
+                    return
+                if not await parking.released(conn, name, version, request, drop, applied):
+                    drop = []
+                    async with conn.transaction():
+                        items = await parking.held(conn, name, version, key)
+                    continue
+                self.parked.discard(key)
+                log.info(
+                    "parked key released",
+                    extra={"job": self.job.name, "key": key, "action": request.action, "applied": applied},
+                )
+                return
+
+    async def _replay(self, record: Record) -> str | None:
+        """Handle a held record outside the stream: its table writes go to the changelog
+        partition of the record, as when the stream hands it over."""
+        stand_in = _HeldEvent(record)
+        token = _current_event.set(weakref.ref(stand_in))  # type: ignore[arg-type]
+        try:
+            return await self._attempt(record)
+        except Halt as exc:
+            return f"Halt: {exc}"
+        finally:
+            _current_event.reset(token)
 
     async def send(
         self,

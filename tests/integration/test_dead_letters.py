@@ -235,11 +235,14 @@ async def test_a_poison_event_parks_its_key_while_others_flow_until_retried_afte
                 ("retry", a, "applied", f"cli:{getpass.getuser()}"),
                 ("retry", a, "failed", "tester"),
             ]
+            r = await client.post(f"/api/v1/admin/dead-letters/command-processor/{dead['partition']}/0/retry")
+            assert r.status_code == 409
+            assert r.json()["error"] == "does_not_park"
             r = await client.post(
                 f"/api/v1/admin/dead-letters/job-incident-deadlines/{dead['partition']}/0/retry"
             )
             assert r.status_code == 409
-            assert r.json()["error"] == "does_not_park"
+            assert r.json()["error"] == "not_parked"  # a job parks, but nothing is parked there
 
             # the read model equals a fresh rebuild from the log
             started = await client.post("/api/v1/admin/projections/incidents/rebuild")

@@ -17,6 +17,7 @@ import httpx
 import orjson
 import pytest
 
+from commands.routing import partition_for
 from shared_kernel import kafka
 from shared_kernel.settings import Settings
 from shared_kernel.topics import Topics
@@ -324,3 +325,108 @@ async def test_a_bad_alertmanager_payload_is_a_422_naming_the_field(
     r = await client.post("/api/v1/integrations/alertmanager", json=payload)
     assert r.status_code == 422, r.text
     assert field in r.text
+
+
+async def test_a_record_the_monitor_cannot_read_parks_its_dataset_until_skipped_while_others_flow(
+    side: WriteSide, client: httpx.AsyncClient, settings: Settings
+) -> None:
+    monitor = side.start_job("quality-monitor")
+    await side.wait_until_job_runs(monitor)
+    parked_one = await new_dataset(client, "parked in the monitor")
+    flowing = await new_dataset(client, "flowing")
+    producer = kafka.producer(settings)
+    await producer.start()
+    try:  # between the dataset's creation and its checks, in its partition
+        await producer.send_and_wait(
+            Topics(side.settings.topic_prefix).events("datasets"),
+            b"\x00garbled",
+            key=parked_one.encode(),
+            partition=partition_for(parked_one, side.settings.partitions),
+        )
+    finally:
+        await producer.stop()
+    for _ in range(6):  # enough failing checks to degrade either
+        await check(client, parked_one, passed=False)
+        await check(client, flowing, passed=False)
+
+    async def degraded(dataset: str) -> int:
+        """Its DatasetQualityDegraded events in the log (the projections of the dataset
+        park behind the unreadable record too: the log is read, not them)."""
+        records = await read_records(side.settings, [Topics(side.settings.topic_prefix).events("datasets")])
+        return sum(
+            (h := dict(r.headers)).get("event-type") == b"datasets.DatasetQualityDegraded"
+            and h.get("aggregate-id") == dataset.encode()
+            for r in records
+        )
+
+    async def flowing_degraded() -> int | None:
+        return await degraded(flowing) or None
+
+    await until(flowing_degraded, 60, "the other dataset degraded")
+
+    async def held() -> dict[str, Any] | None:
+        r = await client.get(
+            "/api/v1/admin/dead-letters/parked", params={"consumer": "job-quality-monitor", "key": parked_one}
+        )
+        items = r.json()["items"]
+        return items[0] if items and items[0]["held"] == 6 else None
+
+    parked = await until(held, 60, "the dataset parked in the monitor, its six checks held")
+    assert "cannot decode" in parked["error"]
+    assert await degraded(parked_one) == 0
+    path = f"/api/v1/admin/dead-letters/job-quality-monitor/{parked['dead_letter']['partition']}"
+    path += f"/{parked['dead_letter']['offset']}"
+    r = await client.post(f"{path}/retry")  # the same bytes: still unreadable
+    assert r.status_code == 200, r.text
+    assert (r.json()["outcome"], r.json()["applied"]) == ("failed", 0)
+    r = await client.post(f"{path}/skip")
+    assert r.status_code == 200, r.text
+    assert (r.json()["outcome"], r.json()["applied"]) == ("applied", 6)
+
+    async def parked_degraded() -> int | None:
+        return await degraded(parked_one) or None
+
+    assert await until(parked_degraded, 60, "the parked dataset degraded once its checks were handled") == 1
+    r = await client.get("/api/v1/admin/dead-letters/parked", params={"key": parked_one})
+    # the projections of the dataset parked it as well; skipped there too, they catch up
+    projections = {k["consumer"] for k in r.json()["items"]}
+    assert "job-quality-monitor" not in projections
+    assert {"datasets", "events"} <= projections
+    for k in r.json()["items"]:
+        at = k["dead_letter"]
+        skipped = await client.post(
+            f"/api/v1/admin/dead-letters/{k['consumer']}/{at['partition']}/{at['offset']}/skip"
+        )
+        assert skipped.json()["outcome"] == "applied", skipped.text
+
+    async def archived() -> int | None:
+        r = await client.get(f"/api/v1/datasets/{parked_one}/events")
+        names = [e["event_type"] for e in r.json()["items"]] if r.status_code == 200 else []
+        return len(names) if "datasets.DatasetQualityDegraded" in names else None
+
+    assert await until(archived, 30, "the archive caught up") == 8  # registered, 6 checks, degraded
+
+    # a dead letter with nothing held behind it: a skip lets its key go and applies nothing
+    lone_key = str(uuid.uuid4())
+    producer = kafka.producer(settings)
+    await producer.start()
+    try:
+        topic = Topics(side.settings.topic_prefix).events("datasets")
+        await producer.send_and_wait(topic, b"\x00alone", key=lone_key.encode())
+    finally:
+        await producer.stop()
+
+    async def lone() -> dict[str, Any] | None:
+        params = {"consumer": "job-quality-monitor", "key": lone_key}
+        items = (await client.get("/api/v1/admin/dead-letters/parked", params=params)).json()["items"]
+        return items[0] if items else None
+
+    alone = await until(lone, 60, "the lone record's key parked")
+    assert alone["held"] == 0
+    at = alone["dead_letter"]
+    r = await client.post(
+        f"/api/v1/admin/dead-letters/job-quality-monitor/{at['partition']}/{at['offset']}/skip"
+    )
+    assert (r.json()["outcome"], r.json()["applied"]) == ("applied", 0), r.text
+    assert await lone() is None
+    monitor.stop()
