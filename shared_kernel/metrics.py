@@ -84,7 +84,8 @@ SUBSCRIPTION_CLIENTS = Gauge(
 REREAD = Counter(
     "cqrs_consumer_rereads_total",
     "Records a Faust worker reads again instead of committing over them unhandled "
-    "(streams.skipped): a fetch's jump over records, or an ack of a record its stream skipped",
+    "(streams.skipped): a fetch's jump over records, an ack of a record its stream skipped, "
+    "or a fetch let go unhanded",
     ["reason"],
 )
 SUBSCRIPTION_DROPS = Counter(

@@ -1,4 +1,4 @@
-"""No record lost after a rebalance or a restart: three ways Faust's worker could
+"""No record lost after a rebalance or a restart: four ways Faust's worker could
 skip records it never handled, closed.
 
 1. **A jump in offsets taken for markers.** Faust's consumer takes a jump in a
@@ -23,6 +23,15 @@ skip records it never handled, closed.
    records let go then: the new member of a rebalance handled none of a dataset's checks
    after the poison record at offset 0. Such a partition is sought to its beginning (the
    apps' offset reset) once the committed offsets are applied.
+
+4. **A fetch let go.** Faust's consumer lets the rest of a fetch go when the group's
+   generation changes while it hands the fetch over, or its flow stops, and drops the
+   records of a partition it does not count active, while the consumer's position is
+   past them already. A fetch that straddles a rebalance's seek to the committed offsets
+   is let go so, and nothing seeks again: a restarted deadlines job held its partitions
+   at their end and never handled the incident opened while it was down (its position
+   10, its commit 7). After such a fetch each partition still assigned is sought back
+   to the first record let go (or to its committed offset, when that is earlier).
 
 A record delivered twice is what at-least-once allows (the jobs and projections apply
 idempotently); one never handled is what this prevents.
@@ -81,9 +90,16 @@ def refetch_skipped_records(settings: Settings) -> None:
     if getattr(cls, "_cqrs_refetch", False):
         return
     original = cls.getmany
+    original_wait = cls._wait_next_records
+
+    async def _wait_next_records(self: Any, timeout: float) -> Any:  # noqa: ASYNC109 (Faust's signature)
+        records, active = await original_wait(self, timeout)
+        self._cqrs_fetched = records  # what this fetch holds, to see what getmany lets go
+        return records, active
 
     async def getmany(self: Any, timeout: float) -> AsyncIterator[tuple[Any, Any]]:  # noqa: ASYNC109 (Faust's signature)
         held: set[Any] = set()
+        handed: dict[Any, int] = {}  # tp -> the last offset handed over
         async for tp, message in original(self, timeout):
             if tp in held:
                 continue  # read again from the next fetch
@@ -108,7 +124,9 @@ def refetch_skipped_records(settings: Settings) -> None:
                 rereads["jump"] += 1
                 await self.seek(tp, last + 1)
                 continue
+            handed[tp] = message.offset
             yield tp, message
+        await _read_again_what_was_let_go(self, held, handed)
 
     original_ack = cls.ack
 
@@ -138,7 +156,34 @@ def refetch_skipped_records(settings: Settings) -> None:
             for tp in fresh:
                 self._read_offset[tp] = None
 
+    cls._wait_next_records = _wait_next_records
     cls.getmany = getmany
     cls.ack = ack
     cls.perform_seek = perform_seek
     cls._cqrs_refetch = True
+
+
+async def _read_again_what_was_let_go(consumer: Any, held: set[Any], handed: dict[Any, int]) -> None:
+    """Seek back each partition whose records this fetch let go unhanded (see 4)."""
+    fetched = consumer.__dict__.pop("_cqrs_fetched", None)
+    if not fetched or consumer.should_stop or not consumer.flow_active:
+        return  # stopping, or the flow is suspended: Faust seeks to the commits itself on resuming
+    assigned = consumer.assignment()
+    for tp, records in fetched.items():
+        if tp in held or tp not in assigned or not consumer.app.topics.acks_enabled_for(tp.topic):
+            continue
+        last = handed.get(tp)
+        if not records or (last is not None and records[-1].offset <= last):
+            continue  # all of it handed over (the usual case)
+        first = next((r.offset for r in records if last is None or r.offset > last), None)
+        if first is None:
+            continue
+        committed = consumer._committed_offset[tp]
+        target = first if committed is None else min(first, committed)
+        log.warning(
+            "a fetch's records were let go unhandled; reading them again",
+            extra={"partition": f"{tp.topic}:{tp.partition}", "from": target, "let_go_from": first},
+        )
+        metrics.REREAD.labels("dropped").inc()
+        rereads["dropped"] += 1
+        await consumer.seek(tp, target)
