@@ -1,7 +1,8 @@
 """The operator's console in a real headless Chromium (Debian's, driven by Playwright): it
 loads with no console error and no request to another origin, shows an event made
-during the test, draws the lag chart, and a retry clicked on a parked dead letter
-empties it. The screenshot is kept in `TEST_ARTIFACTS` (default `test-artifacts/`)."""
+during the test, draws the lag chart, a retry clicked on a parked dead letter empties
+it, and a rebuild started there swaps a new version in, which a rollback undoes. The
+screenshot is kept in `TEST_ARTIFACTS` (default `test-artifacts/`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.async_api import ConsoleMessage, Request, async_playwright, expect
+from playwright.async_api import ConsoleMessage, Dialog, Request, async_playwright, expect
 
 from projections.db import create_pool
 from shared_kernel.settings import Settings
@@ -115,6 +116,17 @@ async def test_the_console_shows_events_lag_and_dead_letters_live_and_a_retry_em
             assert await until(assigned, 30, "the retried incident readable") == "dora"
             actions = page.locator("#actions li", has_text="tester retry incidents")
             await actions.first.wait_for(timeout=15_000)
+
+            # a rebuild started from the console runs to the swap; a rollback brings v1 back
+            async def confirm(dialog: Dialog) -> None:
+                await dialog.accept()
+
+            page.on("dialog", confirm)
+            incidents = page.locator('#projection-table tr[data-projection="incidents"]')
+            await incidents.locator("button.rebuild").click()
+            await expect(incidents.locator("td").nth(1)).to_have_text("v2", timeout=120_000)
+            await incidents.locator("button.rollback").click()
+            await expect(incidents.locator("td").nth(1)).to_have_text("v1", timeout=30_000)
 
             assert errors == []
             assert elsewhere == []
