@@ -42,6 +42,7 @@ PUBLIC_PATHS = frozenset(
         "/docs",
         "/docs/oauth2-redirect",
         "/redoc",
+        "/console",  # the operator's console: the page and its assets (its data needs a token)
     }
 )
 REALM = 'Bearer realm="kafka-cqrs"'
@@ -136,7 +137,7 @@ class Authenticate:
             await self.app(scope, receive, send)
             return
         path = _route_path(scope)
-        if path in PUBLIC_PATHS or path.startswith(("/internal/", "/console")):
+        if path in PUBLIC_PATHS or path.startswith(("/internal/", "/console/assets/")):
             # public, or the cluster's own endpoints (their route checks the cluster secret)
             await self.app(scope, receive, send)
             return

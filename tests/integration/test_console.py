@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from playwright.async_api import ConsoleMessage, Dialog, Request, async_playwright, expect
 
@@ -53,6 +54,16 @@ async def test_the_console_shows_events_lag_and_dead_letters_live_and_a_retry_em
         parts = urlsplit(request.url)
         if parts.scheme in ("http", "https", "ws", "wss") and f"{parts.scheme}://{parts.netloc}" != origin:
             elsewhere.append(request.url)
+
+    # the page and its assets are public (no data in them), with a policy of this origin only
+    async with httpx.AsyncClient(base_url=side.api_url, timeout=30) as anonymous:
+        page_answer = await anonymous.get("/console")
+        assert page_answer.status_code == 200
+        assert "default-src 'none'" in page_answer.headers["content-security-policy"]
+        assert 'content="datasets,incidents,webhooks"' in page_answer.text
+        assert (await anonymous.get("/console/assets/console.js")).status_code == 200
+        assert (await anonymous.get("/console/assets/other.js")).status_code in (401, 404, 422)
+        assert (await anonymous.get("/api/v1/admin/processor")).status_code == 401
 
     pool = await create_pool(side.settings)
     async with async_playwright() as playwright, api_client(base_url=side.api_url, timeout=30) as client:
