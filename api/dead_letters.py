@@ -38,7 +38,6 @@ KeyQuery = Annotated[
     str | None, Query(min_length=1, max_length=200, description="the record's key (an aggregate id)")
 ]
 ACTION_WAIT_S = 10.0  # how long a retry or skip is waited for before 202
-UNRESOLVED = ("parked", "open")
 
 
 def _known(consumer: str) -> None:
@@ -75,12 +74,7 @@ async def list_dead_letters(
         )
     except (KafkaError, TimeoutError) as exc:
         raise ReadModelsUnavailable(f"the dead letters could not be read: {exc!r}") from exc
-    items = found["items"]
-    known = await parking.states(pool, [(d["consumer"], d["partition"], d["offset"]) for d in items])
-    for d in items:
-        d["state"] = known.get((d["consumer"], d["partition"], d["offset"]), "open")
-    wanted = {"all": None, "unresolved": UNRESOLVED}.get(state, (state,))
-    found["items"] = [d for d in items if wanted is None or d["state"] in wanted][:limit]
+    found["items"] = await parking.with_states(pool, found["items"], state, limit)
     return found
 
 

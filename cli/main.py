@@ -580,17 +580,11 @@ def dlq_list(
     from streams import dead_letters
 
     _known_consumer(consumer)
-    wanted = {"all": None, "unresolved": ("parked", "open")}.get(state, (state,))
 
     async def main() -> dict[str, Any]:
         found = await dead_letters.listing(get_settings(), consumer, key, limit, scan=state != "all")
         async with _pool() as pool:
-            known = await parking.states(
-                pool, [(d["consumer"], d["partition"], d["offset"]) for d in found["items"]]
-            )
-        for d in found["items"]:
-            d["state"] = known.get((d["consumer"], d["partition"], d["offset"]), "open")
-        found["items"] = [d for d in found["items"] if wanted is None or d["state"] in wanted][:limit]
+            found["items"] = await parking.with_states(pool, found["items"], state, limit)
         return found
 
     found = asyncio.run(main())

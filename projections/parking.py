@@ -456,3 +456,26 @@ async def states(
         elif r["resolved"]:
             out[(r["c"], r["p"], r["o"])] = "retried" if r["resolved"] == "retry" else "skipped"
     return out
+
+
+async def with_states(
+    pool: asyncpg.Pool, items: list[dict[str, Any]], state: str, limit: int
+) -> list[dict[str, Any]]:
+    """Dead letters (`streams.dead_letters.summary`) with their `state` set, those in
+    `state` (`all`, `unresolved`: parked or open, or one state), at most `limit`."""
+    known = await states(pool, [(d["consumer"], d["partition"], d["offset"]) for d in items])
+    for d in items:
+        d["state"] = known.get((d["consumer"], d["partition"], d["offset"]), "open")
+    wanted = {"all": None, "unresolved": ("parked", "open")}.get(state, (state,))
+    return [d for d in items if wanted is None or d["state"] in wanted][:limit]
+
+
+async def release_start(
+    conn: asyncpg.Connection, consumer: str, version: int, request: Request
+) -> tuple[list[tuple[int, Record]], list[int]]:
+    """What a release applies (the held records, without the dead letter on a skip) and
+    what it lets go unapplied (the skipped dead letter)."""
+    async with conn.transaction():
+        items = await held(conn, consumer, version, request.key)
+    drop = [items[0][0]] if request.action == "skip" and items else []
+    return (items[1:] if drop else items), drop

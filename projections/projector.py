@@ -313,11 +313,7 @@ class Projector:
         """Each held record in its own transaction, in order, until one fails: that one is
         the dead letter the key is parked behind now (or, on a retry, the same one)."""
         name, version, key = self.projection.name, self.projection.version, request.key
-        async with conn.transaction():
-            items = await parking.held(conn, name, version, key)
-        drop = [items[0][0]] if request.action == "skip" and items else []
-        if drop:
-            items = items[1:]
+        items, drop = await parking.release_start(conn, name, version, request)
         applied = 0
         while True:
             for i, (seq, record) in enumerate(items):

@@ -479,13 +479,9 @@ class JobApp:
         which the key is parked behind then (or, on a retry, the same one still fails)."""
         name, version, key = self.consumer_name, parking.UNVERSIONED, request.key
         async with self.pool.acquire() as conn:
-            async with conn.transaction():
-                items = await parking.held(conn, name, version, key)
-                if await parking.requested(conn, name, version, key) != request.action_id:
-                    return  # done already
-            drop = [items[0][0]] if request.action == "skip" and items else []
-            if drop:
-                items = items[1:]
+            if await parking.requested(conn, name, version, key) != request.action_id:
+                return  # done already
+            items, drop = await parking.release_start(conn, name, version, request)
             applied = 0
             while True:
                 for i, (seq, record) in enumerate(items):
