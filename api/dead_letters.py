@@ -172,7 +172,8 @@ def _parks(consumer: str) -> None:
         raise RequestProblem(
             409,
             "does_not_park",
-            f"{consumer} does not park keys behind its dead letters: the projections and the stream jobs do",
+            f"{consumer} does not park keys behind its dead letters: the projections, the stream jobs "
+            "and the command processor do",
         )
 
 

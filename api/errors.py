@@ -44,11 +44,16 @@ class ReadModelsUnavailable(Exception):
     """PostgreSQL does not answer: 503 with Retry-After."""
 
 
+PARKED_RETRY_AFTER_S = 30
+
+
 class CommandRejected(RequestProblem):
     def __init__(self, result: CommandResult) -> None:
         super().__init__(STATUS_OF_CODE.get(result.code, 409), result.code, result.reason)
         # Domain details may use any name (even "status"): never as keyword arguments.
         self.extra = {**result.details, "current_version": result.current_version}
+        # a parked aggregate waits for an operator: not worth retrying every second
+        self.retry_after = str(PARKED_RETRY_AFTER_S) if result.code == "aggregate_parked" else None
 
 
 def _body(problem: RequestProblem) -> dict[str, Any]:
@@ -89,7 +94,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestProblem)
     async def _problem(_: Request, exc: RequestProblem) -> JSONResponse:
-        return JSONResponse(_body(exc), status_code=exc.status)
+        wait = getattr(exc, "retry_after", None) or (retry_after if exc.status == 503 else None)
+        headers = {"Retry-After": wait} if wait else None
+        return JSONResponse(_body(exc), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar, cast
@@ -95,6 +95,10 @@ class Repeat:
 class DeadLetter(Generic[R]):
     record: R  # the original record, copied to the dead letter topic as it was
     error: str
+    # A command whose handler failed parks its aggregate (commands.parked): its later
+    # commands wait behind it until an operator retries or skips it. A record that is no
+    # command parks nothing.
+    parks: str | None = None  # the aggregate id it parks
 
 
 @dataclass
@@ -110,6 +114,9 @@ class Decision(Generic[R]):
     # The commands read from the commands topic (the asynchronous path), by command id:
     # their outcomes are audited in the transaction (a direct one's by the API that took it).
     queued: dict[str, CommandEnvelope] = field(default_factory=dict)
+    # Commands of the commands topic for a parked aggregate: held behind its dead letter,
+    # in order, not decided (a direct one is answered `aggregate_parked` instead).
+    held: list[R] = field(default_factory=list)
 
 
 # A command handed to its owner directly (not read from the commands topic) comes in a
@@ -129,6 +136,7 @@ def decide_batch(
     codec: AvroCodec,
     *,
     max_record_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
+    parked: Set[str] = frozenset(),
 ) -> Decision[R]:
     """Decide every record of a batch in offset order.
 
@@ -137,8 +145,15 @@ def decide_batch(
     refusal is a rejection; a record that is no envelope, or whose handler fails, is a
     dead letter, and the rest of the batch is still decided. No record the decision
     asks for is larger than `max_record_bytes`.
+
+    A command whose handler fails parks its aggregate: the later commands for it (of this
+    batch, and of later ones while its id is in `parked`) are not decided. Those read from
+    the commands topic are held (`Decision.held`), a direct one is answered
+    `aggregate_parked` (503: its caller retries once an operator has retried or skipped
+    the dead letter). A command whose outcome is known already is still answered.
     """
     batch: Decision[R] = Decision()
+    parked_now = set(parked)
     accepted_ids: set[tuple[str, str]] = set()  # (tenant, command id): a key is its tenant's
     # per aggregate: what outcomes of commands accepted in this batch will add to its snapshot
     outcomes: dict[Key, int] = {}
@@ -193,6 +208,19 @@ def decide_batch(
         if loaded is not None and command.command_id in loaded.recent:
             batch.answers.append((command.reply_to, loaded.recent[command.command_id]))
             continue
+        if command.aggregate_id in parked_now:
+            if getattr(record, "topic", DIRECT) == DIRECT:
+                reason = (
+                    f"{command.aggregate_id} is parked behind a command that failed; its commands wait "
+                    "until an operator retries or skips that dead letter"
+                )
+                current = loaded.version if loaded else None
+                details = {"parked": command.aggregate_id}
+                result = rejected(command, "aggregate_parked", reason, current, details)
+                batch.answers.append((command.reply_to, result))
+            else:
+                batch.held.append(record)
+            continue
         if context is None:
             batch.answers.append(
                 (command.reply_to, rejected(command, "invalid_command", "unknown command type"))
@@ -234,7 +262,9 @@ def decide_batch(
                 batch.touched[key] = load(context, command.aggregate_id, rollback)
             else:
                 states.forget_live(key)  # next use decodes the committed snapshot again
-            batch.dead_letters.append(DeadLetter(record, f"{type(exc).__name__}: {exc}"))
+            error = f"{type(exc).__name__}: {exc}"
+            batch.dead_letters.append(DeadLetter(record, error, parks=command.aggregate_id))
+            parked_now.add(command.aggregate_id)
             batch.answers.append(
                 (command.reply_to, rejected(command, "internal_error", "the command failed"))
             )

@@ -23,11 +23,12 @@ from typing import Any, TypeAlias
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
-from commands import transaction
+from commands import parked, transaction
 from commands.batch import DIRECT, Answer, Decision, decide_batch
 from commands.context import BoundedContext
 from commands.state_store import PartitionState, restore
 from commands.transaction import OffsetsMoved
+from projections import parking
 from shared_kernel import kafka, metrics, tracing
 from shared_kernel.avro import AvroCodec
 from shared_kernel.envelope import CommandEnvelope, CommandResult
@@ -96,6 +97,7 @@ class PartitionWorker:
         reply: Reply,
         resume: Callable[[TopicPartition], None],
         counters: Counters,
+        pool: Any = None,
     ) -> None:
         self.partition = partition
         self.settings = settings
@@ -107,6 +109,7 @@ class PartitionWorker:
         self.reply = reply  # publishes committed answers; must not raise
         self.resume = resume  # un-pauses the partition's fetching once the backlog is small
         self.counters = counters
+        self.pool = pool  # PostgreSQL, where parked aggregates and their held commands are kept
         metrics.known_consumers(["command-processor"])
         self.tp = TopicPartition(topics.commands, partition)
         self.transactional_id = f"{group_id}.{partition}"
@@ -130,15 +133,43 @@ class PartitionWorker:
         self.task: asyncio.Task[None] | None = None
         self.backlog_max = 4 * settings.command_batch_max
         self.replying: set[asyncio.Task[None]] = set()
+        self.parked: set[str] = set()  # aggregate ids parked behind a dead letter (commands.parked)
+        self.parked_known = True
+        self.writing = asyncio.Lock()  # one decision and transaction at a time: batches and releases
+        self.consumer: AIOKafkaConsumer | None = None
 
     async def start(self, consumer: AIOKafkaConsumer) -> None:
         # Order matters: initialising the transactional id fences the previous owner and
         # completes or aborts its open transaction; only then are the state topics and
         # the committed offset final.
         await self.producer.start()
+        self.consumer = consumer
         self.state = await restore(self.settings, self.contexts, self.partition)
+        self.parked = await self._parked()
         await self._rewind(consumer)
         self.task = asyncio.create_task(self._run(consumer), name=f"partition-{self.partition}")
+
+    async def _parked(self) -> set[str]:
+        """The partition's parked aggregates. Without PostgreSQL none, until the processor
+        reads them again (`refresh_parked`): commands keep flowing meanwhile."""
+        self.parked_known = False
+        if self.pool is None:
+            return set()
+        try:
+            keys = await parking.parked_from(self.pool, parked.CONSUMER, parked.VERSION, [self.partition])
+        except parked.UNAVAILABLE as exc:
+            log.error(
+                "parked aggregates unknown: PostgreSQL unavailable",
+                extra={"partition": self.partition, "error": repr(exc)},
+            )
+            return set()
+        self.parked_known = True
+        return keys
+
+    async def refresh_parked(self) -> None:
+        async with self.writing:
+            if not self.parked_known:
+                self.parked |= await self._parked()
 
     async def _rewind(self, consumer: AIOKafkaConsumer) -> None:
         committed = await consumer.committed(self.tp)
@@ -210,6 +241,10 @@ class PartitionWorker:
                     self.resume(self.tp)
 
     async def process(self, consumer: AIOKafkaConsumer, items: Sequence[Item]) -> None:
+        async with self.writing:
+            await self._process(consumer, items)
+
+    async def _process(self, consumer: AIOKafkaConsumer, items: Sequence[Item]) -> None:
         # In arrival order: direct commands, and fetched records not committed yet.
         records = [r for r in items if isinstance(r, Submitted) or r.offset >= self.next_offset]
         consumed = [r for r in records if not isinstance(r, Submitted)]
@@ -221,24 +256,20 @@ class PartitionWorker:
         if not records:
             return
         t0, started_ns = time.perf_counter(), time.time_ns()
-        decision = decide_batch(
-            records, self.state, self.contexts, self.codec, max_record_bytes=self.max_record_bytes
-        )
+        decision = self._decide(records, self.parked)
         t1 = time.perf_counter()
+        dead_lettered = len(decision.dead_letters)  # the parking ones are written apart (commands.parked)
         try:
-            answers = await transaction.write(
-                self.producer,
-                decision,
-                consumed=self.tp if consumed else None,
-                next_offset=consumed[-1].offset + 1 if consumed else self.next_offset,
-                group_id=self.group_id,
-                topics=self.topics,
-                dlq_topic=self.dlq_topic,
-                audit_topic=self.topics.audit(self.settings.audit_topic_suffix),
-                contexts=self.contexts,
-                state=self.state,
-                max_record_bytes=self.max_record_bytes,
-            )
+            if self.pool is not None and (decision.held or any(d.parks for d in decision.dead_letters)):
+                self.parked |= await parked.park(
+                    self.pool,
+                    self.producer,
+                    decision,
+                    dlq_topic=self.dlq_topic,
+                    source=(self.tp.topic, self.partition),
+                    max_record_bytes=self.max_record_bytes,
+                )
+            answers = await self._write(decision, consumed[-1].offset + 1 if consumed else None)
         except ProducerFenced:
             log.warning(
                 "fenced: another processor owns this partition now", extra={"partition": self.partition}
@@ -266,9 +297,9 @@ class PartitionWorker:
                 s.result.set_exception(Unsettled(f"the transaction failed: {exc!r}"))
             await self._recover(consumer)
             return
-        self.counters.dead_lettered += len(decision.dead_letters)
+        self.counters.dead_lettered += dead_lettered
         self.counters.processed += len(decision.accepted) + len(decision.answers)
-        _measure(decision, waiting, answers, len(records), time.perf_counter() - t0)
+        _measure(decision, waiting, answers, len(records), time.perf_counter() - t0, dead_lettered)
         _trace(decision, waiting, self.partition, started_ns)
         if consumed:
             self.next_offset = consumed[-1].offset + 1
@@ -302,9 +333,118 @@ class PartitionWorker:
                 },
             )
 
+    def _decide(self, records: Sequence[Any], parked_keys: set[str]) -> Decision[Any]:
+        return decide_batch(
+            records,
+            self.state,
+            self.contexts,
+            self.codec,
+            max_record_bytes=self.max_record_bytes,
+            parked=parked_keys,
+        )
+
+    async def _write(self, decision: Decision[Any], consumed_upto: int | None) -> list[Answer]:
+        """Commit the decision (commands.transaction), with the commands topic's offset
+        `consumed_upto` when it holds fetched records."""
+        return await transaction.write(
+            self.producer,
+            decision,
+            consumed=self.tp if consumed_upto is not None else None,
+            next_offset=self.next_offset if consumed_upto is None else consumed_upto,
+            group_id=self.group_id,
+            topics=self.topics,
+            dlq_topic=self.dlq_topic,
+            audit_topic=self.topics.audit(self.settings.audit_topic_suffix),
+            contexts=self.contexts,
+            state=self.state,
+            max_record_bytes=self.max_record_bytes,
+        )
+
+    async def release(self, request: parking.Request) -> None:
+        """Do what an operator asked of a parked aggregate of this partition: decide its
+        dead-lettered command again (`retry`, after a fix) or not (`skip`), then its held
+        commands in order, each outcome published as any command's. Stops at a command
+        that fails again: the aggregate stays parked behind it."""
+        assert self.pool is not None
+        who, version, key = parked.CONSUMER, parked.VERSION, request.key
+        async with self.writing:
+            if self.fenced or self.stopping or self.consumer is None:
+                return
+            async with self.pool.acquire() as conn:
+                if await parking.requested(conn, who, version, key) != request.action_id:
+                    return  # done already
+                items, drop = await parking.release_start(conn, who, version, request)
+            applied = 0
+            while True:
+                outcome = await self._decide_held(request, items, first=applied == 0)
+                if outcome is None:
+                    return  # not committed; the request stays waiting and is served again
+                upto, failed, head = outcome
+                applied += upto
+                let_go = [*drop, *(seq for seq, _ in items[:upto])]
+                async with self.pool.acquire() as conn:
+                    if failed is not None:
+                        await parking.stopped(conn, who, version, request, let_go, head, failed, applied)
+                        log.warning(
+                            "released commands stopped at a command that fails",
+                            extra={"partition": self.partition, "key": key, "applied": applied},
+                        )
+                        return
+                    if await parking.released(conn, who, version, request, let_go, applied):
+                        self.parked.discard(key)
+                        log.info(
+                            "parked aggregate released",
+                            extra={"partition": self.partition, "key": key, "applied": applied},
+                        )
+                        return
+                    async with conn.transaction():  # more were held meanwhile: those too
+                        items = await parking.held(conn, who, version, key)
+                    drop = []
+
+    async def _decide_held(
+        self, request: parking.Request, items: Sequence[tuple[int, Any]], *, first: bool
+    ) -> tuple[int, str | None, parking.Head | None] | None:
+        """Decide and commit held commands in order, up to the first that fails: (how
+        many were decided, the error of the one that failed, the dead letter its key is
+        parked behind now unless it is the one retried); None if nothing was committed."""
+        assert self.consumer is not None
+        key = request.key
+        records = [parked.to_consumed(r) for _, r in items]
+        if not records:
+            return 0, None, None  # a skip with nothing held behind it
+        decision = self._decide(records, self.parked - {key})
+        decision.held = []  # the ones after a failure are kept already
+        failed = next((d for d in decision.dead_letters if d.parks == key), None)
+        upto = len(records) if failed is None else records.index(failed.record)
+        head = None
+        try:
+            if failed is not None:
+                decision.dead_letters.remove(failed)
+                if not (first and upto == 0 and request.action == "retry"):
+                    # a held command failed in its turn: the key parks behind it now
+                    [at] = await parked.write_dead_letters(
+                        self.producer, self.dlq_topic, [failed], self.max_record_bytes
+                    )
+                    head = parking.Head(items[upto][1], failed.error, *at)
+                    metrics.DEAD_LETTERS.labels("command-processor").inc()
+            answers = await self._write(decision, None)
+        except ProducerFenced:
+            self.fenced = True
+            return None
+        except Exception:
+            log.exception("held commands not committed; restoring", extra={"partition": self.partition})
+            await self._recover(self.consumer)
+            return None
+        self.counters.processed += len(answers)
+        replying = asyncio.create_task(self.reply(answers), name=f"released-{self.partition}")
+        self.replying.add(replying)
+        replying.add_done_callback(self.replying.discard)
+        return upto, None if failed is None else failed.error, head
+
     async def _recover(self, consumer: AIOKafkaConsumer) -> None:
         try:
             self.state = await restore(self.settings, self.contexts, self.partition)
+            self.parked = await self._parked()
             await self._rewind(consumer)
         except KafkaError:
             log.exception("recovery failed; the partition is paused until the next rebalance")
@@ -328,13 +468,18 @@ def _trace(decision: Decision[Any], waiting: list[Submitted], partition: int, st
 
 
 def _measure(
-    decision: Decision[Any], waiting: list[Submitted], answers: list[Answer], n: int, seconds: float
+    decision: Decision[Any],
+    waiting: list[Submitted],
+    answers: list[Answer],
+    n: int,
+    seconds: float,
+    dead_lettered: int,
 ) -> None:
     """The batch's transaction, its size, and each command's outcome, in the metrics."""
     metrics.TRANSACTION_DURATION.observe(seconds)
     metrics.COMMANDS_PER_TRANSACTION.observe(n)
-    if decision.dead_letters:
-        metrics.DEAD_LETTERS.labels("command-processor").inc(len(decision.dead_letters))
+    if dead_lettered:
+        metrics.DEAD_LETTERS.labels("command-processor").inc(dead_lettered)
     types = {s.command.command_id: s.command.command_type for s in waiting}
     types.update({cid: env.command_type for cid, env in decision.queued.items()})
     types.update({a.command.command_id: a.command.command_type for a in decision.accepted})

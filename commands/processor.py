@@ -29,6 +29,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -38,17 +39,21 @@ from redis.exceptions import RedisError
 from commands import CONTEXTS, replies
 from commands.batch import Answer
 from commands.context import BoundedContext
+from commands.parked import UNAVAILABLE
 from commands.partition import Counters, NotOwner, PartitionWorker
 from commands.routing import Directory, Owner, partition_for
+from projections import parking
+from projections.db import create_pool
 from shared_kernel import kafka
 from shared_kernel.avro import AvroCodec
 from shared_kernel.envelope import CommandEnvelope, CommandResult
 from shared_kernel.settings import Settings
-from shared_kernel.topics import Topics, contract_topics, ensure_topics
+from shared_kernel.topics import COMMAND_PROCESSOR, Topics, contract_topics, ensure_topics
 
 log = logging.getLogger(__name__)
 
-CONSUMER_NAME = "command-processor"
+CONSUMER_NAME = COMMAND_PROCESSOR
+REQUESTS_POLL_S = 1.0
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -113,6 +118,7 @@ class CommandProcessor:
         self.lock = asyncio.Lock()
         self.consumer: AIOKafkaConsumer | None = None
         self.redis: Redis | None = None
+        self.pool: Any = None
         self.counters = Counters()
 
     def worker(self, partition: int) -> PartitionWorker:
@@ -128,6 +134,7 @@ class CommandProcessor:
             reply=self.reply,
             resume=self.resume,
             counters=self.counters,
+            pool=self.pool,
         )
 
     async def submit(
@@ -169,6 +176,26 @@ class CommandProcessor:
             # Idempotency-Key, and the state topic answers the retry.
             log.warning("could not publish command results", exc_info=True)
 
+    async def _serve_requests(self, stop: asyncio.Event) -> None:
+        """Retry or skip the dead letters operators asked to, for the partitions owned here."""
+        assert self.pool is not None
+        pause = REQUESTS_POLL_S
+        while not stop.is_set():
+            await asyncio.sleep(pause)
+            if not self.workers:
+                continue
+            try:
+                for worker in list(self.workers.values()):
+                    await worker.refresh_parked()
+                for request in await parking.requests(self.pool, CONSUMER_NAME, parking.UNVERSIONED):
+                    owner = self.workers.get(request.partition)
+                    if owner is not None:
+                        await owner.release(request)
+                pause = REQUESTS_POLL_S
+            except UNAVAILABLE as exc:
+                pause = min(pause * 2, 30.0)
+                log.warning("dead-letter requests not served", extra={"error": repr(exc), "retry_s": pause})
+
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.settings
         await ensure_topics(settings, contract_topics(settings, self.contexts, [CONSUMER_NAME]))
@@ -183,6 +210,10 @@ class CommandProcessor:
             session_timeout_ms=10_000,
             heartbeat_interval_ms=1_000,
         )
+        # Parked aggregates and their held commands (commands.parked); no connection is
+        # opened until one is needed, so commands flow while PostgreSQL is away.
+        self.pool = await create_pool(settings, CONSUMER_NAME, min_size=0, max_size=2)
+        requests = asyncio.create_task(self._serve_requests(stop), name="dead-letter-requests")
         self.consumer.subscribe([self.topics.commands], listener=_Rebalance(self))
         await self.consumer.start()
         log.info(
@@ -208,6 +239,7 @@ class CommandProcessor:
                         },
                     )
         finally:
+            requests.cancel()
             owned = sorted(self.workers)
             workers = list(self.workers.values())
             self.workers.clear()  # refuse new direct commands from here on
@@ -218,3 +250,4 @@ class CommandProcessor:
                 await kafka.leave_group_static(self.consumer)  # its partitions move now
             await self.consumer.stop()
             await self.redis.aclose()
+            await self.pool.close()

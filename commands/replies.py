@@ -8,6 +8,7 @@ from collections.abc import Iterable
 
 from redis.asyncio import Redis
 
+from shared_kernel.audit import PASSING
 from shared_kernel.envelope import CommandResult
 
 
@@ -24,7 +25,7 @@ async def publish(
     count = 0
     for reply_to, result in results:
         data = result.to_bytes()
-        if result.code != "internal_error":  # a bug may be fixed: let a retry run again
+        if result.code not in PASSING:  # a bug may be fixed, a key released: let a retry run again
             pipe.set(result_key(prefix, result.tenant, result.command_id), data, ex=ttl_s)
         if reply_to:
             pipe.publish(reply_to, data)

@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 
 from projections.events import Record
+from shared_kernel.topics import COMMAND_PROCESSOR
 
 ACTIONS = ("retry", "skip")
 UNVERSIONED = 1  # the version of a consumer without versions (a stream job)
@@ -33,10 +34,11 @@ LIVE = (
 
 
 def parks(consumer: str) -> bool:
-    """Does `consumer` park keys behind its dead letters (a projection, a stream job)?"""
+    """Does `consumer` park keys behind its dead letters (a projection, a stream job, the
+    command processor)?"""
     from projections.registry import PROJECTIONS
 
-    return consumer in PROJECTIONS or consumer.startswith("job-")
+    return consumer in PROJECTIONS or consumer.startswith("job-") or consumer == COMMAND_PROCESSOR
 
 
 def key_of(record: Record) -> str | None:
@@ -51,6 +53,9 @@ class Head:
     error: str
     dlq_partition: int | None
     dlq_offset: int | None
+    # where the key's records come from, when not the record's own place (a command handed
+    # to the processor directly is held as `http`, its key's records are of a commands partition)
+    source: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,19 @@ class Request:
 async def parked(conn: asyncpg.Connection | asyncpg.Pool, consumer: str, version: int) -> set[str]:
     rows = await conn.fetch(
         "SELECT key FROM parked_keys WHERE consumer = $1 AND version = $2", consumer, version
+    )
+    return {r["key"] for r in rows}
+
+
+async def parked_from(pool: asyncpg.Pool, consumer: str, version: int, partitions: Iterable[int]) -> set[str]:
+    """The keys parked whose records come from these partitions (the command processor's
+    of the commands partitions it owns)."""
+    rows = await pool.fetch(
+        "SELECT key FROM parked_keys "
+        "WHERE consumer = $1 AND version = $2 AND source_partition = ANY($3::int[])",
+        consumer,
+        version,
+        list(partitions),
     )
     return {r["key"] for r in rows}
 
@@ -99,8 +117,7 @@ async def park(
                     consumer,
                     version,
                     key_of(h.record),
-                    h.record.topic,
-                    h.record.partition,
+                    *(h.source or (h.record.topic, h.record.partition)),
                     h.dlq_partition,
                     h.dlq_offset,
                     h.error[:4000],
@@ -237,8 +254,7 @@ async def new_head(conn: asyncpg.Connection, consumer: str, version: int, key: s
         head.dlq_partition,
         head.dlq_offset,
         head.error[:4000],
-        head.record.topic,
-        head.record.partition,
+        *(head.source or (head.record.topic, head.record.partition)),
     )
 
 

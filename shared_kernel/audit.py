@@ -23,7 +23,10 @@ STATUS_OF_CODE = {
     "idempotency_key_reused": 422,
     "too_large": 413,
     "internal_error": 500,
+    "aggregate_parked": 503,  # behind a dead letter: answered once an operator retried or skipped it
 }
+# answers that a later retry of the same command may change: never cached as its result
+PASSING = frozenset({"internal_error", "aggregate_parked"})
 
 
 def audit_record(

@@ -21,6 +21,7 @@ from shared_kernel.settings import Settings
 log = logging.getLogger(__name__)
 
 DAY_MS = 24 * 3600 * 1000
+COMMAND_PROCESSOR = "command-processor"  # the write side's consumer name: its group, its dead letters
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
 
-from commands import CONTEXTS, transaction
+from commands import CONTEXTS, parked, transaction
 from commands.batch import DIRECT, Decision, Repeat, decide_batch
 from commands.context import BoundedContext, acts_on, command_payload
 from commands.datasets import CONTEXT as DATASETS
@@ -258,28 +258,38 @@ BUGGY_DATASETS = BoundedContext(
 )
 
 
-def test_a_handler_failing_half_way_rolls_the_aggregate_back_to_before_that_command() -> None:
-    ID = uuid4()
-    partition = Partition([BUGGY_DATASETS, INCIDENTS]).given(DATASETS, ds.RegisterDataset(ID, "Weather"))
+def _two_datasets(first: UUID, second: UUID) -> Partition:
+    """A partition of the buggy datasets context holding two datasets, Weather and Tides."""
+    return (
+        Partition([BUGGY_DATASETS, INCIDENTS])
+        .given(DATASETS, ds.RegisterDataset(first, "Weather"))
+        .given(DATASETS, ds.RegisterDataset(second, "Tides"))
+    )
 
-    decision = partition.when(
+
+def test_a_handler_failing_half_way_rolls_the_aggregate_back_and_parks_its_later_commands() -> None:
+    ID, OTHER = uuid4(), uuid4()
+    partition = _two_datasets(ID, OTHER)
+
+    records = partition.records(
         envelope(DATASETS, ds.DescribeDataset(ID, name="Climate"), "c1", expected_version=1),
         envelope(BUGGY_DATASETS, RenameThenCrash(ID, "Broken"), "c2"),
         envelope(DATASETS, ds.PublishVersion(ID, "1.0.0"), "c3", expected_version=2),
+        envelope(DATASETS, ds.PublishVersion(OTHER, "1.0.0"), "c4", expected_version=1),
     )
+    decision = decide_batch(records, partition.state, partition.contexts, CODEC)
 
-    # The later command saw the aggregate as c1 left it: c2's half-done rename is gone.
+    # c2's half-done rename is gone from the snapshot; c3 waits behind c2; the other flows.
     assert events(decision) == [
         ("c1", "datasets.DatasetDescribed", 2),
-        ("c3", "datasets.VersionPublished", 3),
+        ("c4", "datasets.VersionPublished", 2),
     ]
     written = snapshot(decision, DATASETS, ID)
-    assert (dataset(written).name, dataset(written).latest_version, written.version) == (
-        "Climate",
-        "1.0.0",
-        3,
-    )
-    assert [(d.record.offset, d.error) for d in decision.dead_letters] == [(1, "RuntimeError: lost the plot")]
+    assert (dataset(written).name, dataset(written).latest_version, written.version) == ("Climate", None, 2)
+    assert [(d.record.offset, d.error, d.parks) for d in decision.dead_letters] == [
+        (1, "RuntimeError: lost the plot", str(ID))
+    ]
+    assert decision.held == [records[2]]
     assert decision.answers == [("replies:api-1", internal_error("c2", ID))]
 
 
@@ -287,29 +297,54 @@ def test_a_handler_failing_on_an_aggregate_untouched_in_the_batch_leaves_the_com
     ID = uuid4()
     partition = Partition([BUGGY_DATASETS, INCIDENTS]).given(DATASETS, ds.RegisterDataset(ID, "Weather"))
 
-    decision = partition.when(
-        envelope(BUGGY_DATASETS, RenameThenCrash(ID, "Broken"), "c1"),
-        envelope(DATASETS, ds.DescribeDataset(ID, description="Hourly"), "c2", expected_version=1),
-    )
+    decision = partition.when(envelope(BUGGY_DATASETS, RenameThenCrash(ID, "Broken"), "c1"))
 
-    assert events(decision) == [("c2", "datasets.DatasetDescribed", 2)]
-    written = dataset(snapshot(decision, DATASETS, ID))
-    assert (written.name, written.description) == ("Weather", "Hourly")
+    assert decision.touched == {}  # nothing to snapshot: the committed one stays right
     assert [d.error for d in decision.dead_letters] == ["RuntimeError: lost the plot"]
     assert decision.answers == [("replies:api-1", internal_error("c1", ID))]
 
 
-def test_after_a_failed_handler_alone_in_its_batch_the_next_batch_sees_the_committed_state() -> None:
+def test_a_parked_aggregates_commands_are_held_or_refused_and_released_against_the_committed_state() -> None:
+    ID, OTHER = uuid4(), uuid4()
+    partition = _two_datasets(ID, OTHER)
+    partition.when(envelope(BUGGY_DATASETS, RenameThenCrash(ID, "Broken"), "c1"))
+    parked = {str(ID)}
+
+    # a later batch: the queued command is held, a direct one refused, the other aggregate flows
+    queued = partition.records(envelope(DATASETS, ds.PublishVersion(ID, "1.0.0"), "c2", expected_version=1))
+    direct = replace(
+        queued[0], topic=DIRECT, value=envelope(DATASETS, ds.PublishVersion(ID, "2.0.0"), "c3").to_bytes()
+    )
+    other = partition.records(envelope(DATASETS, ds.PublishVersion(OTHER, "1.0.0"), "c4"))
+    later = decide_batch([*queued, direct, *other], partition.state, partition.contexts, CODEC, parked=parked)
+    assert events(later) == [("c4", "datasets.VersionPublished", 2)]
+    assert later.held == queued
+    [(_, refused)] = later.answers
+    assert (refused.command_id, refused.code, refused.current_version) == ("c3", "aggregate_parked", 1)
+    assert refused.details == {"parked": str(ID)}
+    assert (DATASETS.name, str(ID)) not in later.touched  # nothing of ID changes
+
+    # released (the dead letter skipped): the held command is decided on the committed state
+    released = decide_batch(queued, partition.state, partition.contexts, CODEC, parked=parked - {str(ID)})
+    assert events(released) == [("c2", "datasets.VersionPublished", 2)]
+    assert dataset(snapshot(released, DATASETS, ID)).name == "Weather"
+
+
+def test_a_command_whose_outcome_is_known_is_answered_while_its_aggregate_is_parked() -> None:
     ID = uuid4()
-    partition = Partition([BUGGY_DATASETS, INCIDENTS]).given(DATASETS, ds.RegisterDataset(ID, "Weather"))
+    done = CommandResult("c1", "accepted", str(ID), version=1, position="p", events=1, fingerprint="fp-c1")
+    partition = Partition().given(DATASETS, ds.RegisterDataset(ID, "Weather"), recent=[done])
 
-    failed = partition.when(envelope(BUGGY_DATASETS, RenameThenCrash(ID, "Broken"), "c1"))
-    assert failed.touched == {}  # nothing to snapshot: the committed one stays right
-    assert len(failed.dead_letters) == 1
+    decision = decide_batch(
+        partition.records(envelope(DATASETS, ds.RegisterDataset(ID, "Weather"), "c1")),
+        partition.state,
+        partition.contexts,
+        CODEC,
+        parked={str(ID)},
+    )
 
-    after = partition.when(envelope(DATASETS, ds.PublishVersion(ID, "1.0.0"), "c2", expected_version=1))
-    assert events(after) == [("c2", "datasets.VersionPublished", 2)]
-    assert dataset(snapshot(after, DATASETS, ID)).name == "Weather"
+    assert decision.answers == [("replies:api-1", done)]
+    assert decision.held == []
 
 
 # ---- records that are not commands ---------------------------------------------------
@@ -583,3 +618,63 @@ async def test_an_aborted_transaction_leaves_the_partition_state_as_it_was() -> 
 
     assert producer.transactions == []
     assert partition.state.committed == before
+
+
+# ---- parking without PostgreSQL ------------------------------------------------------
+
+
+class _NoStore:
+    """A pool whose every connection attempt is refused, as asyncpg's is while PostgreSQL is away."""
+
+    def acquire(self) -> Any:
+        raise ConnectionRefusedError("PostgreSQL is away")
+
+
+async def test_without_postgresql_a_dead_letter_parks_nothing_and_a_command_to_hold_is_refused() -> None:
+    ID, HELD = uuid4(), uuid4()
+    partition = _two_datasets(ID, HELD)
+    records = partition.records(
+        envelope(BUGGY_DATASETS, RenameThenCrash(ID, "Broken"), "c1"),
+        envelope(DATASETS, ds.PublishVersion(HELD, "1.0.0"), "c2", expected_version=1),
+    )
+    decision = decide_batch(records, partition.state, partition.contexts, CODEC, parked={str(HELD)})
+    producer = FakeProducer()
+
+    now_parked = await parked.park(
+        _NoStore(),
+        producer,
+        decision,
+        dlq_topic="t.dlq.command-processor",
+        source=(COMMANDS_TOPIC, 0),
+        max_record_bytes=1_000_000,
+    )
+
+    assert now_parked == set()
+    # the dead letter is committed all the same, in a transaction of its own, once
+    [(sent, _, _)] = producer.transactions
+    assert [(s.topic, s.value) for s in sent] == [("t.dlq.command-processor", records[0].value)]
+    assert decision.dead_letters == []
+    assert decision.held == []
+    # the command that would have been held is answered: not decided, send it again
+    assert [(r.command_id, r.code) for _, r in decision.answers] == [
+        ("c1", "internal_error"),
+        ("c2", "aggregate_parked"),
+    ]
+
+
+def test_a_direct_command_is_kept_at_its_dead_letters_place_and_read_back_direct() -> None:
+    ID = uuid4()
+    partition = Partition()
+    [record] = partition.records(envelope(DATASETS, ds.RegisterDataset(ID, "Weather"), "c1"))
+    direct = replace(record, topic=DIRECT, partition=-1, offset=-1, key=str(ID).encode())
+
+    kept = parked.to_record(direct, dlq=(2, 41))
+    assert (kept.topic, kept.partition, kept.offset, kept.key) == (DIRECT, 2, -42, str(ID).encode())
+    back = parked.to_consumed(kept)
+    assert (back.topic, back.value, back.timestamp, back.headers) == (
+        DIRECT,
+        record.value,
+        record.timestamp,
+        record.headers,
+    )
+    assert parked.to_record(record) == replace(kept, topic=COMMANDS_TOPIC, partition=0, offset=0, key=None)
