@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -73,7 +74,8 @@ class Monitoring:
         self.workdir = workdir
         self.prometheus_port, self.alertmanager_port = free_port(), free_port()
         self.procs: list[subprocess.Popen[bytes]] = []
-        target = f"127.0.0.1:{metrics_port}"
+        # every process of the side, as infra/stack.py renders the stack's own (a job per process)
+        self.targets = {"api": urlparse(api_url).netloc, "projectors": f"127.0.0.1:{metrics_port}"}
         token_file = workdir / "token"
         token_file.write_text(token("operator", sub="alertmanager"))
         (workdir / "alertmanager.yml").write_text(
@@ -95,7 +97,10 @@ class Monitoring:
                 rules=fast_rules(workdir / "rules.yml"),
                 alertmanager=f"127.0.0.1:{self.alertmanager_port}",
                 self=f"127.0.0.1:{self.prometheus_port}",
-                targets=f"  - job_name: projectors\n    static_configs:\n      - targets: [{target!r}]\n",
+                targets="".join(
+                    f"  - job_name: {job}\n    static_configs:\n      - targets: [{address!r}]\n"
+                    for job, address in self.targets.items()
+                ),
             )
         )
 
@@ -157,6 +162,22 @@ async def monitoring(side: WriteSide, tmp_path_factory: pytest.TempPathFactory) 
     m.start()
     yield m
     m.stop()
+
+
+async def test_prometheus_scrapes_every_process_and_finds_each_up(monitoring: Monitoring) -> None:
+    async def every_target_up() -> dict[str, str] | None:
+        async with httpx.AsyncClient(timeout=5) as c:
+            try:
+                r = await c.get(f"http://127.0.0.1:{monitoring.prometheus_port}/api/v1/targets")
+            except httpx.TransportError:
+                return None  # not listening yet
+        if r.status_code != 200:
+            return None
+        health = {t["labels"]["job"]: t["health"] for t in r.json()["data"]["activeTargets"]}
+        return health if set(health.values()) == {"up"} else None
+
+    health = await until(every_target_up, 60, "Prometheus finding every target up")
+    assert set(health) == {"prometheus", *monitoring.targets}
 
 
 async def alert_incidents(client: httpx.AsyncClient) -> list[dict[str, Any]]:
