@@ -35,7 +35,7 @@ import mode
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from projections import versions
-from projections.db import create_pool
+from projections.db import create_pool, keep_session
 from projections.events import Record
 from projections.migrations import migrate
 from projections.projection import Projection
@@ -51,7 +51,7 @@ from streams.skipped import refetch_skipped_records
 log = logging.getLogger(__name__)
 
 RETRY_S = (0.2, 0.5, 1, 2, 5)
-REQUESTS_S = 0.5  # how often operators' retries and skips of dead letters are looked for
+REQUESTS_S = 1.0  # how often operators' retries and skips of dead letters are looked for
 HEARTBEAT_S = 2.0  # a worker is alive while its beat is under 5 s old (projections.versions.workers)
 
 
@@ -173,7 +173,8 @@ class ProjectionApp:
             await self.projection.open(settings)
             opened.push_async_callback(self.projection.close)
             role = f"projection:{self.projection.name}:v{self.projection.version}"
-            pool = await create_pool(settings, role, min_size=1, max_size=2)
+            # its connections keep no session state: released without the default reset's round trip
+            pool = await create_pool(settings, role, min_size=1, max_size=2, reset=keep_session)
             opened.push_async_callback(pool.close)
             await versions.register(pool, self.projection.name)
             producer = kafka.producer(settings)
