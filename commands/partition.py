@@ -26,7 +26,6 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from commands import parked, transaction
 from commands.batch import DIRECT, Answer, Decision, decide_batch
 from commands.context import BoundedContext
-from commands.snapshots import RECENT_COMMANDS
 from commands.state_store import PartitionState, restore
 from commands.transaction import OffsetsMoved
 from projections import parking
@@ -39,11 +38,6 @@ from shared_kernel.topics import Topics
 log = logging.getLogger(__name__)
 
 Reply = Callable[[list[Answer]], Coroutine[None, None, None]]
-
-
-# Held commands decided per transaction on a release: fewer than an aggregate's recent
-# outcomes, so a chunk decided twice (a crash before it was let go) is recognised.
-RELEASE_CHUNK = RECENT_COMMANDS // 2
 
 
 class NotOwner(RuntimeError):
@@ -382,22 +376,13 @@ class PartitionWorker:
                 items, drop = await parking.release_start(conn, who, version, request)
             applied = 0
             while True:
-                # A chunk per transaction, let go once committed: should the process die
-                # between the two, the chunk decided again is in its aggregate's recent
-                # outcomes (commands.snapshots.RECENT_COMMANDS) and answered from there.
-                chunk, rest = items[:RELEASE_CHUNK], items[RELEASE_CHUNK:]
-                outcome = await self._decide_held(request, chunk, first=applied == 0)
+                outcome = await self._decide_held(request, items, first=applied == 0)
                 if outcome is None:
                     return  # not committed; the request stays waiting and is served again
                 upto, failed, head = outcome
                 applied += upto
-                let_go = [*drop, *(seq for seq, _ in chunk[:upto])]
+                let_go = [*drop, *(seq for seq, _ in items[:upto])]
                 async with self.pool.acquire() as conn:
-                    if failed is None and rest:
-                        async with conn.transaction():
-                            await parking.let_go(conn, who, version, key, let_go)
-                        items, drop = rest, []
-                        continue
                     if failed is not None:
                         await parking.stopped(conn, who, version, request, let_go, head, failed, applied)
                         log.warning(
