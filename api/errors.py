@@ -17,7 +17,7 @@ from opensearchpy.exceptions import TransportError as SearchTransportError
 from api import inputs
 from api.bodies import CommandQueued
 from commands.bus import BusUnavailable, ResultTimeout
-from shared_kernel.audit import STATUS_OF_CODE
+from shared_kernel.audit import PARKED_RETRY_AFTER_S, STATUS_OF_CODE
 from shared_kernel.envelope import CommandEnvelope, CommandResult
 from shared_kernel.settings import get_settings
 
@@ -42,9 +42,6 @@ class NotModified(Exception):
 
 class ReadModelsUnavailable(Exception):
     """PostgreSQL does not answer: 503 with Retry-After."""
-
-
-PARKED_RETRY_AFTER_S = 30
 
 
 class CommandRejected(RequestProblem):

@@ -444,7 +444,8 @@ class PartitionWorker:
     async def _recover(self, consumer: AIOKafkaConsumer) -> None:
         try:
             self.state = await restore(self.settings, self.contexts, self.partition)
-            self.parked = await self._parked()
+            # with the ones known already: without PostgreSQL those still hold
+            self.parked |= await self._parked()
             await self._rewind(consumer)
         except KafkaError:
             log.exception("recovery failed; the partition is paused until the next rebalance")

@@ -189,8 +189,15 @@ class CommandProcessor:
                     await worker.refresh_parked()
                 for request in await parking.requests(self.pool, CONSUMER_NAME, parking.UNVERSIONED):
                     owner = self.workers.get(request.partition)
-                    if owner is not None:
+                    if owner is None:
+                        continue
+                    try:
                         await owner.release(request)
+                    except UNAVAILABLE:
+                        raise
+                    except Exception:  # a fault of ours: said loudly; the others are still served
+                        extra = {"action": request.action_id, "key": request.key}
+                        log.exception("a dead-letter request failed", extra=extra)
                 pause = REQUESTS_POLL_S
             except UNAVAILABLE as exc:
                 pause = min(pause * 2, 30.0)

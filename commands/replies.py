@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from redis.asyncio import Redis
 
-from shared_kernel.audit import PASSING
+from shared_kernel.audit import PARKED_RETRY_AFTER_S, PASSING
 from shared_kernel.envelope import CommandResult
 
 
@@ -25,8 +25,10 @@ async def publish(
     count = 0
     for reply_to, result in results:
         data = result.to_bytes()
-        if result.code not in PASSING:  # a bug may be fixed, a key released: let a retry run again
-            pipe.set(result_key(prefix, result.tenant, result.command_id), data, ex=ttl_s)
+        # a bug may be fixed, a key released: let a retry run again (soon, for a parked one)
+        if result.code not in PASSING or result.code == "aggregate_parked":
+            ttl = PARKED_RETRY_AFTER_S if result.code == "aggregate_parked" else ttl_s
+            pipe.set(result_key(prefix, result.tenant, result.command_id), data, ex=ttl)
         if reply_to:
             pipe.publish(reply_to, data)
         count += 1

@@ -25,8 +25,10 @@ STATUS_OF_CODE = {
     "internal_error": 500,
     "aggregate_parked": 503,  # behind a dead letter: answered once an operator retried or skipped it
 }
-# answers that a later retry of the same command may change: never cached as its result
+# answers that a later retry of the same command may change: not cached as its result
+# (a parked one for a while, so that a queued command refused so has a status)
 PASSING = frozenset({"internal_error", "aggregate_parked"})
+PARKED_RETRY_AFTER_S = 30
 
 
 def audit_record(
