@@ -318,9 +318,7 @@ class PartitionWorker:
         once = {s.command.command_id for s in waiting if not s.command.retriable}
         if once:
             answers = [a for a in answers if a[1].command_id not in once]
-        replying = asyncio.create_task(self.reply(answers), name=f"replies-{self.partition}")
-        self.replying.add(replying)
-        replying.add_done_callback(self.replying.discard)
+        self._publish(answers)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "batch committed",
@@ -332,6 +330,12 @@ class PartitionWorker:
                     "answer_ms": round((time.perf_counter() - t2) * 1000, 2),
                 },
             )
+
+    def _publish(self, answers: list[Answer]) -> None:
+        """Off the critical path: the committed answers to the result cache and their callers."""
+        replying = asyncio.create_task(self.reply(answers), name=f"replies-{self.partition}")
+        self.replying.add(replying)
+        replying.add_done_callback(self.replying.discard)
 
     def _decide(self, records: Sequence[Any], parked_keys: set[str]) -> Decision[Any]:
         return decide_batch(
@@ -436,9 +440,7 @@ class PartitionWorker:
             await self._recover(self.consumer)
             return None
         self.counters.processed += len(answers)
-        replying = asyncio.create_task(self.reply(answers), name=f"released-{self.partition}")
-        self.replying.add(replying)
-        replying.add_done_callback(self.replying.discard)
+        self._publish(answers)
         return upto, None if failed is None else failed.error, head
 
     async def _recover(self, consumer: AIOKafkaConsumer) -> None:
