@@ -1,14 +1,15 @@
 """The partition worker: the single writer of every aggregate of one commands partition.
 
-It has its own transactional producer (transactional id per partition, so
-initialising it fences a stale owner) and the partition's aggregates restored from
-the state topics. Commands reach it two ways: handed over directly (`submit`, the
-HTTP path: the caller awaits the result) and fetched from the commands topic (the
-asynchronous path: the result goes to Redis). Whatever queued up while a transaction
-was in flight goes into the next one (group commit): decided by `commands.batch`,
-written by `commands.transaction`. On any failure the waiting callers are told the
-outcome is unknown, the partition's state is restored again and the partition re-read
-from its committed offset.
+It holds the partition's aggregates, restored from the state topics once the previous
+owner's last transaction has ended (`shared_kernel.group_txn.stable_committed`), and
+the commands waiting for it. Commands reach it two ways: handed over directly
+(`submit`, the HTTP path: the caller awaits the result) and fetched from the commands
+topic (the asynchronous path: the result goes to Redis). The owner's writer
+(`commands.writer`) takes whatever waits in every partition it owns into one
+transaction (group commit): each partition's batch is decided here (`prepare`, by
+`commands.batch`), written by `commands.transaction`, and finished here (`committed`).
+On a failure the waiting callers are told the outcome is unknown, the partition's state
+is restored again and the partition re-read from its committed offset.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
@@ -27,9 +28,8 @@ from commands import parked, transaction
 from commands.batch import DIRECT, Answer, Decision, decide_batch
 from commands.context import BoundedContext
 from commands.state_store import PartitionState, restore
-from commands.transaction import OffsetsMoved
 from projections import parking
-from shared_kernel import kafka, metrics, tracing
+from shared_kernel import group_txn, metrics, tracing
 from shared_kernel.avro import AvroCodec
 from shared_kernel.envelope import CommandEnvelope, CommandResult
 from shared_kernel.settings import Settings
@@ -38,6 +38,14 @@ from shared_kernel.topics import Topics
 log = logging.getLogger(__name__)
 
 Reply = Callable[[list[Answer]], Coroutine[None, None, None]]
+
+
+class Writer(Protocol):
+    """What a worker uses of its owner's writer (commands.writer)."""
+
+    producer: Any  # the owner's transactional producer
+    lock: asyncio.Lock  # held by every transaction and every release
+    wakeup: asyncio.Event  # set when commands wait
 
 
 class NotOwner(RuntimeError):
@@ -73,6 +81,21 @@ class Submitted:
 Item: TypeAlias = ConsumerRecord[bytes, bytes] | Submitted
 
 
+@dataclass(eq=False)
+class Batch:
+    """What one partition puts in a transaction: its records in arrival order (the
+    fetched ones, `consumed`, and the direct ones, `waiting`) and their decision."""
+
+    worker: PartitionWorker
+    records: list[Item]
+    consumed: list[ConsumerRecord[bytes, bytes]]
+    waiting: list[Submitted]
+    decision: Decision[Any]
+    part: transaction.Part
+    dead_lettered: int
+    started_ns: int
+
+
 @dataclass
 class Counters:
     """Totals over every partition of one processor, for its progress log."""
@@ -94,6 +117,7 @@ class PartitionWorker:
         dlq_topic: str,
         contexts: Mapping[str, BoundedContext],
         codec: AvroCodec,
+        writer: Writer,
         reply: Reply,
         resume: Callable[[TopicPartition], None],
         counters: Counters,
@@ -106,48 +130,49 @@ class PartitionWorker:
         self.dlq_topic = dlq_topic
         self.contexts = dict(contexts)
         self.codec = codec
+        self.writer = writer  # the owner's one transactional producer and its loop
         self.reply = reply  # publishes committed answers; must not raise
         self.resume = resume  # un-pauses the partition's fetching once the backlog is small
         self.counters = counters
         self.pool = pool  # PostgreSQL, where parked aggregates and their held commands are kept
         metrics.known_consumers(["command-processor"])
         self.tp = TopicPartition(topics.commands, partition)
-        self.transactional_id = f"{group_id}.{partition}"
         # The decision keeps every record within the topics' limit (commands.batch); the
         # producer must not refuse what the topics take.
         self.max_record_bytes = settings.kafka_max_message_bytes
-        self.producer = kafka.transactional_producer(
-            settings,
-            self.transactional_id,
-            linger_ms=0,
-            request_timeout_ms=30_000,
-            max_request_size=self.max_record_bytes,
-        )
         self.state = PartitionState(self.contexts)
         self.next_offset = 0  # first offset not yet committed
         self.queued_upto = 0  # first offset not yet handed to this worker
+        self.started = False
         self.fenced = False
         self.stopping = False
         self.pending: list[Item] = []
-        self.wakeup = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
         self.backlog_max = 4 * settings.command_batch_max
         self.replying: set[asyncio.Task[None]] = set()
         self.parked: set[str] = set()  # aggregate ids parked behind a dead letter (commands.parked)
         self.parked_known = True
-        self.writing = asyncio.Lock()  # one decision and transaction at a time: batches and releases
         self.consumer: AIOKafkaConsumer | None = None
 
+    @property
+    def producer(self) -> Any:
+        return self.writer.producer
+
     async def start(self, consumer: AIOKafkaConsumer) -> None:
-        # Order matters: initialising the transactional id fences the previous owner and
-        # completes or aborts its open transaction; only then are the state topics and
-        # the committed offset final.
-        await self.producer.start()
+        # Order matters: the previous owner's open transaction (one that committed offsets
+        # for this partition) ends first; only then are the state topics and the
+        # committed offset final.
         self.consumer = consumer
+        committed = await self._stable_offset(consumer)
         self.state = await restore(self.settings, self.contexts, self.partition)
         self.parked = await self._parked()
-        await self._rewind(consumer)
-        self.task = asyncio.create_task(self._run(consumer), name=f"partition-{self.partition}")
+        self._rewind(consumer, committed)
+        self.started = True
+        self.writer.wakeup.set()
+
+    async def _stable_offset(self, consumer: AIOKafkaConsumer) -> int:
+        timeout_s = self.settings.command_transaction_timeout_ms / 1000 + 5
+        offsets = await group_txn.stable_committed(consumer, [self.tp], timeout_s)
+        return offsets.get(self.tp) or 0
 
     async def _parked(self) -> set[str]:
         """The partition's parked aggregates. Without PostgreSQL none, until the processor
@@ -167,13 +192,12 @@ class PartitionWorker:
         return keys
 
     async def refresh_parked(self) -> None:
-        async with self.writing:
+        async with self.writer.lock:
             if not self.parked_known:
                 self.parked |= await self._parked()
 
-    async def _rewind(self, consumer: AIOKafkaConsumer) -> None:
-        committed = await consumer.committed(self.tp)
-        self.next_offset = self.queued_upto = committed if committed is not None else 0
+    def _rewind(self, consumer: AIOKafkaConsumer, committed: int) -> None:
+        self.next_offset = self.queued_upto = committed
         self.pending = [item for item in self.pending if isinstance(item, Submitted)]
         consumer.seek(self.tp, self.next_offset)
 
@@ -182,7 +206,7 @@ class PartitionWorker:
 
         Raises `NotOwner` once the worker is stopping or fenced, `Backlogged` when more
         commands wait than a few transactions take."""
-        if self.fenced or self.stopping or self.task is None:
+        if self.fenced or self.stopping or not self.started:
             raise NotOwner(f"partition {self.partition} is not served here")
         if len(self.pending) >= self.backlog_max:
             raise Backlogged(f"{len(self.pending)} commands wait on partition {self.partition}")
@@ -190,7 +214,7 @@ class PartitionWorker:
         self.pending.append(
             Submitted(command, value, int(time.time() * 1000), future, key=command.aggregate_id.encode())
         )
-        self.wakeup.set()
+        self.writer.wakeup.set()
         return future
 
     def offer(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> int:
@@ -199,18 +223,16 @@ class PartitionWorker:
         if fresh:
             self.pending.extend(fresh)
             self.queued_upto = fresh[-1].offset + 1
-            self.wakeup.set()
+            self.writer.wakeup.set()
         return len(self.pending)
 
     async def stop(self) -> None:
         """Let the transaction in flight commit or abort, then stop."""
         self.stopping = True
-        self.wakeup.set()
-        if self.task is not None:
-            await asyncio.gather(self.task, return_exceptions=True)
+        async with self.writer.lock:  # no transaction holds this partition's commands now
+            pass
         self._refuse_waiting(NotOwner(f"partition {self.partition} was handed over"))
         await asyncio.gather(*self.replying, return_exceptions=True)
-        await self.producer.stop()
 
     def _refuse_waiting(self, error: Exception) -> None:
         """The queued direct commands were not written: their callers may send them again."""
@@ -219,91 +241,59 @@ class PartitionWorker:
                 item.result.set_exception(error)
         self.pending = [item for item in self.pending if not isinstance(item, Submitted)]
 
-    async def _run(self, consumer: AIOKafkaConsumer) -> None:
-        """Group commit: whatever queued up while the last transaction was in flight
-        goes into the next one, so batches grow with the load and stay small when idle."""
-        settings = self.settings
-        window = settings.command_batch_window_ms / 1000
-        while not self.fenced:
-            await self.wakeup.wait()
-            if window and not self.stopping:
-                await asyncio.sleep(window)
-            if self.stopping:
-                return
-            self.wakeup.clear()
-            records = self.pending[: settings.command_batch_max]
-            del self.pending[: len(records)]
-            if self.pending:
-                self.wakeup.set()
-            if records:
-                await self.process(consumer, records)
-                if len(self.pending) < settings.command_batch_max:
-                    self.resume(self.tp)
+    @property
+    def writable(self) -> bool:
+        return self.started and not self.fenced and not self.stopping
 
-    async def process(self, consumer: AIOKafkaConsumer, items: Sequence[Item]) -> None:
-        async with self.writing:
-            await self._process(consumer, items)
-
-    async def _process(self, consumer: AIOKafkaConsumer, items: Sequence[Item]) -> None:
+    def prepare(self) -> Batch | None:
+        """Decide what waits (up to a batch) for the owner's next transaction; None if nothing."""
+        if not self.writable or not self.pending:
+            return None
+        items = self.pending[: self.settings.command_batch_max]
+        del self.pending[: len(items)]
         # In arrival order: direct commands, and fetched records not committed yet.
         records = [r for r in items if isinstance(r, Submitted) or r.offset >= self.next_offset]
+        if not records:
+            return None
         consumed = [r for r in records if not isinstance(r, Submitted)]
         waiting = [r for r in records if isinstance(r, Submitted)]
-        if self.fenced:
-            self.pending[:0] = waiting
-            self._refuse_waiting(NotOwner(f"partition {self.partition} was handed over"))
-            return
-        if not records:
-            return
-        t0, started_ns = time.perf_counter(), time.time_ns()
+        started_ns = time.time_ns()
         decision = self._decide(records, self.parked)
-        t1 = time.perf_counter()
-        dead_lettered = len(decision.dead_letters)  # the parking ones are written apart (commands.parked)
-        try:
-            if self.pool is not None and (decision.held or any(d.parks for d in decision.dead_letters)):
-                self.parked |= await parked.park(
-                    self.pool,
-                    self.producer,
-                    decision,
-                    dlq_topic=self.dlq_topic,
-                    source=(self.tp.topic, self.partition),
-                    max_record_bytes=self.max_record_bytes,
-                )
-            answers = await self._write(decision, consumed[-1].offset + 1 if consumed else None)
-        except ProducerFenced:
-            log.warning(
-                "fenced: another processor owns this partition now", extra={"partition": self.partition}
+        upto = consumed[-1].offset + 1 if consumed else self.next_offset
+        return Batch(
+            self,
+            records,
+            consumed,
+            waiting,
+            decision,
+            # the offset goes in every transaction: the coordinator checks the owner's generation there
+            transaction.Part(decision, self.state, self.tp, upto),
+            len(decision.dead_letters),  # the parking ones are written apart (commands.parked)
+            started_ns,
+        )
+
+    async def park(self, batch: Batch) -> None:
+        """Before the transaction: the batch's parking dead letters and held commands (commands.parked)."""
+        decision = batch.decision
+        if self.pool is not None and (decision.held or any(d.parks for d in decision.dead_letters)):
+            self.parked |= await parked.park(
+                self.pool,
+                self.producer,
+                decision,
+                dlq_topic=self.dlq_topic,
+                source=(self.tp.topic, self.partition),
+                max_record_bytes=self.max_record_bytes,
             )
-            self.fenced = True
-            # Not committed: the new owner's InitProducerId aborted the open transaction.
-            self.pending[:0] = waiting
-            self._refuse_waiting(NotOwner(f"partition {self.partition} was handed over"))
-            return
-        except OffsetsMoved as exc:
-            # Another producer wrote to an events partition (nothing of ours was committed:
-            # the transaction aborted before its end). Restore and decide the batch again,
-            # its events' offsets now read from the broker.
-            log.warning(
-                "events partition written by another producer; deciding again",
-                extra={"partition": self.partition, "error": str(exc)},
-            )
-            await self._recover(consumer)
-            self.pending[:0] = [s for s in waiting if not s.result.done()]
-            self.wakeup.set()
-            return
-        except Exception as exc:
-            log.exception("transaction failed; restoring the partition", extra={"partition": self.partition})
-            for s in waiting:
-                s.result.set_exception(Unsettled(f"the transaction failed: {exc!r}"))
-            await self._recover(consumer)
-            return
-        self.counters.dead_lettered += dead_lettered
+
+    def committed(self, batch: Batch, answers: list[Answer]) -> None:
+        """The transaction holding the batch committed: answer its callers."""
+        decision, waiting = batch.decision, batch.waiting
+        self.counters.dead_lettered += batch.dead_lettered
         self.counters.processed += len(decision.accepted) + len(decision.answers)
-        _measure(decision, waiting, answers, len(records), time.perf_counter() - t0, dead_lettered)
-        _trace(decision, waiting, self.partition, started_ns)
-        if consumed:
-            self.next_offset = consumed[-1].offset + 1
-        t2 = time.perf_counter()
+        _measure(decision, waiting, answers, batch.dead_lettered)
+        _trace(decision, waiting, self.partition, batch.started_ns)
+        if batch.consumed:
+            self.next_offset = batch.consumed[-1].offset + 1
         by_id = {result.command_id: result for _, result in answers}
         for s in waiting:
             if s.result.done():
@@ -319,17 +309,43 @@ class PartitionWorker:
         if once:
             answers = [a for a in answers if a[1].command_id not in once]
         self._publish(answers)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "batch committed",
-                extra={
-                    "partition": self.partition,
-                    "commands": len(records),
-                    "decide_ms": round((t1 - t0) * 1000, 2),
-                    "commit_ms": round((t2 - t1) * 1000, 2),
-                    "answer_ms": round((time.perf_counter() - t2) * 1000, 2),
-                },
-            )
+        if len(self.pending) < self.settings.command_batch_max:
+            self.resume(self.tp)
+
+    def fenced_out(self, batch: Batch | None) -> None:
+        """This owner's producer was fenced: nothing of the batch was committed."""
+        log.warning("fenced: another processor owns this partition now", extra={"partition": self.partition})
+        self.fenced = True
+        if batch is not None:
+            self.pending[:0] = batch.waiting
+        self._refuse_waiting(NotOwner(f"partition {self.partition} was handed over"))
+
+    def again(self, batch: Batch) -> None:
+        """The transaction aborted before anything of it was committed, for a reason not
+        this partition's (another partition's events moved, or the group's generation
+        changed): decide the same records again in the next one, from the committed state."""
+        self.state.live.clear()
+        self.pending[:0] = [r for r in batch.records if not (isinstance(r, Submitted) and r.result.done())]
+
+    async def moved(self, batch: Batch) -> None:
+        """Another producer wrote to one of this partition's events partitions (nothing of
+        ours was committed: the transaction aborted before its end). Restore and decide the
+        batch again, its events' offsets now read from the broker."""
+        log.warning(
+            "events partition written by another producer; deciding again",
+            extra={"partition": self.partition},
+        )
+        assert self.consumer is not None
+        await self._recover(self.consumer)
+        self.pending[:0] = [s for s in batch.waiting if not s.result.done()]
+
+    async def failed(self, batch: Batch, exc: Exception) -> None:
+        """The transaction failed: the outcome of its commands is unknown."""
+        for s in batch.waiting:
+            if not s.result.done():
+                s.result.set_exception(Unsettled(f"the transaction failed: {exc!r}"))
+        assert self.consumer is not None
+        await self._recover(self.consumer)
 
     def _publish(self, answers: list[Answer]) -> None:
         """Off the critical path: the committed answers to the result cache and their callers."""
@@ -347,14 +363,13 @@ class PartitionWorker:
             parked=parked_keys,
         )
 
-    async def _write(self, decision: Decision[Any], consumed_upto: int | None) -> list[Answer]:
-        """Commit the decision (commands.transaction), with the commands topic's offset
-        `consumed_upto` when it holds fetched records."""
+    async def _write(self, decision: Decision[Any]) -> list[Answer]:
+        """Commit a decision of no fetched records (commands.transaction) on its own."""
         return await transaction.write(
             self.producer,
             decision,
-            consumed=self.tp if consumed_upto is not None else None,
-            next_offset=self.next_offset if consumed_upto is None else consumed_upto,
+            consumed=self.tp,  # unchanged, for the generation's check (shared_kernel.group_txn)
+            next_offset=self.next_offset,
             group_id=self.group_id,
             topics=self.topics,
             dlq_topic=self.dlq_topic,
@@ -371,8 +386,8 @@ class PartitionWorker:
         that fails again: the aggregate stays parked behind it."""
         assert self.pool is not None
         who, version, key = parked.CONSUMER, parked.VERSION, request.key
-        async with self.writing:
-            if self.fenced or self.stopping or self.consumer is None:
+        async with self.writer.lock:
+            if not self.writable or self.consumer is None:
                 return
             async with self.pool.acquire() as conn:
                 if await parking.requested(conn, who, version, key) != request.action_id:
@@ -431,9 +446,9 @@ class PartitionWorker:
                     )
                     head = parking.Head(items[upto][1], failed.error, *at)
                     metrics.DEAD_LETTERS.labels("command-processor").inc()
-            answers = await self._write(decision, None)
+            answers = await self._write(decision)
         except ProducerFenced:
-            self.fenced = True
+            self.fenced_out(None)
             return None
         except Exception:
             log.exception("held commands not committed; restoring", extra={"partition": self.partition})
@@ -445,10 +460,11 @@ class PartitionWorker:
 
     async def _recover(self, consumer: AIOKafkaConsumer) -> None:
         try:
+            committed = await self._stable_offset(consumer)
             self.state = await restore(self.settings, self.contexts, self.partition)
             # with the ones known already: without PostgreSQL those still hold
             self.parked |= await self._parked()
-            await self._rewind(consumer)
+            self._rewind(consumer, committed)
         except KafkaError:
             log.exception("recovery failed; the partition is paused until the next rebalance")
             self.fenced = True
@@ -471,16 +487,9 @@ def _trace(decision: Decision[Any], waiting: list[Submitted], partition: int, st
 
 
 def _measure(
-    decision: Decision[Any],
-    waiting: list[Submitted],
-    answers: list[Answer],
-    n: int,
-    seconds: float,
-    dead_lettered: int,
+    decision: Decision[Any], waiting: list[Submitted], answers: list[Answer], dead_lettered: int
 ) -> None:
-    """The batch's transaction, its size, and each command's outcome, in the metrics."""
-    metrics.TRANSACTION_DURATION.observe(seconds)
-    metrics.COMMANDS_PER_TRANSACTION.observe(n)
+    """Each command's outcome, and the dead letters, in the metrics."""
     if dead_lettered:
         metrics.DEAD_LETTERS.labels("command-processor").inc(dead_lettered)
     types = {s.command.command_id: s.command.command_type for s in waiting}

@@ -42,11 +42,13 @@ from commands.context import BoundedContext
 from commands.parked import UNAVAILABLE
 from commands.partition import Counters, NotOwner, PartitionWorker
 from commands.routing import Directory, Owner, partition_for
+from commands.writer import Writer
 from projections import parking
 from projections.db import create_pool
 from shared_kernel import kafka
 from shared_kernel.avro import AvroCodec
 from shared_kernel.envelope import CommandEnvelope, CommandResult
+from shared_kernel.group_txn import GroupMember
 from shared_kernel.settings import Settings
 from shared_kernel.topics import COMMAND_PROCESSOR, Topics, contract_topics, ensure_topics
 
@@ -62,8 +64,8 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         # Workers keep running through the rebalance: those whose partition stays here
-        # keep their loaded state, and one whose partition moves cannot commit once the
-        # new owner's producer has fenced it. The new assignment stops the others.
+        # keep their loaded state, and none can commit once the group has a new
+        # generation (commands.writer). The new assignment stops the others.
         if revoked:
             log.info("rebalance", extra={"partitions": sorted(tp.partition for tp in revoked)})
 
@@ -72,13 +74,26 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         async with p.lock:
             consumer = p.consumer
             assert consumer is not None
+            assert p.writer is not None
             mine = {tp.partition for tp in assigned}
-            gone = [p.workers.pop(n) for n in sorted(set(p.workers) - mine)]
+            generation = consumer._coordinator.generation
+            # A partition kept from the previous generation was this process's all along;
+            # after a gap (this member was out of the group meanwhile) another may have
+            # owned it: every partition is restored again.
+            continuous = generation - p.member.generation in (0, 1) and not p.writer.fenced
+            gone = [
+                p.workers.pop(n)
+                for n in sorted(p.workers)
+                if n not in mine or not continuous or p.workers[n].fenced
+            ]
             await asyncio.gather(*(w.stop() for w in gone))
             if gone:
                 log.info("partitions revoked", extra={"partitions": [w.partition for w in gone]})
+            await p.writer.renew()
+            p.member = GroupMember(generation, consumer._coordinator.member_id, p.instance)
+            p.writer.generation_known()
             new = [p.worker(n) for n in sorted(mine - set(p.workers))]
-            # In parallel: each start fences the partition's previous owner and restores it.
+            # In parallel: each waits for the previous owner's last transaction, then restores.
             started = await asyncio.gather(*(w.start(consumer) for w in new), return_exceptions=True)
             for w, outcome in zip(new, started, strict=True):
                 if isinstance(outcome, BaseException):
@@ -87,8 +102,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
                     await w.stop()
                 else:
                     p.workers[w.partition] = w
-            p.generation = consumer._coordinator.generation
-            log.info("partitions assigned", extra={"partitions": sorted(mine), "generation": p.generation})
+            log.info("partitions assigned", extra={"partitions": sorted(mine), "generation": generation})
         await p.claim(sorted(mine))
 
 
@@ -108,7 +122,8 @@ class CommandProcessor:
         self.settings = settings
         self.url = url
         self.instance = instance
-        self.generation = -1
+        self.member = GroupMember(-1, "", instance)  # as of the assignment the workers act on
+        self.writer: Writer | None = None
         self.directory: Directory | None = None
         self.contexts = {c.name: c for c in contexts}
         self.codec = AvroCodec.from_directory()
@@ -123,6 +138,7 @@ class CommandProcessor:
 
     def worker(self, partition: int) -> PartitionWorker:
         """A worker for a newly assigned partition, wired to this processor."""
+        assert self.writer is not None
         return PartitionWorker(
             partition,
             settings=self.settings,
@@ -131,6 +147,7 @@ class CommandProcessor:
             dlq_topic=self.topics.dlq(CONSUMER_NAME),
             contexts=self.contexts,
             codec=self.codec,
+            writer=self.writer,
             reply=self.reply,
             resume=self.resume,
             counters=self.counters,
@@ -156,7 +173,7 @@ class CommandProcessor:
         """Tell the API instances that these partitions are answered here."""
         if not self.url or self.directory is None or not partitions:
             return
-        owner = Owner(self.url, self.instance or self.group_id, self.generation)
+        owner = Owner(self.url, self.instance or self.group_id, self.member.generation)
         try:
             await self.directory.claim(partitions, owner)
         except (RedisError, OSError):
@@ -220,6 +237,17 @@ class CommandProcessor:
         # Parked aggregates and their held commands (commands.parked); no connection is
         # opened until one is needed, so commands flow while PostgreSQL is away.
         self.pool = await create_pool(settings, CONSUMER_NAME, min_size=0, max_size=2)
+        self.writer = Writer(
+            settings,
+            group_id=self.group_id,
+            instance=self.instance,
+            topics=self.topics,
+            dlq_topic=self.topics.dlq(CONSUMER_NAME),
+            contexts=self.contexts,
+            workers=self.workers,
+            member=lambda: self.member,
+        )
+        await self.writer.start()  # fences a crashed predecessor of this instance first
         requests = asyncio.create_task(self._serve_requests(stop), name="dead-letter-requests")
         self.consumer.subscribe([self.topics.commands], listener=_Rebalance(self))
         await self.consumer.start()
@@ -251,6 +279,7 @@ class CommandProcessor:
             workers = list(self.workers.values())
             self.workers.clear()  # refuse new direct commands from here on
             await asyncio.gather(*(w.stop() for w in workers))  # in-flight transactions end
+            await self.writer.stop()
             with contextlib.suppress(RedisError, OSError):
                 await self.directory.release(owned, self.instance or self.group_id)
             if self.instance is not None:

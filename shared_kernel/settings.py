@@ -43,6 +43,12 @@ class Settings(BaseSettings):
         "with the load (what queued while the last transaction committed goes into the next)",
     )
     command_batch_max: int = Field(default=500, ge=1)
+    command_transaction_timeout_ms: int = Field(
+        default=10_000,
+        ge=1_000,
+        description="the broker aborts an owner's transaction open this long (a process stopped "
+        "or killed mid-transaction); a new owner of its partitions waits for that at most",
+    )
     api_owns_partitions: bool = Field(
         default=True,
         description="the API process is also a command processor, owning a share of the partitions "

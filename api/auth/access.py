@@ -31,11 +31,17 @@ def principal_of(connection: HTTPConnection) -> Principal:
     return principal
 
 
+async def _principal(connection: HTTPConnection) -> Principal:
+    # async: FastAPI runs a plain function dependency in its thread pool (two thread
+    # hand-offs per request for these two; they only read the request's scope)
+    return principal_of(connection)
+
+
 class Require:
     def __init__(self, permission: str) -> None:
         self.permission = permission
 
-    def __call__(self, connection: HTTPConnection) -> Principal | None:
+    async def __call__(self, connection: HTTPConnection) -> Principal | None:
         if self.permission == PUBLIC:
             return None
         if self.permission == CLUSTER:
@@ -66,7 +72,7 @@ def public() -> Any:
     return Depends(Require(PUBLIC))
 
 
-PrincipalDep = Annotated[Principal, Depends(principal_of)]
+PrincipalDep = Annotated[Principal, Depends(_principal)]
 
 
 def permission_of(dependant: Dependant) -> str | None:
