@@ -49,7 +49,7 @@ from projections.lag import LagProbe
 from projections.migrations import migrate
 from projections.registry import PROJECTIONS
 from projections.search import SearchProjection, alias_name, ensure_index, index_name, search_client
-from shared_kernel import kafka, tracing
+from shared_kernel import heap, kafka, tracing
 from shared_kernel.settings import LOCAL_ISSUER, Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         background.append(asyncio.create_task(_connect_search(app, settings)))
         await bus.start()
         background.append(asyncio.create_task(_connect_producer(bus)))
+        background.append(asyncio.create_task(heap.freeze_when_settled()))
         try:
             async with contextlib.AsyncExitStack() as owning:
                 await owning.enter_async_context(

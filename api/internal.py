@@ -26,6 +26,7 @@ from api.auth.access import CLUSTER, requires
 from commands.bus import INTERNAL_COMMANDS, NOT_OWNER
 from commands.partition import Backlogged, NotOwner, Unsettled
 from commands.processor import CommandProcessor
+from shared_kernel import heap
 from shared_kernel.envelope import CommandEnvelope, MalformedRecord
 from shared_kernel.settings import Settings, get_settings
 
@@ -89,8 +90,12 @@ def create_owner_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.settings = settings
         owner = CommandProcessor(settings, url=settings.advertised_url, instance=settings.instance_id or None)
-        async with run_owner(app, owner):
-            yield
+        settling = asyncio.create_task(heap.freeze_when_settled())
+        try:
+            async with run_owner(app, owner):
+                yield
+        finally:
+            settling.cancel()
 
     app = FastAPI(title="kafka-cqrs command processor", lifespan=lifespan, openapi_url=None)
     app.state.settings = settings

@@ -83,7 +83,13 @@ async def _until_signalled(main: object) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await main(stop)  # type: ignore[operator]
+    from shared_kernel import heap
+
+    settling = asyncio.create_task(heap.freeze_when_settled())
+    try:
+        await main(stop)  # type: ignore[operator]
+    finally:
+        settling.cancel()
 
 
 def _serve(factory: str, host: str, port: int, workers: int = 1, process: str = "api") -> None:

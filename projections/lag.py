@@ -52,7 +52,9 @@ class LagProbe:
             return {(tp.topic, tp.partition): end for tp, end in ends.items()}
 
     async def _partitions(self, topic: str) -> set[int]:
-        await self.consumer._client.force_metadata_update()
+        client = self.consumer._client
+        client.add_topic(topic)  # tracked, so the update names topics instead of asking for all
+        await client.force_metadata_update()
         return self.consumer.partitions_for_topic(topic) or set()
 
     async def timestamps(self, wanted: list[tuple[str, int, int]]) -> dict[tuple[str, int, int], float]:
@@ -68,11 +70,16 @@ class LagProbe:
                     round_.setdefault(TopicPartition(t, p), o)
                 remaining = [w for w in remaining if round_.get(TopicPartition(w[0], w[1])) != w[2]]
                 out.update(await self._first_stamps(round_))
-            self.consumer.unsubscribe()
+            # Paused, not unassigned: a consumer left with no topics asks the broker for the
+            # metadata of every topic it has (aiokafka's empty topic list means all), which
+            # took 50-230 ms of the API's event loop every refresh on a broker with a few
+            # hundred topics (S1's latency spikes).
+            self.consumer.pause(*self.consumer.assignment())
         return out
 
     async def _first_stamps(self, tps: dict[TopicPartition, int]) -> dict[tuple[str, int, int], float]:
         self.consumer.assign(list(tps))
+        self.consumer.resume(*tps)
         for tp, offset in tps.items():
             self.consumer.seek(tp, offset)
         found: dict[tuple[str, int, int], float] = {}
