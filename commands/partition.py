@@ -47,6 +47,8 @@ class Writer(Protocol):
     lock: asyncio.Lock  # held by every transaction and every release
     wakeup: asyncio.Event  # set when commands wait
 
+    async def write(self, parts: list[transaction.Part]) -> list[list[Answer]]: ...
+
 
 class NotOwner(RuntimeError):
     """This process does not own the command's partition (any more): nothing was written."""
@@ -364,20 +366,12 @@ class PartitionWorker:
         )
 
     async def _write(self, decision: Decision[Any]) -> list[Answer]:
-        """Commit a decision of no fetched records (commands.transaction) on its own."""
-        return await transaction.write(
-            self.producer,
-            decision,
-            consumed=self.tp,  # unchanged, for the generation's check (shared_kernel.group_txn)
-            next_offset=self.next_offset,
-            group_id=self.group_id,
-            topics=self.topics,
-            dlq_topic=self.dlq_topic,
-            audit_topic=self.topics.audit(self.settings.audit_topic_suffix),
-            contexts=self.contexts,
-            state=self.state,
-            max_record_bytes=self.max_record_bytes,
+        """Commit a decision of no fetched records on its own; the offset is unchanged,
+        there for the generation's check (shared_kernel.group_txn)."""
+        [answers] = await self.writer.write(
+            [transaction.Part(decision, self.state, self.tp, self.next_offset)]
         )
+        return answers
 
     async def release(self, request: parking.Request) -> None:
         """Do what an operator asked of a parked aggregate of this partition: decide its

@@ -41,35 +41,6 @@ class Part:
     actual: list[Position] = field(default_factory=list)
 
 
-async def write(
-    producer: AIOKafkaProducer,
-    decision: Decision[ConsumerRecord[bytes, bytes]],
-    *,
-    consumed: TopicPartition | None,
-    next_offset: int,
-    group_id: str,
-    topics: Topics,
-    dlq_topic: str,
-    contexts: Mapping[str, BoundedContext],
-    audit_topic: str = "",
-    state: PartitionState,
-    max_record_bytes: int = KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
-) -> list[Answer]:
-    """Commit one partition's decision, with `next_offset` as the consumed offset of
-    `consumed` (None: no offset is written). See `write_many`."""
-    [answers] = await write_many(
-        producer,
-        [Part(decision, state, consumed, next_offset)],
-        group_id=group_id,
-        topics=topics,
-        dlq_topic=dlq_topic,
-        contexts=contexts,
-        audit_topic=audit_topic,
-        max_record_bytes=max_record_bytes,
-    )
-    return answers
-
-
 async def write_many(
     producer: AIOKafkaProducer,
     parts: list[Part],

@@ -31,6 +31,7 @@ from typing import Any
 from aiokafka.errors import ProducerFenced
 
 from commands import transaction
+from commands.batch import Answer
 from commands.context import BoundedContext
 from commands.partition import Batch, PartitionWorker
 from commands.transaction import OffsetsMoved
@@ -140,21 +141,25 @@ class Writer:
                 if batches:
                     await self._commit(batches)
 
+    async def write(self, parts: list[transaction.Part]) -> list[list[Answer]]:
+        """Commit these partitions' decisions in one transaction (hold `lock`)."""
+        return await transaction.write_many(
+            self.producer,
+            parts,
+            group_id=self.group_id,
+            topics=self.topics,
+            dlq_topic=self.dlq_topic,
+            audit_topic=self.topics.audit(self.settings.audit_topic_suffix),
+            contexts=self.contexts,
+            max_record_bytes=self.max_record_bytes,
+        )
+
     async def _commit(self, batches: list[Batch]) -> None:
         t0 = time.perf_counter()
         try:
             for batch in batches:
                 await batch.worker.park(batch)
-            answers = await transaction.write_many(
-                self.producer,
-                [b.part for b in batches],
-                group_id=self.group_id,
-                topics=self.topics,
-                dlq_topic=self.dlq_topic,
-                audit_topic=self.topics.audit(self.settings.audit_topic_suffix),
-                contexts=self.contexts,
-                max_record_bytes=self.max_record_bytes,
-            )
+            answers = await self.write([b.part for b in batches])
         except ProducerFenced:
             # Not committed: the transaction timed out, or another process took this
             # transactional id. The next assignment renews the producer.

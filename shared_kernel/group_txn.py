@@ -262,7 +262,7 @@ async def stable_committed(
     the previous owner's last transaction has committed or aborted (or timed out)."""
     coordinator = consumer._coordinator
     deadline = time.monotonic() + timeout_s
-    pause, waited_since = 0.005, time.monotonic()
+    pause, since, waited = 0.005, time.monotonic(), False
     while True:
         response = await coordinator._send_req(_StableOffsetFetch(coordinator.group_id, tps))
         if response.error_code:
@@ -277,15 +277,16 @@ async def stable_committed(
                     raise Errors.for_code(code)()
                 offsets[TopicPartition(topic, partition)] = offset if offset >= 0 else None
         if not unstable:
-            if pause > 0.005:
+            if waited:
                 log.info(
                     "the previous owner's transaction ended",
-                    extra={"partitions": sorted(tp.partition for tp in tps), "waited_ms": _ms(waited_since)},
+                    extra={"partitions": sorted(tp.partition for tp in tps), "waited_ms": _ms(since)},
                 )
             return offsets
         if time.monotonic() > deadline:
             raise Errors.KafkaTimeoutError(f"offsets of {tps} still unstable after {timeout_s} s")
-        if pause == 0.005:
+        if not waited:
+            waited = True
             log.info(
                 "waiting for the previous owner's open transaction",
                 extra={"partitions": sorted(tp.partition for tp in tps)},

@@ -197,18 +197,16 @@ async def commit(
     partition: Partition, decision: Decision[Record], producer: FakeProducer, audit_topic: str = ""
 ) -> list[tuple[str, CommandResult]]:
     """Write the decision as the partition worker does; returns the answers to publish."""
-    return await transaction.write(
+    [answers] = await transaction.write_many(
         producer,
-        decision,
-        consumed=TopicPartition(COMMANDS_TOPIC, 0),
-        next_offset=partition.offset,
+        [transaction.Part(decision, partition.state, TopicPartition(COMMANDS_TOPIC, 0), partition.offset)],
         group_id="t.command-processor",
         topics=Topics("t"),
         dlq_topic="t.dlq.command-processor",
         contexts=partition.contexts,
-        state=partition.state,
         audit_topic=audit_topic,
     )
+    return answers
 
 
 # ---- repeats within one batch -------------------------------------------------------
