@@ -38,6 +38,7 @@ from api.auth import routes as auth_routes
 from api.auth.edge import Authenticate, Identity
 from api.auth.local import ensure_keys
 from api.changes import ChangeFollower, ChangeListener
+from api.command_path import CommandPath
 from api.consistency import CommittedPositions
 from api.readcache import CachedReads
 from api.registry import CONTEXTS, cached_routes
@@ -207,6 +208,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     identity = Identity(settings)
     app.state.identity = identity
     app.state.settings = settings
+    app.add_middleware(CommandPath)  # innermost: the command routes' common case (api.command_path)
     app.add_middleware(CachedReads, routes=cached_routes())
     app.add_middleware(inputs.InputGuard)  # ahead of the read cache and of every route
     app.add_middleware(Authenticate, identity=identity)  # a credential before anything is read

@@ -457,10 +457,10 @@ class InputGuard:
         if errors:
             await invalid(errors)(scope, receive, send)
             return
-        await self.app(scope, _replay(body, receive), send)
+        await self.app(scope, replay(body, receive), send)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay(body: bytes, receive: Receive) -> Receive:
     """A `receive` that gives the body read already, then what the client sends next."""
     given = False
 

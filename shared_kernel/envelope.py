@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
@@ -111,7 +111,9 @@ class CommandEnvelope:
     retriable: bool = True
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        # orjson writes a dataclass itself, fields in order: as asdict would give them,
+        # without its deep copy of every value (most of the cost, measured in S1)
+        return orjson.dumps(self)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> CommandEnvelope:
@@ -143,11 +145,8 @@ class CommandResult:
     def accepted(self) -> bool:
         return self.status == "accepted"
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     def to_bytes(self) -> bytes:
-        return orjson.dumps(asdict(self), default=str)
+        return orjson.dumps(self, default=str)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> CommandResult:

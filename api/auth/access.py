@@ -72,7 +72,8 @@ def public() -> Any:
     return Depends(Require(PUBLIC))
 
 
-PrincipalDep = Annotated[Principal, Depends(_principal)]
+PRINCIPAL = _principal  # the dependency PrincipalDep names (api.command_path looks for it)
+PrincipalDep = Annotated[Principal, Depends(PRINCIPAL)]
 
 
 def permission_of(dependant: Dependant) -> str | None:
