@@ -284,6 +284,12 @@ class Settings(BaseSettings):
     subscription_catchup_readers: int = Field(
         default=16, ge=1, description="resuming subscribers read the log concurrently, at most this many"
     )
+    subscription_idle_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="how long a process's live feed reads on with no subscriber before it pauses "
+        "(0: never); the first subscriber after that waits while it finds the log's end again",
+    )
 
     # Identity (see api/auth): who calls, in which tenant, allowed to do what, how often.
     auth_issuer: str = Field(

@@ -34,4 +34,4 @@ async def stream_dataset(
     last_event_id: LastEventId = None,
 ) -> SubscriptionStream:
     """One dataset's events as Server-Sent Events (`from=beginning` for its history first)."""
-    return aggregate_stream(request, "datasets", dataset_id, event_type, from_, last_event_id)
+    return await aggregate_stream(request, "datasets", dataset_id, event_type, from_, last_event_id)

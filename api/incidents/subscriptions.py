@@ -34,4 +34,4 @@ async def stream_incident(
     last_event_id: LastEventId = None,
 ) -> SubscriptionStream:
     """One incident's events as Server-Sent Events (`from=beginning` for its history first)."""
-    return aggregate_stream(request, "incidents", incident_id, event_type, from_, last_event_id)
+    return await aggregate_stream(request, "incidents", incident_id, event_type, from_, last_event_id)

@@ -176,9 +176,9 @@ def _spec(request: Request | WebSocket, **filters: Any) -> StreamSpec:
     return parse_spec(settings.topic_prefix, **filters, tenant=principal_of(request).tenant)
 
 
-def _stream(request: Request, spec: StreamSpec) -> SubscriptionStream:
+async def _stream(request: Request, spec: StreamSpec) -> SubscriptionStream:
     feed: LiveFeed = request.app.state.feed
-    stream = SubscriptionStream(feed, feed.subscribe(spec))
+    stream = SubscriptionStream(feed, await feed.subscribe(spec))
     stream.expiry = ends_with_credential(request, stream.sub)
     return stream
 
@@ -218,10 +218,10 @@ async def stream_events(
         from_=from_,
         last_event_id=last_event_id,
     )
-    return _stream(request, spec)
+    return await _stream(request, spec)
 
 
-def aggregate_stream(
+async def aggregate_stream(
     request: Request,
     context: str,
     aggregate_id: UUID,
@@ -239,7 +239,7 @@ def aggregate_stream(
         from_=from_,
         last_event_id=last_event_id,
     )
-    return _stream(request, spec)
+    return await _stream(request, spec)
 
 
 @router.websocket("/ws/v1/events", dependencies=[requires(p.EVENTS_SUBSCRIBE)])
@@ -262,7 +262,7 @@ async def events_socket(
             from_=from_,
             last_event_id=None,
         )
-        sub = feed.subscribe(spec)
+        sub = await feed.subscribe(spec)
         first = _first(sub)  # as of the subscription (see SubscriptionStream)
         expiry = ends_with_credential(websocket, sub)
     except RequestProblem as problem:

@@ -24,7 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from shared_kernel.position import PositionToken
 from shared_kernel.settings import Settings
 from tests.auth import api_client, bearer
-from tests.integration.harness import WriteSide, covers, free_port, read_events
+from tests.integration.harness import WriteSide, covers, free_port, read_events, until
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -611,6 +611,57 @@ async def test_a_message_id_is_a_read_your_writes_token(client: httpx.AsyncClien
     r = await client.get(f"/api/v1/datasets/{dataset}", params={"consistent_with": event.id})
     assert r.status_code == 200, r.text
     assert r.json()["name"] == "Snow depth"
+
+
+@pytest.fixture(scope="module")
+async def idle(side: WriteSide, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WriteSide]:
+    """A second API process on the same topics whose live feed pauses after 1 s without
+    a subscriber (30 s by default)."""
+    api = WriteSide(
+        settings=side.settings,
+        workdir=tmp_path_factory.mktemp("idle-feed"),
+        env={**side.env, "APP_SUBSCRIPTION_IDLE_S": "1"},
+    )
+    await api.start_api()
+    yield api
+    api.stop()
+
+
+def feed_said(api: WriteSide, message: str) -> int:
+    """How many times the API's live feed logged `message`."""
+    assert api.api is not None
+    lines = api.api.output().decode(errors="replace").splitlines()
+    return sum(1 for line in lines if '"api.subscriptions.feed"' in line and f'"{message}"' in line)
+
+
+async def test_a_feed_without_subscribers_pauses_and_its_next_ones_miss_nothing_of_theirs(
+    idle: WriteSide,
+) -> None:
+    a = new_ids(1)[0]
+    async with api_client(base_url=idle.api_url, timeout=30) as client:
+        async with sse(client, params={"aggregate_id": a}) as stream:
+            await open_incident(client, a)
+            seen = await stream.events(has_versions({a: 1}))
+
+        async def paused() -> bool | None:  # the last subscriber left: it pauses after 1 s
+            return feed_said(idle, "live feed paused: no subscriber") > 0 or None
+
+        await until(paused, DEADLINE_S, "the idle feed paused")
+        await comment(client, a, "while nobody listens")  # version 2, read by no one now
+        awake = feed_said(idle, "live feed reading again")
+
+        # live from now: what follows the subscription, not what came before it
+        async with sse(client, params={"aggregate_id": a}) as live:
+            assert feed_said(idle, "live feed reading again") == awake + 1
+            await comment(client, a, "after")
+            assert [f.version for f in await live.events(lambda got: len(got) == 1)] == [3]
+
+            # resuming from before the pause: exactly what it missed, then live
+            async with sse(client, params={"aggregate_id": a}, last_event_id=seen[-1].id) as resumed:
+                assert [f.version for f in await resumed.events(has_versions({a: 3}))] == [2, 3]
+                await comment(client, a, "both")
+                assert [f.version for f in await resumed.events(lambda got: len(got) == 1)] == [4]
+            assert [f.version for f in await live.events(lambda got: len(got) == 1)] == [4]
 
 
 @pytest.mark.parametrize(
