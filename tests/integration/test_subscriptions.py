@@ -393,17 +393,22 @@ async def test_two_hundred_concurrent_clients_all_receive_every_event(side: Writ
     assert len({tuple(f.data["metadata"]["event_id"] for f in got) for got in received}) == 1
 
 
+@contextlib.asynccontextmanager
+async def second_api(side: WriteSide, workdir: Path, **env: str) -> AsyncIterator[WriteSide]:
+    """A second API process on the same topics, with `env` on top of the first's."""
+    api = WriteSide(settings=side.settings, workdir=workdir, env={**side.env, **env})
+    await api.start_api()
+    try:
+        yield api
+    finally:
+        api.stop()
+
+
 @pytest.fixture(scope="module")
 async def small(side: WriteSide, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WriteSide]:
-    """A second API process on the same topics whose subscribers have room for 16 events."""
-    api = WriteSide(
-        settings=side.settings,
-        workdir=tmp_path_factory.mktemp("small-buffer"),
-        env={**side.env, "APP_SUBSCRIPTION_BUFFER": "16"},
-    )
-    await api.start_api()
-    yield api
-    api.stop()
+    """A second API process whose subscribers have room for 16 events."""
+    async with second_api(side, tmp_path_factory.mktemp("small-buffer"), APP_SUBSCRIPTION_BUFFER="16") as api:
+        yield api
 
 
 async def _big_event(api: httpx.AsyncClient, dataset: str, n: int) -> int:
@@ -615,16 +620,10 @@ async def test_a_message_id_is_a_read_your_writes_token(client: httpx.AsyncClien
 
 @pytest.fixture(scope="module")
 async def idle(side: WriteSide, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[WriteSide]:
-    """A second API process on the same topics whose live feed pauses after 1 s without
-    a subscriber (30 s by default)."""
-    api = WriteSide(
-        settings=side.settings,
-        workdir=tmp_path_factory.mktemp("idle-feed"),
-        env={**side.env, "APP_SUBSCRIPTION_IDLE_S": "1"},
-    )
-    await api.start_api()
-    yield api
-    api.stop()
+    """A second API process whose live feed pauses after 1 s without a subscriber (30 s
+    by default)."""
+    async with second_api(side, tmp_path_factory.mktemp("idle-feed"), APP_SUBSCRIPTION_IDLE_S="1") as api:
+        yield api
 
 
 def feed_said(api: WriteSide, message: str) -> int:
