@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from fastapi import FastAPI
 from fastapi.datastructures import DefaultPlaceholder
 from fastapi.dependencies.models import Dependant
@@ -40,11 +39,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.auth.access import PRINCIPAL, Require, api_routes
+from api.auth.access import CLUSTER, PRINCIPAL, PUBLIC, Require, api_routes
 from api.deps import command_meta, get_bus
 from api.inputs import check_path_params, replay, text_problem
 
-_FALLBACK = object()  # "let the route answer"
 COMMAND_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -62,7 +60,7 @@ class _Plan:
     request_param: str | None
     path_fields: tuple[Any, ...]  # FastAPI's ModelFields of the path parameters
     body_field: Any | None  # and of the body (a model, not embedded)
-    headers: tuple[tuple[bytes, str, Any], ...]  # (header, parameter, field) of command_meta
+    headers: dict[bytes, tuple[str, Any]]  # header -> (parameter, field) of command_meta
 
 
 def plan_of(route: APIRoute) -> _Plan | None:
@@ -79,6 +77,8 @@ def plan_of(route: APIRoute) -> _Plan | None:
     if d.websocket_param_name or d.background_tasks_param_name or d.security_scopes_param_name:
         return None
     if d.http_connection_param_name or not isinstance(route.response_class, DefaultPlaceholder):
+        return None
+    if route.response_field is None:  # FastAPI would render it with its JSON encoder
         return None
     if route.response_model_include is not None or route.response_model_exclude is not None:
         return None
@@ -100,15 +100,15 @@ def plan_of(route: APIRoute) -> _Plan | None:
             bus_param = dep.name
         else:
             return None
-    if permission is None or meta is None or meta_param is None:
+    if permission is None or permission.permission in (PUBLIC, CLUSTER) or meta is None or not meta_param:
         return None
     if [dep.call for dep in meta.dependencies] != [PRINCIPAL] or meta.query_params or meta.cookie_params:
         return None
-    headers = []
+    headers = {}
     for field in meta.header_params:
         if not getattr(field.field_info, "convert_underscores", True):
             return None
-        headers.append((field.alias.replace("_", "-").encode("latin-1"), field.name, field))
+        headers[field.alias.replace("_", "-").encode("latin-1")] = (field.name, field)
     body_field = None
     if d.body_params:
         (body_field,) = d.body_params
@@ -128,7 +128,7 @@ def plan_of(route: APIRoute) -> _Plan | None:
         request_param=d.request_param_name,
         path_fields=tuple(d.path_params),
         body_field=body_field,
-        headers=tuple(headers),
+        headers=headers,
     )
 
 
@@ -174,14 +174,11 @@ class CommandPath:
         body: bytes | None = None
         try:
             values = await _values(plan, params, request)
-            if values is not _FALLBACK and plan.body_field is not None:
+            if values is not None and plan.body_field is not None:
                 body = await request.body()
                 parsed = _body(plan, request, body)
-                if parsed is _FALLBACK:
-                    values = _FALLBACK
-                else:
-                    values[plan.body_field.name] = parsed
-            response = None if values is _FALLBACK else await _respond(plan, values)
+                values = None if parsed is None else {**values, plan.body_field.name: parsed}
+            response = None if values is None else await _respond(plan, values)
         except Exception as exc:  # answered by the app's handler, as the route's error would be
             handler = _handler_of(app, exc)
             if handler is None:
@@ -194,22 +191,22 @@ class CommandPath:
         await response(scope, receive, send)
 
 
-async def _values(plan: _Plan, params: dict[str, str], request: Request) -> Any:
-    """The endpoint's arguments but its body (or _FALLBACK), in FastAPI's order: the
-    route's permission, then the command metadata, then the path parameters."""
+async def _values(plan: _Plan, params: dict[str, str], request: Request) -> dict[str, Any] | None:
+    """The endpoint's arguments but its body (None: let the route answer), in FastAPI's
+    order: the route's permission, then the command metadata, then the path parameters."""
     principal = await plan.permission(request)
-    if principal is None:  # a public or cluster route is no command route
-        return _FALLBACK
+    assert principal is not None  # a user's permission (plan_of takes no public route)
     found: dict[str, Any] = {}
-    for name, value in request.scope["headers"]:
-        for header, param, field in plan.headers:
-            if name == header:
-                if param in found:
-                    return _FALLBACK  # repeated: FastAPI's choice of one
-                value, errors = field.validate(value.decode("latin-1"), {}, loc=("header", param))
-                if errors:
-                    return _FALLBACK
-                found[param] = value
+    for name, raw in request.scope["headers"]:
+        if (declared := plan.headers.get(name)) is None:
+            continue
+        param, field = declared
+        if param in found:
+            return None  # repeated: FastAPI's choice of one
+        value, errors = field.validate(raw.decode("latin-1"), {}, loc=("header", param))
+        if errors:
+            return None
+        found[param] = value
     values: dict[str, Any] = {plan.meta_param: await command_meta(request, principal, **found)}
     if plan.bus_param:
         values[plan.bus_param] = request.app.state.bus
@@ -223,22 +220,23 @@ async def _values(plan: _Plan, params: dict[str, str], request: Request) -> Any:
     for field in plan.path_fields:
         value, errors = field.validate(params.get(field.alias), {}, loc=("path", field.alias))
         if errors:
-            return _FALLBACK
+            return None
         values[field.name] = value
     return values
 
 
-def _body(plan: _Plan, request: Request, body: bytes) -> Any:
+def _body(plan: _Plan, request: Request, body: bytes) -> BaseModel | None:
+    """The body's model, or None (let the route answer)."""
     assert plan.body_field is not None
     content_type = request.headers.get("content-type", "")
     if content_type.split(";", 1)[0].strip().lower() != "application/json" or not body:
-        return _FALLBACK
+        return None
     try:  # as Starlette's request.json() parses it (orjson reads some numbers otherwise)
         obj = json.loads(body)
     except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep
-        return _FALLBACK
+        return None
     value, errors = plan.body_field.validate(obj, {}, loc=("body",))
-    return _FALLBACK if errors else value
+    return None if errors else value
 
 
 async def _respond(plan: _Plan, values: dict[str, Any]) -> Response:
@@ -249,13 +247,11 @@ async def _respond(plan: _Plan, values: dict[str, Any]) -> Response:
         return result
     route, sub = plan.route, values.get(plan.response_param or "")
     field = route.response_field
-    if field is not None:
-        value, errors = field.validate(result, {}, loc=("response",))
-        if errors:
-            raise RuntimeError(f"the endpoint's answer does not fit its response model: {errors}")
-        content = field.serialize_json(value)
-    else:
-        content = orjson.dumps(result)
+    assert field is not None  # plan_of takes no route without one
+    value, errors = field.validate(result, {}, loc=("response",))
+    if errors:
+        raise RuntimeError(f"the endpoint's answer does not fit its response model: {errors}")
+    content = field.serialize_json(value)
     status = (sub.status_code if sub is not None else None) or route.status_code or 200
     response = Response(content, status_code=status, media_type="application/json")
     if sub is not None:

@@ -276,8 +276,9 @@ class LiveFeed:
             self.layout, self.frontier = layout, frontier
         if self.paused:  # interrupted while paused: what it skipped is not read now either
             await self._find_the_end(consumer)
-        for tp, offset in zip(tps, self.frontier, strict=True):
-            consumer.seek(tp, offset)
+        else:
+            for tp, offset in zip(tps, self.frontier, strict=True):
+                consumer.seek(tp, offset)
         self.ready = True
         log.info(
             "live feed assigned",
